@@ -1,0 +1,44 @@
+"""The action-guided latent update (spec section 5).
+
+The force on the latent is the vector-Jacobian product g = (d eps / d z)^T eps, i.e. the gradient of
+0.5 ||eps||^2 w.r.t. z. Only activation gradients are needed: `torch.autograd.grad` w.r.t. z alone
+skips every weight gradient, so the VJP costs about one forward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import ops
+from .config import LatentUpdateConfig
+
+# eps_theta restricted to the latent: z (B, To, Do) -> eps (B, H, Da).
+NoisePredictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def vjp_force(eps: torch.Tensor, z: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+    """g = (d eps / d z)^T eps for a graph eps(z) already computed; one activation-only backward."""
+    (g,) = torch.autograd.grad(0.5 * eps.square().sum(), z, retain_graph=retain_graph)
+    return g
+
+
+def force_at(predict: NoisePredictor, z: torch.Tensor) -> torch.Tensor:
+    """Evaluate eps at z and return the force there (a fresh forward plus its VJP)."""
+    with torch.enable_grad():
+        z = z.detach().requires_grad_(True)
+        return vjp_force(predict(z), z)
+
+
+def latent_update(predict: NoisePredictor, mu: torch.Tensor, log_var: torch.Tensor, cfg: LatentUpdateConfig,
+                  seed: int = 0, first_force: torch.Tensor | None = None) -> torch.Tensor:
+    """Euler-Maruyama from z_0 = mu over cfg.steps steps; `first_force` reuses g(mu) if the caller has it.
+
+    The force is re-evaluated at every z_s. The result is differentiable w.r.t. mu and log_var (the
+    forces are constants, as in the method).
+    """
+    z = mu
+    for s in range(cfg.steps):
+        g = first_force if (s == 0 and first_force is not None) else force_at(predict, z)
+        z = ops.em_step(z, g, log_var, cfg.gamma, cfg.dt, cfg.eta, cfg.normalize, seed + s)
+    return z

@@ -1,0 +1,61 @@
+"""Min/max normalisation of actions and low-dim observations to [-1, 1] (spec section 1).
+
+The statistics are buffers of the policy, so they travel inside every checkpoint and the model
+always sees exactly the scaling it was trained with.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# A dimension that never moves in the data (range below this) maps to 0 instead of dividing by ~0.
+MIN_RANGE = 1e-4
+
+
+class Normalizer(nn.Module):
+    """Per-key, per-dimension affine map x -> 2 (x - min) / (max - min) - 1."""
+
+    def __init__(self, dims: dict[str, int]):
+        super().__init__()
+        self.keys = tuple(dims)
+        for key, dim in dims.items():
+            # Until fitted the map is the identity on [-1, 1]; `is_fitted` says whether it was fitted.
+            self.register_buffer(f"{key}_min", -torch.ones(dim))
+            self.register_buffer(f"{key}_max", torch.ones(dim))
+        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    def fit(self, data: dict[str, torch.Tensor]) -> None:
+        """Fit every key from samples shaped (..., dim); all keys must be given."""
+        missing = set(self.keys) - set(data)
+        if missing:
+            raise KeyError(f"normalizer.fit: missing data for {sorted(missing)}")
+        for key in self.keys:
+            x = torch.as_tensor(data[key], dtype=torch.float32)
+            x = x.reshape(-1, x.shape[-1])
+            lo, hi = getattr(self, f"{key}_min"), getattr(self, f"{key}_max")
+            if x.shape[-1] != lo.numel():
+                raise ValueError(f"normalizer.fit: {key} has {x.shape[-1]} dims, expected {lo.numel()}")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"normalizer.fit: {key} contains NaN or inf")
+            lo.copy_(x.min(dim=0).values)
+            hi.copy_(x.max(dim=0).values)
+        self.fitted.fill_(True)
+
+    def _scale_offset(self, key: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = getattr(self, f"{key}_min"), getattr(self, f"{key}_max")
+        span = hi - lo
+        scale = torch.where(span > MIN_RANGE, 2.0 / span.clamp(min=MIN_RANGE), torch.ones_like(span))
+        offset = torch.where(span > MIN_RANGE, -1.0 - lo * scale, -(hi + lo) / 2)
+        return scale.to(like.dtype), offset.to(like.dtype)
+
+    def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        scale, offset = self._scale_offset(key, x)
+        return x * scale + offset
+
+    def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        scale, offset = self._scale_offset(key, x)
+        return (x - offset) / scale

@@ -1,0 +1,50 @@
+"""Plain-PyTorch reference of every dispatched op: readable, differentiable, the test oracle."""
+from __future__ import annotations
+
+import torch
+
+from ..diffusion import C_EPS, C_X, C_X0, R_EPS, R_X, STD
+
+
+def sampler_step(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
+                 step: int | torch.Tensor, noise: torch.Tensor | None = None,
+                 clip: float | None = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDPM/DDIM step from the (K, 6) table of `dpag_engine.diffusion`; `step` may be a device scalar."""
+    row = coefs[step].to(sample.dtype)
+    x0 = row[R_X] * sample - row[R_EPS] * eps
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    prev = row[C_X0] * x0 + row[C_X] * sample + row[C_EPS] * eps
+    if noise is not None:
+        prev = prev + row[STD] * noise
+    return prev, x0
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+             sqrt_ac: torch.Tensor, sqrt_1m_ac: torch.Tensor) -> torch.Tensor:
+    """Forward noising x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise, t of shape (B,)."""
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return sqrt_ac[t].view(shape).to(x0.dtype) * x0 + sqrt_1m_ac[t].view(shape).to(x0.dtype) * noise
+
+
+def normalized_force(g: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Unit-L2 normalisation over the feature (last) dim, eps 1e-6 as in the released code."""
+    return g / (g.norm(dim=-1, keepdim=True) + 1e-6) if normalize else g
+
+
+def em_step(z: torch.Tensor, g: torch.Tensor, log_var: torch.Tensor, gamma: float, dt: float,
+            eta: float, normalize: bool, seed: int | None = None) -> torch.Tensor:
+    """One Euler-Maruyama step z + gamma sigma n(g) dt + eta sigma sqrt(dt) xi (spec section 5).
+
+    `g` is treated as a constant (detached), as in the method. The Brownian term is drawn from a
+    generator seeded with `seed` on z's device, so a run is reproducible per backend.
+    """
+    sigma = torch.exp(0.5 * log_var)
+    z = z + gamma * dt * sigma * normalized_force(g.detach(), normalize)
+    if eta > 0:
+        gen = torch.Generator(device=z.device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        xi = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
+        z = z + eta * (dt ** 0.5) * sigma * xi
+    return z

@@ -1,0 +1,160 @@
+"""DPAGPolicy: the plain-PyTorch reference DP-AG (and Diffusion Policy) every fast path is checked against.
+
+Read top to bottom: construction, input checks, encoding, the training loss (spec section 6), and
+inference in `dp` and `guided` modes with receding-horizon slicing (spec section 7). The policy
+takes and returns raw (un-normalised) values; normalisation statistics are buffers of the policy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import PolicyConfig
+from .diffusion import NoiseSchedule
+from .guidance import latent_update, vjp_force
+from .losses import diffusion_loss, info_nce, kl_to_standard_normal
+from .model.encoders import GaussianPosterior, ObservationEncoder
+from .model.unet import ConditionalUnet1D
+from .normalize import Normalizer
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    """A 31-bit seed from the caller's generator, for the Brownian term of the latent update."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+
+
+class DPAGPolicy(nn.Module):
+    def __init__(self, cfg: PolicyConfig):
+        super().__init__()
+        self.cfg = cfg
+        dims = {"action": cfg.action_dim}
+        if cfg.state_dim > 0:
+            dims["state"] = cfg.state_dim
+        self.normalizer = Normalizer(dims)
+        self.encoder = ObservationEncoder(cfg)
+        self.posterior = GaussianPosterior(cfg.obs_feature_dim, cfg.posterior) if cfg.method == "dpag" else None
+        self.unet = ConditionalUnet1D(cfg.action_dim, cfg.global_cond_dim, cfg.unet)
+        self.schedule = NoiseSchedule(cfg.scheduler)
+
+    # ---- input checks: bad input fails here with a message, never deep inside a conv ----
+    def check_obs(self, obs: dict[str, torch.Tensor]) -> int:
+        """Validate keys, shapes and finiteness of an observation dict; returns the batch size."""
+        cfg = self.cfg
+        expected: dict[str, tuple[int, ...]] = {}
+        if cfg.state_dim > 0:
+            expected["state"] = (cfg.n_obs_steps, cfg.state_dim)
+        if cfg.image is not None:
+            expected.update({cam: (cfg.n_obs_steps, *cfg.image.image_shape) for cam in cfg.image.cameras})
+        batch = None
+        for key, tail in expected.items():
+            if key not in obs:
+                raise KeyError(f"obs: missing key {key!r} (expected keys {sorted(expected)})")
+            x = obs[key]
+            if not isinstance(x, torch.Tensor) or x.dim() != len(tail) + 1 or tuple(x.shape[1:]) != tail:
+                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"obs[{key!r}]: expected shape (B, {', '.join(map(str, tail))}), got {got}")
+            if batch is not None and x.shape[0] != batch:
+                raise ValueError(f"obs[{key!r}]: batch size {x.shape[0]} differs from the other keys ({batch})")
+            batch = x.shape[0]
+            if not torch.isfinite(x).all():
+                raise ValueError(f"obs[{key!r}]: contains NaN or inf")
+        assert batch is not None  # the config guarantees at least one key
+        return batch
+
+    def _require_normalizer(self) -> None:
+        if not self.normalizer.is_fitted:
+            raise RuntimeError("policy.normalizer is not fitted: call policy.normalizer.fit(...) on the "
+                               "training data (or load a checkpoint) before training or inference")
+
+    # ---- encoding ----
+    def encode(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Raw observations -> per-step features (B, To, Do)."""
+        if self.cfg.state_dim > 0:
+            obs = {**obs, "state": self.normalizer.normalize("state", obs["state"])}
+        return self.encoder(obs, generator)
+
+    def predictor(self, a_k: torch.Tensor, t: torch.Tensor):
+        """eps_theta(a_k, t, .) as a function of the latent z (B, To, Do)."""
+        return lambda z: self.unet(a_k, t, z.flatten(1))
+
+    # ---- training ----
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The DP-AG (or DP) training loss for a raw batch {"obs": {...}, "action": (B, H, Da)}."""
+        self._require_normalizer()
+        cfg = self.cfg
+        b = self.check_obs(batch["obs"])
+        action = batch["action"]
+        if tuple(action.shape) != (b, cfg.horizon, cfg.action_dim):
+            raise ValueError(f"action: expected shape ({b}, {cfg.horizon}, {cfg.action_dim}), got {tuple(action.shape)}")
+        a_0 = self.normalizer.normalize("action", action)
+        features = self.encode(batch["obs"], generator)
+        device = a_0.device
+        t = torch.randint(0, cfg.scheduler.num_train_timesteps, (b,), generator=generator, device=device)
+        noise = torch.randn(a_0.shape, generator=generator, device=device, dtype=a_0.dtype)
+        a_k = ops.q_sample(a_0, noise, t, self.schedule.sqrt_alphas_cumprod, self.schedule.sqrt_one_minus_alphas_cumprod)
+
+        if self.posterior is None:  # plain Diffusion Policy
+            loss = diffusion_loss(self.unet(a_k, t, features.flatten(1)), noise, cfg.loss.target_scale)
+            return loss, {"loss": loss.item(), "loss_diff": loss.item()}
+
+        mu, log_var = self.posterior(features)
+        # The force needs d eps / d mu. When mu carries no graph (identity posterior on low-dim
+        # state), make it a leaf that does; nothing upstream needs its gradient anyway.
+        z_in = mu if mu.requires_grad else mu.detach().requires_grad_(True)
+        predict = self.predictor(a_k, t)
+        eps_static = predict(z_in)
+        literal = cfg.loss.implementation == "literal"
+        if literal:  # as released: a second-order graph for g, then thrown away
+            (g,) = torch.autograd.grad(eps_static, z_in, grad_outputs=eps_static, create_graph=True)
+            g = g.detach()
+        else:        # activation-only VJP, graph kept for the loss backward
+            g = vjp_force(eps_static, z_in, retain_graph=True)
+        # The guided branch is only a target: the released code runs it with gradients and then
+        # detaches; the efficient path never records the graph. Same values, same gradients.
+        with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
+            z_guided = latent_update(predict, z_in, log_var, cfg.latent, _draw_seed(generator), first_force=g)
+            eps_guided = predict(z_guided)
+        eps_guided = eps_guided.detach()
+
+        loss_diff = diffusion_loss(eps_static, noise, cfg.loss.target_scale)
+        loss_cont = info_nce(eps_static, eps_guided, cfg.loss.tau)
+        loss_kl = kl_to_standard_normal(mu, log_var)
+        loss = loss_diff + cfg.loss.lambda_cont * loss_cont + cfg.loss.lambda_kl * loss_kl
+        return loss, {"loss": loss.item(), "loss_diff": loss_diff.item(),
+                      "loss_cont": loss_cont.item(), "loss_kl": loss_kl.item()}
+
+    # ---- inference ----
+    @torch.no_grad()
+    def predict_action(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
+                       mode: str | None = None) -> dict[str, torch.Tensor]:
+        """Sample an action chunk. Returns raw "action" (B, Na, Da) to execute and "action_pred" (B, H, Da).
+
+        mode: "dp" conditions every denoising step on mu; "guided" evolves z from mu by the latent
+        update at every step, with the force taken at the current a_k. Default: cfg.inference_mode.
+        """
+        self._require_normalizer()
+        cfg = self.cfg
+        mode = mode or cfg.inference_mode
+        if mode not in ("dp", "guided") or (mode == "guided" and self.posterior is None):
+            raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
+        b = self.check_obs(obs)
+        features = self.encode(obs, generator)
+        mu, log_var = self.posterior(features) if self.posterior is not None else (features, None)
+        device, dtype = features.device, features.dtype
+        seed = _draw_seed(generator)  # drawn in both modes, so dp and guided see the same noise stream
+        x = torch.randn((b, cfg.horizon, cfg.action_dim), generator=generator, device=device, dtype=dtype)
+        sched = self.schedule
+        stochastic = cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0
+        for i, t in enumerate(sched.timesteps):
+            predict = self.predictor(x, t)
+            z = mu
+            if mode == "guided":
+                z = latent_update(predict, mu, log_var, cfg.latent, seed + i * cfg.latent.steps)
+            eps = predict(z)
+            noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype) if stochastic else None
+            x, _ = ops.sampler_step(x, eps, sched.coefs, i, noise, sched.clip)
+        action_pred = self.normalizer.unnormalize("action", x)
+        start = cfg.n_obs_steps - 1  # receding horizon: the first action is at the current step
+        return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}

@@ -1,0 +1,40 @@
+"""Small builders shared by the tests: random-but-valid policies, batches and observations."""
+from __future__ import annotations
+
+import torch
+
+from dpag_engine.config import ImageEncoderConfig, PolicyConfig
+from dpag_engine.policy import DPAGPolicy
+
+
+def make_policy(dtype: torch.dtype = torch.float32, seed: int = 0, **overrides) -> DPAGPolicy:
+    """A tiny policy with a normaliser fitted on random data (ranges far from [-1, 1] on purpose)."""
+    cfg = PolicyConfig(**{"recipe": "tiny", "state_dim": 5, "action_dim": 3, **overrides})
+    torch.manual_seed(seed)
+    policy = DPAGPolicy(cfg).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    fit = {"action": torch.randn(200, cfg.action_dim, generator=g) * 3 + 2}
+    if cfg.state_dim > 0:
+        fit["state"] = torch.randn(200, cfg.state_dim, generator=g) * 5 - 1
+    policy.normalizer.fit(fit)
+    return policy
+
+
+def make_obs(cfg: PolicyConfig, batch: int, generator: torch.Generator, dtype=torch.float32) -> dict:
+    obs = {}
+    if cfg.state_dim > 0:
+        obs["state"] = (torch.randn(batch, cfg.n_obs_steps, cfg.state_dim, generator=generator) * 5 - 1).to(dtype)
+    if cfg.image is not None:
+        for cam in cfg.image.cameras:
+            obs[cam] = torch.rand(batch, cfg.n_obs_steps, *cfg.image.image_shape, generator=generator).to(dtype)
+    return obs
+
+
+def make_batch(cfg: PolicyConfig, batch: int, generator: torch.Generator, dtype=torch.float32) -> dict:
+    action = torch.randn(batch, cfg.horizon, cfg.action_dim, generator=generator) * 3 + 2
+    return {"obs": make_obs(cfg, batch, generator, dtype), "action": action.to(dtype)}
+
+
+def small_image_config(**overrides) -> PolicyConfig:
+    image = ImageEncoderConfig(cameras=("front", "wrist"), image_shape=(3, 72, 72), crop_shape=(64, 64))
+    return PolicyConfig(**{"recipe": "tiny", "state_dim": 4, "action_dim": 2, "image": image, **overrides})
