@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -70,7 +70,7 @@ setup(
     description="Train and serve Action-Guided Diffusion Policies (DP-AG) on real robot arms",
     python_requires=">=3.10",
     # The Triton kernels live in the top-level kernels/ folder but install as dpag_engine.kernels.
-    packages=["dpag_engine", "dpag_engine.ops", "dpag_engine.model", "dpag_engine.kernels"],
+    packages=["dpag_engine", *(f"dpag_engine.{p}" for p in find_packages("dpag_engine")), "dpag_engine.kernels"],
     package_dir={"dpag_engine": "dpag_engine", "dpag_engine.kernels": "kernels"},
     # The C++ CPU runtime: csrc/ (core) + python/ (pybind11 bindings), built by CMake.
     ext_modules=[CMakeExtension("dpag_engine._C")],

@@ -6,15 +6,11 @@ skips every weight gradient, so the VJP costs about one forward.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
+from torch import nn
 
 from . import ops
 from .config import LatentUpdateConfig
-
-# eps_theta restricted to the latent: z (B, To, Do) -> eps (B, H, Da).
-NoisePredictor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def vjp_force(eps: torch.Tensor, z: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
@@ -23,15 +19,14 @@ def vjp_force(eps: torch.Tensor, z: torch.Tensor, retain_graph: bool = False) ->
     return g
 
 
-def force_at(predict: NoisePredictor, z: torch.Tensor) -> torch.Tensor:
-    """Evaluate eps at z and return the force there (a fresh forward plus its VJP)."""
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        return vjp_force(predict(z), z)
+def force_at(unet: nn.Module, a_k: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The force at latent z (B, To, Do) for the noisy actions a_k: a fresh forward plus its VJP,
+    through the selected backend (the triton one fuses the conditioning part of the backward)."""
+    return ops.unet_force(unet, a_k, t, z.flatten(1)).view_as(z)
 
 
-def latent_update(predict: NoisePredictor, mu: torch.Tensor, log_var: torch.Tensor, cfg: LatentUpdateConfig,
-                  seed: int = 0, first_force: torch.Tensor | None = None) -> torch.Tensor:
+def latent_update(unet: nn.Module, a_k: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor,
+                  cfg: LatentUpdateConfig, seed: int = 0, first_force: torch.Tensor | None = None) -> torch.Tensor:
     """Euler-Maruyama from z_0 = mu over cfg.steps steps; `first_force` reuses g(mu) if the caller has it.
 
     The force is re-evaluated at every z_s. The result is differentiable w.r.t. mu and log_var (the
@@ -39,6 +34,6 @@ def latent_update(predict: NoisePredictor, mu: torch.Tensor, log_var: torch.Tens
     """
     z = mu
     for s in range(cfg.steps):
-        g = first_force if (s == 0 and first_force is not None) else force_at(predict, z)
+        g = first_force if (s == 0 and first_force is not None) else force_at(unet, a_k, t, z)
         z = ops.em_step(z, g, log_var, cfg.gamma, cfg.dt, cfg.eta, cfg.normalize, seed + s)
     return z

@@ -75,9 +75,9 @@ class DPAGPolicy(nn.Module):
             obs = {**obs, "state": self.normalizer.normalize("state", obs["state"])}
         return self.encoder(obs, generator)
 
-    def predictor(self, a_k: torch.Tensor, t: torch.Tensor):
-        """eps_theta(a_k, t, .) as a function of the latent z (B, To, Do)."""
-        return lambda z: self.unet(a_k, t, z.flatten(1))
+    def predict_noise(self, a_k: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """eps_theta(a_k, t, z) with the latent z (B, To, Do) as the global conditioning."""
+        return self.unet(a_k, t, z.flatten(1))
 
     # ---- training ----
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -103,8 +103,7 @@ class DPAGPolicy(nn.Module):
         # The force needs d eps / d mu. When mu carries no graph (identity posterior on low-dim
         # state), make it a leaf that does; nothing upstream needs its gradient anyway.
         z_in = mu if mu.requires_grad else mu.detach().requires_grad_(True)
-        predict = self.predictor(a_k, t)
-        eps_static = predict(z_in)
+        eps_static = self.predict_noise(a_k, t, z_in)
         literal = cfg.loss.implementation == "literal"
         if literal:  # as released: a second-order graph for g, then thrown away
             (g,) = torch.autograd.grad(eps_static, z_in, grad_outputs=eps_static, create_graph=True)
@@ -114,8 +113,8 @@ class DPAGPolicy(nn.Module):
         # The guided branch is only a target: the released code runs it with gradients and then
         # detaches; the efficient path never records the graph. Same values, same gradients.
         with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
-            z_guided = latent_update(predict, z_in, log_var, cfg.latent, _draw_seed(generator), first_force=g)
-            eps_guided = predict(z_guided)
+            z_guided = latent_update(self.unet, a_k, t, z_in, log_var, cfg.latent, _draw_seed(generator), first_force=g)
+            eps_guided = self.predict_noise(a_k, t, z_guided)
         eps_guided = eps_guided.detach()
 
         loss_diff = diffusion_loss(eps_static, noise, cfg.loss.target_scale)
@@ -148,11 +147,10 @@ class DPAGPolicy(nn.Module):
         sched = self.schedule
         stochastic = cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0
         for i, t in enumerate(sched.timesteps):
-            predict = self.predictor(x, t)
             z = mu
             if mode == "guided":
-                z = latent_update(predict, mu, log_var, cfg.latent, seed + i * cfg.latent.steps)
-            eps = predict(z)
+                z = latent_update(self.unet, x, t, mu, log_var, cfg.latent, seed + i * cfg.latent.steps)
+            eps = self.predict_noise(x, t, z)
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype) if stochastic else None
             x, _ = ops.sampler_step(x, eps, sched.coefs, i, noise, sched.clip)
         action_pred = self.normalizer.unnormalize("action", x)

@@ -18,7 +18,12 @@ def setup():
     t = torch.tensor([4, 50, 97])
     mu = torch.randn(b, cfg.n_obs_steps, cfg.obs_feature_dim, generator=g, dtype=torch.float64)
     log_var = torch.randn(mu.shape, generator=g, dtype=torch.float64).clamp(-2, 1)
-    return policy, policy.predictor(a_k, t), mu, log_var
+    return policy, (policy.unet, a_k, t), mu, log_var
+
+
+def policy_predict(net):
+    unet, a_k, t = net
+    return lambda z: unet(a_k, t, z.flatten(1))
 
 
 def finite_difference_force(predict, z, h=1e-6):
@@ -35,19 +40,19 @@ def finite_difference_force(predict, z, h=1e-6):
 
 
 def test_vjp_force_equals_finite_difference_jacobian(setup):
-    _, predict, mu, _ = setup
+    _, net, mu, _ = setup
     with torch.no_grad():
-        expected = finite_difference_force(predict, mu)
-    got = force_at(predict, mu)
+        expected = finite_difference_force(policy_predict(net), mu)
+    got = force_at(*net, mu)
     assert expected.abs().max() > 1e-3  # a real force, not a vacuous comparison
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
 
 
 def test_released_code_case_is_mu_plus_sigma_unit_force(setup):
-    _, predict, mu, log_var = setup
-    z = latent_update(predict, mu, log_var, LatentUpdateConfig(steps=1, dt=1.0, gamma=1.0, eta=0.0, normalize=True))
+    _, net, mu, log_var = setup
+    z = latent_update(*net, mu, log_var, LatentUpdateConfig(steps=1, dt=1.0, gamma=1.0, eta=0.0, normalize=True))
     with torch.no_grad():
-        g = finite_difference_force(predict, mu)
+        g = finite_difference_force(policy_predict(net), mu)
     expected = mu + torch.exp(0.5 * log_var) * g / (g.norm(dim=-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-8)
     # normalised per sample and per observation step: each row moved by exactly sigma-weighted unit length
@@ -56,14 +61,14 @@ def test_released_code_case_is_mu_plus_sigma_unit_force(setup):
 
 
 def test_multi_step_reevaluates_the_force(setup):
-    _, predict, mu, log_var = setup
+    _, net, mu, log_var = setup
     cfg = LatentUpdateConfig(steps=3, dt=0.25, gamma=0.7, eta=0.0, normalize=False)
-    z = latent_update(predict, mu, log_var, cfg)
+    z = latent_update(*net, mu, log_var, cfg)
     sigma = torch.exp(0.5 * log_var)
     expected = mu
     with torch.no_grad():
         for _ in range(3):
-            expected = expected + 0.7 * 0.25 * sigma * finite_difference_force(predict, expected)
+            expected = expected + 0.7 * 0.25 * sigma * finite_difference_force(policy_predict(net), expected)
     torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-8)
 
 

@@ -6,6 +6,7 @@ backend is tested against):
 - `sampler_step(sample, eps, coefs, step, noise, clip) -> (prev_sample, x0_clipped)`
 - `q_sample(x0, noise, t, sqrt_ac, sqrt_1m_ac) -> x_t`            (differentiable in x0 and noise)
 - `em_step(z, g, log_var, gamma, dt, eta, normalize, seed) -> z`  (differentiable in z and log_var)
+- `unet_force(unet, sample, t, global_cond) -> g`                  (the VJP force of spec section 5)
 
 Backends: "torch" (plain PyTorch, the reference), "cpp" (the `dpag_engine._C` CPU runtime),
 "triton" (fused kernels in `dpag_engine.kernels`; on a CPU machine only under TRITON_INTERPRET=1).
@@ -66,3 +67,7 @@ def q_sample(*args, **kwargs):
 
 def em_step(*args, **kwargs):
     return backend_module().em_step(*args, **kwargs)
+
+
+def unet_force(*args, **kwargs):
+    return backend_module().unet_force(*args, **kwargs)

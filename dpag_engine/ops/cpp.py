@@ -18,6 +18,7 @@ except ImportError as err:  # a source checkout that was never built
 # graph and gradients are needed. The dispatcher contract says a backend re-exports them explicitly.
 q_sample = torch_ref.q_sample
 em_step = torch_ref.em_step
+unet_force = torch_ref.unet_force
 
 
 def _as_buffer(t: torch.Tensor, name: str, shape: torch.Size):

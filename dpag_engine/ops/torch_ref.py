@@ -27,6 +27,17 @@ def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
     return sqrt_ac[t].view(shape).to(x0.dtype) * x0 + sqrt_1m_ac[t].view(shape).to(x0.dtype) * noise
 
 
+def unet_force(unet: torch.nn.Module, sample: torch.Tensor, t: torch.Tensor,
+               global_cond: torch.Tensor) -> torch.Tensor:
+    """g = (d eps / d global_cond)^T eps: one forward, then an activation-only backward (no weight
+    gradients are requested, so autograd computes none)."""
+    with torch.enable_grad():
+        cond = global_cond.detach().requires_grad_(True)
+        eps = unet(sample.detach(), t, cond)
+        (g,) = torch.autograd.grad(0.5 * eps.square().sum(), cond)
+    return g
+
+
 def normalized_force(g: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Unit-L2 normalisation over the feature (last) dim, eps 1e-6 as in the released code."""
     return g / (g.norm(dim=-1, keepdim=True) + 1e-6) if normalize else g
