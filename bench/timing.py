@@ -1,0 +1,34 @@
+"""Honest timing shared by the benchmarks: warm up, synchronise, take the median of many runs."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, iters: int = 7) -> float:
+    """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def read_bandwidth_gbs(device: str = "cpu", mib: int = 512) -> float:
+    """Achievable read bandwidth: a large sum reads every byte once (the roofline's denominator)."""
+    x = torch.ones(mib * 2**20 // 4, device=device)
+    ms = median_ms(lambda: x.sum(), device, warmup=2, iters=5)
+    return x.numel() * 4 / (ms * 1e-3) / 1e9
