@@ -68,7 +68,7 @@ setup(
     name="dpag_engine",
     version="0.1.0",
     description="Train and serve Action-Guided Diffusion Policies (DP-AG) on real robot arms",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # zarr 3
     # The Triton kernels live in the top-level kernels/ folder but install as dpag_engine.kernels.
     packages=["dpag_engine", *(f"dpag_engine.{p}" for p in find_packages("dpag_engine")), "dpag_engine.kernels"],
     package_dir={"dpag_engine": "dpag_engine", "dpag_engine.kernels": "kernels"},
@@ -77,7 +77,7 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     # torch is deliberately not pinned here: a bare `torch` requirement would pull a multi-GB CUDA
     # build onto a CPU machine. The Makefile installs the CPU wheel first where torch is missing.
-    install_requires=["torch>=2.4", "numpy<2.4", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.4", "numpy<2.4", "zarr>=3", "pyyaml", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "diffusers", "triton==3.6.0; platform_machine=='x86_64'"],
     },
