@@ -79,6 +79,9 @@ setup(
     # build onto a CPU machine. The Makefile installs the CPU wheel first where torch is missing.
     install_requires=["torch>=2.4", "numpy<2.4", "zarr>=3", "pyyaml", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "diffusers", "triton==3.6.0; platform_machine=='x86_64'"],
+        # ur_rtde is pinned: the emulator's handshake guard test is written against this exact client.
+        "robot": ["ur_rtde==1.6.5"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "diffusers", "ur_rtde==1.6.5",
+                 "triton==3.6.0; platform_machine=='x86_64'"],
     },
 )

@@ -14,7 +14,8 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message names the offending field."""
 
 
-def _require(ok: bool, name: str, message: str) -> None:
+def require(ok: bool, name: str, message: str) -> None:
+    """Fail with a ConfigError whose message starts with the field's dotted name."""
     if not ok:
         raise ConfigError(f"{name}: {message}")
 
@@ -30,13 +31,13 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "down_dims", tuple(int(d) for d in self.down_dims))
-        _require(len(self.down_dims) >= 1, "unet.down_dims", "needs at least one level")
+        require(len(self.down_dims) >= 1, "unet.down_dims", "needs at least one level")
         for d in self.down_dims:
-            _require(d > 0 and d % self.n_groups == 0, "unet.down_dims",
+            require(d > 0 and d % self.n_groups == 0, "unet.down_dims",
                      f"every width must be a positive multiple of unet.n_groups={self.n_groups}, got {d}")
-        _require(self.kernel_size % 2 == 1 and self.kernel_size > 0, "unet.kernel_size",
+        require(self.kernel_size % 2 == 1 and self.kernel_size > 0, "unet.kernel_size",
                  f"must be a positive odd number (same-length convolution), got {self.kernel_size}")
-        _require(self.diffusion_step_embed_dim > 0 and self.diffusion_step_embed_dim % 2 == 0,
+        require(self.diffusion_step_embed_dim > 0 and self.diffusion_step_embed_dim % 2 == 0,
                  "unet.diffusion_step_embed_dim", "must be a positive even number (sin/cos halves)")
 
 
@@ -62,16 +63,16 @@ class ImageEncoderConfig:
         object.__setattr__(self, "cameras", tuple(self.cameras))
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
         object.__setattr__(self, "crop_shape", tuple(int(s) for s in self.crop_shape))
-        _require(len(self.cameras) >= 1 and len(set(self.cameras)) == len(self.cameras),
+        require(len(self.cameras) >= 1 and len(set(self.cameras)) == len(self.cameras),
                  "image.cameras", "needs at least one camera and unique names")
-        _require(len(self.image_shape) == 3 and min(self.image_shape) > 0, "image.image_shape",
+        require(len(self.image_shape) == 3 and min(self.image_shape) > 0, "image.image_shape",
                  f"must be (C, H, W) with positive sizes, got {self.image_shape}")
-        _require(len(self.crop_shape) == 2
+        require(len(self.crop_shape) == 2
                  and 0 < self.crop_shape[0] <= self.image_shape[1]
                  and 0 < self.crop_shape[1] <= self.image_shape[2],
                  "image.crop_shape", f"must fit inside image_shape {self.image_shape[1:]}, got {self.crop_shape}")
-        _require(self.num_keypoints > 0, "image.num_keypoints", "must be positive")
-        _require(self.feature_dim > 0, "image.feature_dim", "must be positive")
+        require(self.num_keypoints > 0, "image.num_keypoints", "must be positive")
+        require(self.feature_dim > 0, "image.feature_dim", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,16 @@ class SchedulerConfig:
     use_clipped_eps: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.num_train_timesteps >= 2, "scheduler.num_train_timesteps", "must be >= 2")
-        _require(self.beta_schedule in ("squaredcos_cap_v2", "linear"), "scheduler.beta_schedule",
+        require(self.num_train_timesteps >= 2, "scheduler.num_train_timesteps", "must be >= 2")
+        require(self.beta_schedule in ("squaredcos_cap_v2", "linear"), "scheduler.beta_schedule",
                  f"must be 'squaredcos_cap_v2' or 'linear', got {self.beta_schedule!r}")
-        _require(self.sampler in ("ddim", "ddpm"), "scheduler.sampler",
+        require(self.sampler in ("ddim", "ddpm"), "scheduler.sampler",
                  f"must be 'ddim' or 'ddpm', got {self.sampler!r}")
-        _require(1 <= self.num_inference_steps <= self.num_train_timesteps,
+        require(1 <= self.num_inference_steps <= self.num_train_timesteps,
                  "scheduler.num_inference_steps",
                  f"must be in [1, num_train_timesteps={self.num_train_timesteps}], got {self.num_inference_steps}")
-        _require(self.eta >= 0.0, "scheduler.eta", "must be >= 0")
-        _require(self.clip_sample_range > 0.0, "scheduler.clip_sample_range", "must be > 0")
+        require(self.eta >= 0.0, "scheduler.eta", "must be >= 0")
+        require(self.clip_sample_range > 0.0, "scheduler.clip_sample_range", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,9 @@ class LatentUpdateConfig:
     normalize: bool = True  # unit-L2 normalise the force over the feature dim
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "latent.steps", f"must be >= 1, got {self.steps}")
-        _require(self.dt > 0.0, "latent.dt", f"must be > 0, got {self.dt}")
-        _require(self.eta >= 0.0, "latent.eta", f"must be >= 0, got {self.eta}")
+        require(self.steps >= 1, "latent.steps", f"must be >= 1, got {self.steps}")
+        require(self.dt > 0.0, "latent.dt", f"must be > 0, got {self.dt}")
+        require(self.eta >= 0.0, "latent.eta", f"must be >= 0, got {self.eta}")
 
 
 @dataclass(frozen=True)
@@ -131,10 +132,10 @@ class LossConfig:
     implementation: str = "efficient"  # or "literal" (mirrors the released code; slower)
 
     def __post_init__(self) -> None:
-        _require(self.tau > 0.0, "loss.tau", f"must be > 0, got {self.tau}")
-        _require(self.lambda_cont >= 0.0, "loss.lambda_cont", "must be >= 0")
-        _require(self.lambda_kl >= 0.0, "loss.lambda_kl", "must be >= 0")
-        _require(self.implementation in ("efficient", "literal"), "loss.implementation",
+        require(self.tau > 0.0, "loss.tau", f"must be > 0, got {self.tau}")
+        require(self.lambda_cont >= 0.0, "loss.lambda_cont", "must be >= 0")
+        require(self.lambda_kl >= 0.0, "loss.lambda_kl", "must be >= 0")
+        require(self.implementation in ("efficient", "literal"), "loss.implementation",
                  f"must be 'efficient' or 'literal', got {self.implementation!r}")
 
 
@@ -159,28 +160,28 @@ class PolicyConfig:
 
     def __post_init__(self) -> None:
         if self.recipe != "custom":
-            _require(self.recipe in UNET_RECIPES, "recipe",
+            require(self.recipe in UNET_RECIPES, "recipe",
                      f"must be one of {sorted(UNET_RECIPES)} or 'custom', got {self.recipe!r}")
             object.__setattr__(self, "unet", UNET_RECIPES[self.recipe])
-        _require(self.action_dim >= 1, "action_dim", f"must be >= 1, got {self.action_dim}")
-        _require(self.state_dim >= 0, "state_dim", f"must be >= 0, got {self.state_dim}")
-        _require(self.state_dim > 0 or self.image is not None, "state_dim",
+        require(self.action_dim >= 1, "action_dim", f"must be >= 1, got {self.action_dim}")
+        require(self.state_dim >= 0, "state_dim", f"must be >= 0, got {self.state_dim}")
+        require(self.state_dim > 0 or self.image is not None, "state_dim",
                  "must be > 0 when there is no image encoder (the policy would see nothing)")
-        _require(self.n_obs_steps >= 1, "n_obs_steps", f"must be >= 1, got {self.n_obs_steps}")
+        require(self.n_obs_steps >= 1, "n_obs_steps", f"must be >= 1, got {self.n_obs_steps}")
         # The down path halves the horizon at every level but the last.
         factor = 2 ** (len(self.unet.down_dims) - 1)
-        _require(self.horizon >= 1 and self.horizon % factor == 0, "horizon",
+        require(self.horizon >= 1 and self.horizon % factor == 0, "horizon",
                  f"must be a positive multiple of 2**(levels-1)={factor} for unet.down_dims "
                  f"{self.unet.down_dims}, got {self.horizon}")
-        _require(1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1, "n_action_steps",
+        require(1 <= self.n_action_steps <= self.horizon - self.n_obs_steps + 1, "n_action_steps",
                  f"must be in [1, horizon - n_obs_steps + 1 = {self.horizon - self.n_obs_steps + 1}], "
                  f"got {self.n_action_steps}")
-        _require(self.method in ("dpag", "dp"), "method", f"must be 'dpag' or 'dp', got {self.method!r}")
-        _require(self.posterior in ("identity", "mlp"), "posterior",
+        require(self.method in ("dpag", "dp"), "method", f"must be 'dpag' or 'dp', got {self.method!r}")
+        require(self.posterior in ("identity", "mlp"), "posterior",
                  f"must be 'identity' or 'mlp', got {self.posterior!r}")
-        _require(self.inference_mode in ("dp", "guided"), "inference_mode",
+        require(self.inference_mode in ("dp", "guided"), "inference_mode",
                  f"must be 'dp' or 'guided', got {self.inference_mode!r}")
-        _require(not (self.method == "dp" and self.inference_mode == "guided"), "inference_mode",
+        require(not (self.method == "dp" and self.inference_mode == "guided"), "inference_mode",
                  "'guided' needs method='dpag' (a plain DP model has no posterior to guide)")
 
     @property
@@ -209,18 +210,42 @@ class PolicyConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PolicyConfig":
         """Inverse of `to_dict`; unknown keys fail with their name (no silent typos)."""
-        nested = {"unet": UNetConfig, "image": ImageEncoderConfig, "scheduler": SchedulerConfig,
-                  "latent": LatentUpdateConfig, "loss": LossConfig}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key not in {f.name for f in dataclasses.fields(cls)}:
-                raise ConfigError(f"{key}: unknown PolicyConfig field")
-            sub = nested.get(key)
-            if sub is not None and isinstance(value, dict):
-                known = {f.name for f in dataclasses.fields(sub)}
-                for k in value:
-                    if k not in known:
-                        raise ConfigError(f"{key}.{k}: unknown {sub.__name__} field")
-                value = sub(**value)
-            kwargs[key] = value
-        return cls(**kwargs)
+        values = checked_fields(cls, d)
+        for key, sub in POLICY_SECTIONS.items():
+            if isinstance(values.get(key), dict):
+                values[key] = sub(**values[key])
+        return cls(**values)
+
+
+# PolicyConfig fields that are configs of their own.
+POLICY_SECTIONS = {"unet": UNetConfig, "image": ImageEncoderConfig, "scheduler": SchedulerConfig,
+                   "latent": LatentUpdateConfig, "loss": LossConfig}
+
+
+def checked_fields(cls: type, values: Any, where: str = "") -> dict[str, Any]:
+    """Check a mapping against a config dataclass before constructing it: unknown fields fail with
+    their dotted name, and text-file spellings are coerced to the field's default type (YAML reads
+    `1e-4` as a string; TOML may give 1 for 1.0). PolicyConfig's sub-configs are checked too."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or cls.__name__}: must be a mapping, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in values.items():
+        name = f"{where}.{k}" if where else k
+        if k not in fields:
+            raise ConfigError(f"{name}: unknown field of {cls.__name__} (known: {', '.join(sorted(fields))})")
+        default = fields[k].default
+        if isinstance(default, float) and not isinstance(v, bool) and isinstance(v, (int, str)):
+            try:
+                v = float(v)
+            except ValueError as e:
+                raise ConfigError(f"{name}: expected a number, got {v!r}") from e
+        elif isinstance(default, bool) and not isinstance(v, bool):
+            raise ConfigError(f"{name}: expected true or false, got {v!r}")
+        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        sub = POLICY_SECTIONS.get(k) if cls is PolicyConfig else None
+        if sub is not None and isinstance(v, dict):
+            v = checked_fields(sub, v, name)
+        out[k] = v
+    return out

@@ -54,7 +54,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, safe_load, save_checkpoint
-from .config import ConfigError, ImageEncoderConfig, LatentUpdateConfig, LossConfig, PolicyConfig, SchedulerConfig, UNetConfig
+from .config import POLICY_SECTIONS, ConfigError, ImageEncoderConfig, PolicyConfig, checked_fields, require
 from .data import DataConfig, DataError, GlobalBatchSampler, collate_batch, load_datasets, write_synthetic
 
 TRAIN_STATE_VERSION = 1
@@ -92,8 +92,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, msg: str) -> None:
-            if not ok:
-                raise ConfigError(f"train.{name}: {msg}")
+            require(ok, f"train.{name}", msg)
         need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         need(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
@@ -111,8 +110,6 @@ class TrainConfig:
 
 
 SECTIONS = {"policy": PolicyConfig, "data": DataConfig, "train": TrainConfig}
-POLICY_NESTED = {"unet": UNetConfig, "image": ImageEncoderConfig, "scheduler": SchedulerConfig,
-                 "latent": LatentUpdateConfig, "loss": LossConfig}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,41 +178,13 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def _coerce(cls, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """Name unknown fields, and turn ints and numeric strings into floats where the default is a float
-    (YAML reads `1e-4` as a string)."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: must be a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for k, v in values.items():
-        if k not in fields:
-            raise ConfigError(f"{where}.{k}: unknown field (known: {', '.join(sorted(fields))})")
-        f = fields[k]
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if isinstance(default, float) and not isinstance(v, bool) and isinstance(v, (int, str)):
-            try:
-                v = float(v)
-            except ValueError as e:
-                raise ConfigError(f"{where}.{k}: expected a number, got {v!r}") from e
-        elif isinstance(default, bool) and not isinstance(v, bool):
-            raise ConfigError(f"{where}.{k}: expected true or false, got {v!r}")
-        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float) and v.is_integer():
-            v = int(v)
-        sub = POLICY_NESTED.get(k) if cls is PolicyConfig else None
-        if sub is not None and isinstance(v, dict):
-            v = _coerce(sub, v, f"{where}.{k}")
-        out[k] = v
-    return out
-
-
 def build_configs(d: dict[str, Any]) -> tuple[dict[str, Any], DataConfig, TrainConfig]:
     """Validate the data and train sections; the policy section stays a dict until the data fixes
     its dimensions (see `resolve_policy_config`), but unknown or mistyped fields fail now."""
-    policy = _coerce(PolicyConfig, d.get("policy") or {}, "policy")
+    policy = checked_fields(PolicyConfig, d.get("policy") or {}, "policy")
     try:
-        data = DataConfig(**_coerce(DataConfig, d.get("data") or {}, "data"))
-        train = TrainConfig(**_coerce(TrainConfig, d.get("train") or {}, "train"))
+        data = DataConfig(**checked_fields(DataConfig, d.get("data") or {}, "data"))
+        train = TrainConfig(**checked_fields(TrainConfig, d.get("train") or {}, "train"))
     except TypeError as e:
         raise ConfigError(str(e)) from e
     return policy, data, train
@@ -749,7 +718,7 @@ def describe_options() -> str:
         for f in dataclasses.fields(cls):
             value = getattr(defaults, f.name) if defaults is not None else None
             name = f"{prefix}.{f.name}"
-            nested = POLICY_NESTED.get(f.name) if cls is PolicyConfig else None
+            nested = POLICY_SECTIONS.get(f.name) if cls is PolicyConfig else None
             if nested is not None:
                 walk(nested, name, value if value is not None else nested())
                 continue

@@ -1,0 +1,45 @@
+"""python -m dpag_engine.ursim --host 127.0.0.1 [--version 3.15|5.11] [--control-port 30100]"""
+import argparse
+import signal
+import sys
+import threading
+
+from .control import DEFAULT_CONTROL_PORT, ControlServer
+from .emulator import URControllerEmulator
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m dpag_engine.ursim",
+                                 description="UR5 controller emulator for the ur_rtde client")
+    ap.add_argument("--host", default="127.0.0.1", help="loopback address to listen on (127.0.0.N)")
+    ap.add_argument("--version", default="3.15",
+                    help="controller version to report: 3.15 (CB3, 125 Hz) or 5.11 (e-Series, 500 Hz)")
+    ap.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
+                    help="JSON-lines test side channel port (0 disables)")
+    ap.add_argument("--q0", type=float, nargs=6, default=None, help="initial joint positions (rad)")
+    ap.add_argument("--servo-horizon", type=float, default=0.04,
+                    help="protective stop if a servo target is farther than v_max * this from actual q")
+    ap.add_argument("--preload", action="store_true",
+                    help="start with the control script already running (clients that do not upload)")
+    args = ap.parse_args(argv)
+
+    emu = URControllerEmulator(args.host, args.version, q0=args.q0,
+                               servo_horizon_s=args.servo_horizon, preload=args.preload)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    emu.start()
+    control = ControlServer(emu, args.control_port).start() if args.control_port else None
+    where = f", control {args.control_port}" if control else ""
+    print(f"ursim: {emu.describe()}{where}; listening", flush=True)
+    while not done.wait(0.5):
+        pass
+    if control:
+        control.stop()
+    emu.stop()
+    print("ursim: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
