@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import tempfile
 
 import pytest
 import torch
@@ -99,6 +100,14 @@ def report(recipes: list[str], device: str, train_batch: int) -> str:
             backend = "cpp" if device == "cpu" else "triton"
             fast = median_ms(plan(policy, obs, mode, backend), device, warmup=1, iters=5)
             lines.append(f"| {recipe} | predict_action B=1 DDIM-{k} {mode}, {backend} backend | {ref:.1f} | {fast:.1f} | {ref / fast:.2f}x | {floor:.1f} |")
+            if mode == "dp":  # exported graphs have no backward, so dp mode only
+                from dpag_engine.export import export_onnx
+                from dpag_engine.runtime.onnx_policy import OnnxPolicy
+                with tempfile.TemporaryDirectory() as d:
+                    export_onnx(policy, d)
+                    onnx_policy = OnnxPolicy(d)
+                    ms = median_ms(lambda: onnx_policy.predict_action(obs), device, warmup=1, iters=5)
+                lines.append(f"| {recipe} | predict_action B=1 DDIM-{k} dp, onnxruntime | {ref:.1f} | {ms:.1f} | {ref / ms:.2f}x | {floor:.1f} |")
     return "\n".join(lines)
 
 

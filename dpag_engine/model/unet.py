@@ -30,10 +30,11 @@ class Conv1dBlock(nn.Sequential):
 
 
 class ConditionalResidualBlock1D(nn.Module):
-    """conv block -> FiLM(cond) -> conv block, plus a residual (1x1 conv when widths differ).
+    """conv block -> FiLM -> conv block, plus a residual (1x1 conv when widths differ).
 
-    The FiLM site is `film(h, cond)`: the latent reaches the U-Net only through here, which is what
-    the fused VJP kernel exploits.
+    FiLM is `scale * h + bias` with [scale, bias] = Linear(Mish(cond)) (`cond_encoder`), broadcast
+    over time. The latent reaches the U-Net only through these sites, which is what the fused VJP
+    kernel and the precomputed per-timestep FiLM terms exploit.
     """
 
     def __init__(self, c_in: int, c_out: int, cond_dim: int, kernel_size: int, n_groups: int):
@@ -44,12 +45,10 @@ class ConditionalResidualBlock1D(nn.Module):
         self.cond_encoder = nn.Sequential(nn.Mish(), nn.Linear(cond_dim, 2 * c_out))
         self.residual_conv = nn.Conv1d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
-    def film(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, bias = self.cond_encoder(cond).unsqueeze(-1).chunk(2, dim=1)
-        return scale * h + bias
-
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = self.film(self.blocks[0](x), cond)
+    def forward(self, x: torch.Tensor, film: torch.Tensor) -> torch.Tensor:
+        """film: (B, 2 C_out), this block's [scale, bias]."""
+        scale, bias = film.unsqueeze(-1).chunk(2, dim=1)
+        h = scale * self.blocks[0](x) + bias
         return self.blocks[1](h) + self.residual_conv(x)
 
 
@@ -88,19 +87,28 @@ class ConditionalUnet1D(nn.Module):
         """Every FiLM site, in forward order."""
         return [m for m in self.modules() if isinstance(m, ConditionalResidualBlock1D)]
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, global_cond: torch.Tensor) -> torch.Tensor:
-        x = sample.transpose(1, 2)  # (B, Da, H): channels-first for Conv1d
-        t = torch.as_tensor(timestep, device=x.device)
-        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+    def film_params(self, timestep: torch.Tensor | int, global_cond: torch.Tensor) -> list[torch.Tensor]:
+        """Every site's [scale, bias] (B, 2 C_b), in forward order."""
+        t = torch.as_tensor(timestep, device=global_cond.device)
+        t = t.expand(global_cond.shape[0]) if t.dim() == 0 else t
         cond = torch.cat([self.diffusion_step_encoder(t), global_cond], dim=-1)
+        return [block.cond_encoder(cond) for block in self.residual_blocks()]
+
+    def forward_with_film(self, sample: torch.Tensor, films: list[torch.Tensor]) -> torch.Tensor:
+        """The U-Net body given every site's FiLM parameters (from `film_params` or precomputed)."""
+        films = iter(films)
+        x = sample.transpose(1, 2)  # (B, Da, H): channels-first for Conv1d
         skips = []
         for res1, res2, down in self.down_modules:
-            x = res2(res1(x, cond), cond)
+            x = res2(res1(x, next(films)), next(films))
             skips.append(x)
             x = down(x)
         for res in self.mid_modules:
-            x = res(x, cond)
+            x = res(x, next(films))
         for res1, res2, up in self.up_modules:
             x = torch.cat([x, skips.pop()], dim=1)
-            x = up(res2(res1(x, cond), cond))
+            x = up(res2(res1(x, next(films)), next(films)))
         return self.final_conv(x).transpose(1, 2)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, global_cond: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_film(sample, self.film_params(timestep, global_cond))

@@ -1,0 +1,117 @@
+"""What every exported-graph backend shares: the sidecar, input checks and the DDIM loop.
+
+The loop is DPAGPolicy.predict_action in `dp` mode with the two network calls swapped for the
+backend's (`_encode`, `predict_noise`). It keeps torch tensors (zero-copy views of the backend's
+arrays on CPU, device tensors for TensorRT) and steps with the same `ops.sampler_step` and the same
+random draws as the reference, so a backend's chunk can be compared with DPAGPolicy's number for number.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..config import PolicyConfig
+from ..export import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, TABLES
+from ..policy import _draw_seed
+
+GUIDED_UNSUPPORTED = (
+    "mode 'guided' is not supported by exported backends: it needs the vector-Jacobian product "
+    "d eps / d z at every denoising step, and the exported graph has no backward pass. Serve guided "
+    "mode with DPAGPolicy (torch or triton backend), or use mode='dp'.")
+
+
+class ExportedPolicy(abc.ABC):
+    device = torch.device("cpu")
+
+    def __init__(self, export_dir: str | os.PathLike):
+        self.dir = Path(export_dir)
+        manifest_path = self.dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: missing - is {self.dir} a folder written by "
+                                    f"`python -m dpag_engine.export`?")
+        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        if self.manifest.get("format") != EXPORT_FORMAT or self.manifest.get("version") != EXPORT_VERSION:
+            raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r} version "
+                             f"{self.manifest.get('version')!r}, expected {EXPORT_FORMAT!r} version {EXPORT_VERSION}")
+        self.cfg = PolicyConfig.from_dict(self.manifest["config"])
+        self.obs_shapes = {k: tuple(v) for k, v in self.manifest["encoder"]["inputs"].items()}
+        with np.load(self.dir / TABLES) as t:
+            self._tables = {k: torch.from_numpy(t[k]) for k in t.files}
+
+    def _table(self, name: str) -> torch.Tensor:
+        return self._tables[name].to(self.device)
+
+    # ---- the two network calls a backend provides ----
+    @abc.abstractmethod
+    def _encode(self, obs: dict[str, np.ndarray]) -> list[torch.Tensor]:
+        """Checked float32 observations -> the encoder's outputs (mu[, log_var]) on self.device."""
+
+    @abc.abstractmethod
+    def predict_noise(self, sample: torch.Tensor, timestep: int | torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
+        """eps for sample (B, H, Da), an int (or (B,) ints) training timestep, global_cond (B, To*Do)."""
+
+    # ---- input checks: same rules and messages as DPAGPolicy.check_obs ----
+    def check_obs(self, obs: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
+        """Validate keys, shapes and finiteness; returns contiguous float32 arrays and the batch size."""
+        arrays, batch = {}, None
+        for key, tail in self.obs_shapes.items():
+            if key not in obs:
+                raise KeyError(f"obs: missing key {key!r} (expected keys {sorted(self.obs_shapes)})")
+            x = obs[key]
+            x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            if x.ndim != len(tail) + 1 or tuple(x.shape[1:]) != tail:
+                raise ValueError(f"obs[{key!r}]: expected shape (B, {', '.join(map(str, tail))}), got {tuple(x.shape)}")
+            if batch is not None and x.shape[0] != batch:
+                raise ValueError(f"obs[{key!r}]: batch size {x.shape[0]} differs from the other keys ({batch})")
+            batch = x.shape[0]
+            if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
+                raise ValueError(f"obs[{key!r}]: contains NaN or inf (or is not numeric)")
+            arrays[key] = np.ascontiguousarray(x, dtype=np.float32)
+        assert batch is not None  # the config guarantees at least one key
+        return arrays, batch
+
+    def encode(self, obs: dict[str, Any]) -> list[torch.Tensor]:
+        """Raw observations -> [mu, log_var] ([mu] for a plain-DP model), each (B, To, Do)."""
+        return self._encode(self.check_obs(obs)[0])
+
+    @torch.no_grad()
+    def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None,
+                       mode: str | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """DPAGPolicy.predict_action in dp mode: "action" (B, Na, Da) and "action_pred" (B, H, Da), raw units.
+
+        The random draws are the reference's, in its order, from `generator`; `noise` (B, H, Da), if
+        given, replaces the initial sample instead (e.g. to feed the same noise to two backends).
+        """
+        cfg = self.cfg
+        mode = mode or cfg.inference_mode
+        if mode == "guided":
+            raise NotImplementedError(GUIDED_UNSUPPORTED)
+        if mode != "dp":
+            raise ValueError(f"mode: must be 'dp' or 'guided', got {mode!r}")
+        arrays, b = self.check_obs(obs)
+        mu = self._encode(arrays)[0]
+        shape = (b, cfg.horizon, cfg.action_dim)
+        _draw_seed(generator)  # the reference draws the latent update's seed in every mode; keep the stream aligned
+        if noise is None:
+            x = torch.randn(shape, generator=generator, device=self.device)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
+        else:
+            x = noise.to(self.device, torch.float32)
+        coefs, cond = self._table("coefs"), mu.flatten(1)
+        clip = cfg.scheduler.clip_sample_range if cfg.scheduler.clip_sample else None
+        stochastic = cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0
+        for i, t in enumerate(self._tables["timesteps"].tolist()):
+            eps = self.predict_noise(x, t, cond)
+            step_noise = torch.randn(shape, generator=generator, device=self.device) if stochastic else None
+            x, _ = ops.sampler_step(x, eps, coefs, i, step_noise, clip)
+        action_pred = (x - self._table("action_offset")) / self._table("action_scale")
+        start = cfg.n_obs_steps - 1
+        return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
