@@ -82,7 +82,9 @@ setup(
         # ur_rtde is pinned: the emulator's handshake guard test is written against this exact client.
         "robot": ["ur_rtde==1.6.5"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "diffusers", "ur_rtde==1.6.5", "onnx>=1.16", "onnxruntime>=1.18",
+        "pusht": ["gym-pusht>=0.1.8"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "diffusers", "ur_rtde==1.6.5", "onnx>=1.16",
+                 "onnxruntime>=1.18", "gym-pusht>=0.1.8",
                  "triton==3.6.0; platform_machine=='x86_64'"],
     },
 )

@@ -1,0 +1,43 @@
+"""`python -m dpag_engine.eval` end to end on a tiny checkpoint trained on expert demonstrations."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gym_pusht")
+
+from dpag_engine.envs.generate import main as generate_main  # noqa: E402
+from dpag_engine.eval import action_jerk, main as eval_main, policy_obs  # noqa: E402
+from dpag_engine.train import main as train_main  # noqa: E402
+
+
+def test_action_jerk_is_zero_on_constant_acceleration():
+    t = np.arange(10, dtype=float)[:, None]
+    assert action_jerk(np.hstack([t ** 2, 3 * t])) == pytest.approx(0.0)
+    assert action_jerk(np.hstack([t ** 3, 0 * t])) == pytest.approx(6.0)
+
+
+def test_policy_obs_follows_state_keys():
+    hist = [{"keypoint": np.full((9, 2), i, np.float32), "state": np.arange(5, dtype=np.float32) + i} for i in range(2)]
+    obs = policy_obs(hist, ["keypoint", "state[:2]"], {})
+    assert obs["state"].shape == (1, 2, 20)
+    assert obs["state"][0, 1, -2:].tolist() == [1.0, 2.0]
+
+
+def test_eval_cli_on_tiny_checkpoint(tmp_path):
+    data = tmp_path / "demo.zarr"
+    assert generate_main(["--out", str(data), "--episodes", "1", "--seed", "3", "--keep-failed"]) == 0
+    run = tmp_path / "run"
+    assert train_main(["--config", str(Path(__file__).parents[1] / "configs/pusht_lowdim.yaml"), "--data", str(data), "--out-dir", str(run),
+                       "policy.recipe=tiny", "train.steps=1", "train.batch_size=4", "train.warmup_steps=1",
+                       "data.val_ratio=0", "train.eval_every=0", "train.save_every=0"]) == 0
+    out = tmp_path / "eval"
+    assert eval_main(["--ckpt", str(run / "model.pt"), "--task", "dynamic_pusht", "--episodes", "2",
+                      "--max-steps", "16", "--videos", "1", "--mode", "dp", "--out-dir", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {"coverage_mean", "coverage_std", "success_rate", "jerk_mean", "per_episode"} <= set(res)
+    assert res["episodes"] == 2 and res["task"] == "dynamic_pusht" and res["mode"] == "dp"
+    assert [e["seed"] for e in res["per_episode"]] == [100000, 100001]
+    assert all(0.0 <= e["max_coverage"] <= 1.0 and e["steps"] == 16 for e in res["per_episode"])
+    assert (out / "rollout_100000.gif").stat().st_size > 0
