@@ -19,7 +19,7 @@ from .model.unet import ConditionalUnet1D
 from .normalize import Normalizer
 
 
-def _draw_seed(generator: torch.Generator | None) -> int:
+def draw_seed(generator: torch.Generator | None) -> int:
     """A 31-bit seed from the caller's generator, for the Brownian term of the latent update."""
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
@@ -113,7 +113,7 @@ class DPAGPolicy(nn.Module):
         # The guided branch is only a target: the released code runs it with gradients and then
         # detaches; the efficient path never records the graph. Same values, same gradients.
         with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
-            z_guided = latent_update(self.unet, a_k, t, z_in, log_var, cfg.latent, _draw_seed(generator), first_force=g)
+            z_guided = latent_update(self.unet, a_k, t, z_in, log_var, cfg.latent, draw_seed(generator), first_force=g)
             eps_guided = self.predict_noise(a_k, t, z_guided)
         eps_guided = eps_guided.detach()
 
@@ -142,7 +142,7 @@ class DPAGPolicy(nn.Module):
         features = self.encode(obs, generator)
         mu, log_var = self.posterior(features) if self.posterior is not None else (features, None)
         device, dtype = features.device, features.dtype
-        seed = _draw_seed(generator)  # drawn in both modes, so dp and guided see the same noise stream
+        seed = draw_seed(generator)  # drawn in both modes, so dp and guided see the same noise stream
         x = torch.randn((b, cfg.horizon, cfg.action_dim), generator=generator, device=device, dtype=dtype)
         sched = self.schedule
         stochastic = cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0

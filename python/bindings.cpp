@@ -18,6 +18,8 @@
 #include "action_scheduler.h"
 #include "control_loop.h"
 #include "sampler_step.h"
+#include "unet_runtime.h"
+#include "cpu_kernels.h"
 
 namespace py = pybind11;
 
@@ -336,6 +338,188 @@ void bind_control(py::module_& m) {
              "Counts per 1 us bin of (wake time - deadline); the last bin holds everything above.");
 }
 
+
+// ---- CPU policy engine (csrc/unet_runtime.h) ----
+//
+// Float32 C-contiguous arrays only, checked with the argument's name and expected shape: a silent
+// numpy conversion of an output would write into a copy the caller never sees.
+
+std::string shape_of(const py::array& a) {
+    std::string s = "(";
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+    return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+void expect_f32(const py::array& a, const char* name, const std::vector<py::ssize_t>& shape, bool writeable) {
+    if (!a.dtype().is(py::dtype::of<float>()))
+        throw py::value_error(std::string(name) + ": expected dtype float32, got " + std::string(py::str(a.dtype())));
+    if (!(a.flags() & py::array::c_style)) throw py::value_error(std::string(name) + ": expected a C-contiguous array");
+    bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+    for (std::size_t i = 0; ok && i < shape.size(); ++i) ok = a.shape(i) == shape[i];
+    if (!ok) {
+        std::string want = "(";
+        for (std::size_t i = 0; i < shape.size(); ++i) want += (i ? ", " : "") + std::to_string(shape[i]);
+        throw py::value_error(std::string(name) + ": expected shape " + want + (shape.size() == 1 ? ",)" : ")") +
+                              ", got " + shape_of(a));
+    }
+    if (writeable && !a.writeable()) throw py::value_error(std::string(name) + ": output array is read-only");
+}
+
+template <typename T>
+std::vector<T> list_of(const py::dict& d, const char* key) {
+    if (!d.contains(key)) throw py::value_error(std::string("config: missing key '") + key + "'");
+    return d[key].cast<std::vector<T>>();
+}
+
+dpag::cpu::WeightType weight_type(const std::string& s) {
+    if (s == "fp32") return dpag::cpu::WeightType::kF32;
+    if (s == "bf16") return dpag::cpu::WeightType::kBF16;
+    if (s == "fp16") return dpag::cpu::WeightType::kF16;
+    throw py::value_error("weights: must be 'fp32', 'bf16' or 'fp16', got '" + s + "'");
+}
+
+std::shared_ptr<dpag::PolicyEngine> make_engine(const py::dict& c, const py::dict& weights) {
+    dpag::PolicyEngineConfig cfg;
+    auto get = [&](const char* key) -> py::object {
+        if (!c.contains(key)) throw py::value_error(std::string("config: missing key '") + key + "'");
+        return c[key];
+    };
+    cfg.action_dim = get("action_dim").cast<int>();
+    cfg.state_dim = get("state_dim").cast<int>();
+    cfg.n_obs_steps = get("n_obs_steps").cast<int>();
+    cfg.horizon = get("horizon").cast<int>();
+    cfg.down_dims = list_of<int>(c, "down_dims");
+    cfg.kernel_size = get("kernel_size").cast<int>();
+    cfg.diffusion_step_embed_dim = get("diffusion_step_embed_dim").cast<int>();
+    cfg.n_groups = get("n_groups").cast<int>();
+    cfg.timesteps = list_of<std::int64_t>(c, "timesteps");
+    for (const auto& row : list_of<std::array<float, 6>>(c, "coefs"))
+        cfg.coefs.push_back({row[0], row[1], row[2], row[3], row[4], row[5]});
+    cfg.clip = get("clip").cast<std::optional<float>>();
+    cfg.stochastic = get("stochastic").cast<bool>();
+    cfg.state_scale = list_of<float>(c, "state_scale");
+    cfg.state_offset = list_of<float>(c, "state_offset");
+    cfg.action_scale = list_of<float>(c, "action_scale");
+    cfg.action_offset = list_of<float>(c, "action_offset");
+    cfg.max_batch = get("max_batch").cast<int>();
+    cfg.weights = weight_type(get("weights").cast<std::string>());
+    cfg.threads = get("threads").cast<int>();
+
+    // Views into the caller's arrays; the engine copies what it keeps before returning.
+    dpag::WeightMap map;
+    std::vector<py::array> keep;
+    for (const auto& item : weights) {
+        py::array a = py::array::ensure(item.second, py::array::c_style);
+        const std::string name = item.first.cast<std::string>();
+        if (!a || !a.dtype().is(py::dtype::of<float>()))
+            throw py::value_error("weights: " + name + " must be a float32 array");
+        map[name] = dpag::TensorView{static_cast<const float*>(a.data()),
+                                     std::vector<std::int64_t>(a.shape(), a.shape() + a.ndim())};
+        keep.push_back(a);
+    }
+    py::gil_scoped_release release;  // repacking the lowdim recipe takes a moment
+    try {
+        return std::make_shared<dpag::PolicyEngine>(cfg, map);
+    } catch (const std::invalid_argument& e) {
+        py::gil_scoped_acquire acquire;
+        throw py::value_error(e.what());
+    }
+}
+
+void engine_plan(dpag::PolicyEngine& e, const py::array& state, const py::array& x_init,
+                 const std::optional<py::array>& step_noise, py::array action_pred) {
+    const auto& c = e.config();
+    if (state.ndim() != 3) throw py::value_error("state: expected shape (B, To, Ds), got " + shape_of(state));
+    const py::ssize_t b = state.shape(0);
+    expect_f32(state, "state", {b, c.n_obs_steps, c.state_dim}, false);
+    expect_f32(x_init, "x_init", {b, c.horizon, c.action_dim}, false);
+    if (step_noise) expect_f32(*step_noise, "step_noise", {e.num_steps(), b, c.horizon, c.action_dim}, false);
+    expect_f32(action_pred, "action_pred", {b, c.horizon, c.action_dim}, true);
+    const auto* s = static_cast<const float*>(state.data());
+    const auto* x = static_cast<const float*>(x_init.data());
+    const float* n = step_noise ? static_cast<const float*>(step_noise->data()) : nullptr;
+    auto* out = static_cast<float*>(action_pred.mutable_data());
+    py::gil_scoped_release release;
+    try {
+        e.plan(s, static_cast<int>(b), x, n, out);
+    } catch (const std::invalid_argument& err) {
+        py::gil_scoped_acquire acquire;
+        throw py::value_error(err.what());
+    }
+}
+
+void engine_unet(dpag::PolicyEngine& e, const py::array& sample, int step, const py::array& global_cond,
+                 py::array eps) {
+    const auto& c = e.config();
+    if (sample.ndim() != 3) throw py::value_error("sample: expected shape (B, H, Da), got " + shape_of(sample));
+    const py::ssize_t b = sample.shape(0);
+    expect_f32(sample, "sample", {b, c.horizon, c.action_dim}, false);
+    expect_f32(global_cond, "global_cond", {b, static_cast<py::ssize_t>(c.n_obs_steps) * c.state_dim}, false);
+    expect_f32(eps, "eps", {b, c.horizon, c.action_dim}, true);
+    const auto* x = static_cast<const float*>(sample.data());
+    const auto* g = static_cast<const float*>(global_cond.data());
+    auto* out = static_cast<float*>(eps.mutable_data());
+    py::gil_scoped_release release;
+    try {
+        e.unet_forward(x, static_cast<int>(b), step, g, out);
+    } catch (const std::invalid_argument& err) {
+        py::gil_scoped_acquire acquire;
+        throw py::value_error(err.what());
+    }
+}
+
+py::array_t<float> conv1d(const py::array& x, const py::array& weight, const py::array& bias, int stride,
+                          int padding, bool transposed, const std::string& weights) {
+    if (x.ndim() != 3 || weight.ndim() != 3) throw py::value_error("conv1d: x and weight must be 3-d");
+    const int b = static_cast<int>(x.shape(0)), c_in = static_cast<int>(x.shape(1)), t_in = static_cast<int>(x.shape(2));
+    const int k = static_cast<int>(weight.shape(2));
+    const int c_out = static_cast<int>(transposed ? weight.shape(1) : weight.shape(0));
+    expect_f32(x, "x", {b, c_in, t_in}, false);
+    expect_f32(weight, "weight", transposed ? std::vector<py::ssize_t>{c_in, c_out, k} : std::vector<py::ssize_t>{c_out, c_in, k}, false);
+    expect_f32(bias, "bias", {c_out}, false);
+    const int t_out = transposed ? (t_in - 1) * stride - 2 * padding + k : (t_in + 2 * padding - k) / stride + 1;
+    if (t_out < 1) throw py::value_error("conv1d: empty output");
+    // Poisoned so a position the kernel forgets to write shows up as NaN.
+    py::array_t<float> out({b, c_out, t_out});
+    std::fill(out.mutable_data(), out.mutable_data() + out.size(), std::nanf(""));
+    try {
+        dpag::conv1d_forward(static_cast<const float*>(x.data()), b, c_in, t_in, static_cast<const float*>(weight.data()),
+                             static_cast<const float*>(bias.data()), c_out, k, stride, padding, transposed,
+                             weight_type(weights), out.mutable_data(), t_out);
+    } catch (const std::invalid_argument& err) {
+        throw py::value_error(err.what());
+    }
+    return out;
+}
+
+void bind_engine(py::module_& m) {
+    py::class_<dpag::PolicyEngine, std::shared_ptr<dpag::PolicyEngine>>(
+        m, "PolicyEngine",
+        "The whole low-dim dp-mode sampler (normalise, K U-Net forwards + DDIM/DDPM steps,\n"
+        "un-normalise) in C++; see csrc/unet_runtime.h. Build it with dpag_engine.runtime_cpu.CpuPolicy.")
+        .def(py::init(&make_engine), py::arg("config"), py::arg("weights"),
+             "config: dict (see dpag_engine/runtime_cpu.py); weights: the U-Net state_dict as float32 numpy arrays.")
+        .def("plan", &engine_plan, py::arg("state"), py::arg("x_init"), py::arg("step_noise"), py::arg("action_pred"),
+             "One plan into action_pred (B, H, Da): raw state (B, To, Ds), initial noise (B, H, Da), per-step\n"
+             "noise (K, B, H, Da) or None (deterministic samplers). Releases the GIL; allocates nothing.")
+        .def("unet_forward", &engine_unet, py::arg("sample"), py::arg("step"), py::arg("global_cond"), py::arg("eps"),
+             "eps (B, H, Da) = unet(sample, timesteps[step], global_cond) with a normalised global_cond.")
+        .def_property_readonly("num_steps", &dpag::PolicyEngine::num_steps)
+        .def_property_readonly("num_params", &dpag::PolicyEngine::num_params)
+        .def_property_readonly("weight_bytes_per_step", &dpag::PolicyEngine::weight_bytes_per_step,
+                               "Convolution weight bytes one U-Net forward streams (FiLM halves excluded: precomputed).")
+        .def_property_readonly("max_batch", [](const dpag::PolicyEngine& e) { return e.config().max_batch; })
+        .def_property_readonly("weights", [](const dpag::PolicyEngine& e) {
+            static const char* names[] = {"fp32", "bf16", "fp16"};
+            return names[static_cast<int>(e.config().weights)];
+        })
+        .def_property_readonly("threads", [](const dpag::PolicyEngine& e) { return e.config().threads; });
+
+    m.def("conv1d", &conv1d, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride") = 1,
+          py::arg("padding") = 0, py::arg("transposed") = false, py::arg("weights") = "fp32",
+          "One Conv1d / ConvTranspose1d through the engine's im2col + dense kernel (for layer tests).");
+    m.def("cpu_kernel_isa", &dpag::cpu::kernel_isa, "Which engine kernels run on this CPU: 'avx512', 'avx2' or 'scalar'.");
+}
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -352,6 +536,7 @@ PYBIND11_MODULE(_C, m) {
           "the clamp bound for x0, or None for no clamp. Writes prev and x0; returns None.");
 
     bind_control(m);
+    bind_engine(m);
 
     m.attr("__version__") = DPAG_VERSION;
     py::dict info;

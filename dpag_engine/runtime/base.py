@@ -19,7 +19,7 @@ import torch
 from .. import ops
 from ..config import PolicyConfig
 from ..export import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, TABLES
-from ..policy import _draw_seed
+from ..policy import draw_seed
 
 GUIDED_UNSUPPORTED = (
     "mode 'guided' is not supported by exported backends: it needs the vector-Jacobian product "
@@ -98,7 +98,7 @@ class ExportedPolicy(abc.ABC):
         arrays, b = self.check_obs(obs)
         mu = self._encode(arrays)[0]
         shape = (b, cfg.horizon, cfg.action_dim)
-        _draw_seed(generator)  # the reference draws the latent update's seed in every mode; keep the stream aligned
+        draw_seed(generator)  # the reference draws the latent update's seed in every mode; keep the stream aligned
         if noise is None:
             x = torch.randn(shape, generator=generator, device=self.device)
         elif tuple(noise.shape) != shape:

@@ -1,0 +1,106 @@
+// The CPU policy engine: the whole K-step DDIM/DDPM sampler of a low-dim DP-AG / Diffusion Policy
+// (dpag_engine/policy.py, predict_action in "dp" mode) in one call, no Python or torch inside.
+//
+//   state (B, To, Ds) --normalise--> g = mu (B, To*Ds)   (identity encoder; dp mode conditions on mu)
+//   x = x_init (B, H, Da); for k < K: eps = unet(x, t_k, g); x = sampler_step(x, eps, coefs[k], noise_k)
+//   action_pred = unnormalise(x)
+//
+// Design (spec section 3 and issue 5):
+// - Every convolution (k=5/3 same padding, the stride-2 down conv, the ConvTranspose1d up conv, the
+//   1x1 residual and output convs) is an im2col into a small (B*T, C_in*k) matrix followed by one
+//   weight-streaming product (cpu_kernels.h): at batch 1 the U-Net is weight-bandwidth bound, so
+//   each weight is read exactly once per denoising step, split by output rows across the threads.
+// - FiLM: Linear(Mish(cat(t_emb, g))) = W_t Mish(t_emb) + b  +  W_g Mish(g). The first half is a
+//   constant of the model and schedule, precomputed for every step at construction (K x 2C per
+//   site, with the whole timestep MLP); the second is computed once per plan. A denoising step only
+//   adds the two: no FiLM weights are read inside the K loop.
+// - All buffers are sized for max_batch at construction; plan() does not allocate.
+// - Optional 16-bit convolution weights (bf16 or IEEE fp16, widened to fp32 in the kernel) halve
+//   the bytes each step streams; activations, accumulation, biases, norms and FiLM stay fp32.
+//   fp16 keeps 3 more mantissa bits than bf16 (8x smaller rounding error) at the same cost.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "sampler_step.h"
+
+namespace dpag {
+
+// A borrowed float32 tensor (C-contiguous), as found in a torch state_dict.
+struct TensorView {
+    const float* data = nullptr;
+    std::vector<std::int64_t> shape;
+};
+// Keys are the names of ConditionalUnet1D.state_dict() (e.g. "down_modules.0.0.blocks.0.0.weight").
+using WeightMap = std::unordered_map<std::string, TensorView>;
+
+struct PolicyEngineConfig {
+    // U-Net (dpag_engine/config.py UNetConfig) and policy shapes.
+    int action_dim = 0;              // Da
+    int state_dim = 0;               // Ds
+    int n_obs_steps = 0;             // To; global_cond_dim = To * Ds
+    int horizon = 0;                 // H
+    std::vector<int> down_dims;
+    int kernel_size = 5;
+    int diffusion_step_embed_dim = 256;
+    int n_groups = 8;
+    // Sampler: training timesteps visited and the (K, 6) affine step table (dpag_engine/diffusion.py).
+    std::vector<std::int64_t> timesteps;
+    std::vector<StepCoefs> coefs;
+    std::optional<float> clip;
+    bool stochastic = false;         // DDPM or DDIM eta > 0: plan() then needs per-step noise
+    // Normaliser: normalised = raw * scale + offset (dpag_engine/normalize.py).
+    std::vector<float> state_scale, state_offset, action_scale, action_offset;
+    // Engine.
+    int max_batch = 1;
+    cpu::WeightType weights = cpu::WeightType::kF32;
+    int threads = 2;
+};
+
+class PolicyEngine {
+public:
+    // Copies (and repacks) every weight; the views may be freed afterwards. Throws
+    // std::invalid_argument naming the first missing or mis-shaped tensor.
+    PolicyEngine(const PolicyEngineConfig& cfg, const WeightMap& weights);
+    ~PolicyEngine();
+    PolicyEngine(const PolicyEngine&) = delete;
+    PolicyEngine& operator=(const PolicyEngine&) = delete;
+
+    // One plan. state (B, To, Ds) raw; x_init (B, H, Da) the initial noise; step_noise (K, B, H, Da)
+    // when cfg.stochastic, else ignored (may be null); action_pred (B, H, Da) raw output.
+    // Throws std::invalid_argument for B outside [1, max_batch] or non-finite state. Concurrent
+    // calls on one engine are serialised (one set of buffers); use one engine per planning thread.
+    void plan(const float* state, int batch, const float* x_init, const float* step_noise,
+              float* action_pred);
+
+    // eps = unet(sample, timesteps[step], global_cond) for sample (B, H, Da) and global_cond
+    // (B, To*Ds) already normalised (i.e. mu); eps (B, H, Da). For tests against the torch U-Net.
+    void unet_forward(const float* sample, int batch, int step, const float* global_cond, float* eps);
+
+    const PolicyEngineConfig& config() const { return cfg_; }
+    int num_steps() const { return static_cast<int>(cfg_.timesteps.size()); }
+    std::size_t weight_bytes_per_step() const;  // conv weights streamed by one U-Net forward
+    std::size_t num_params() const;             // U-Net parameters as imported
+
+    struct Impl;
+
+private:
+    PolicyEngineConfig cfg_;
+    std::unique_ptr<Impl> impl_;
+};
+
+// One standalone (transposed) Conv1d through the engine's im2col + dense kernel, for layer tests:
+// x (B, C_in, T_in); weight (C_out, C_in, k), or (C_in, C_out, k) when transposed; out (B, C_out, T_out).
+// Returns T_out.
+int conv1d_forward(const float* x, int batch, int c_in, int t_in, const float* weight, const float* bias,
+                   int c_out, int k, int stride, int padding, bool transposed, cpu::WeightType wtype, float* out,
+                   int t_out_capacity);
+
+}  // namespace dpag
