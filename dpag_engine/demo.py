@@ -71,7 +71,7 @@ def plot(paths: dict[str, list[np.ndarray]], goals: np.ndarray, latencies: dict[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out-dir", default="outputs/demo", help="run directory (model.pt, logs, plots)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps when a model must be trained")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps when a model must be trained")
     parser.add_argument("--episodes", type=int, default=8, help="closed-loop evaluation episodes per mode")
     parser.add_argument("--retrain", action="store_true", help="train even if OUT_DIR/model.pt exists")
     args = parser.parse_args(argv)
