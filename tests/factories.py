@@ -35,6 +35,6 @@ def make_batch(cfg: PolicyConfig, batch: int, generator: torch.Generator, dtype=
     return {"obs": make_obs(cfg, batch, generator, dtype), "action": action.to(dtype)}
 
 
-def small_image_config(**overrides) -> PolicyConfig:
-    image = ImageEncoderConfig(cameras=("front", "wrist"), image_shape=(3, 72, 72), crop_shape=(64, 64))
-    return PolicyConfig(**{"recipe": "tiny", "state_dim": 4, "action_dim": 2, "image": image, **overrides})
+# Overrides for a small two-camera image policy (64 px crops leave a 2x2 map for the spatial softmax).
+SMALL_IMAGE = dict(state_dim=4, action_dim=2,
+                   image=ImageEncoderConfig(cameras=("front", "wrist"), image_shape=(3, 72, 72), crop_shape=(64, 64)))

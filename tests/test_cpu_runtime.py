@@ -17,7 +17,7 @@ from dpag_engine import _C
 from dpag_engine.ops import torch_ref
 from dpag_engine.runtime_cpu import CpuPolicy, engine_config, unet_weights
 
-from factories import make_obs, make_policy, small_image_config
+from factories import make_obs, make_policy, SMALL_IMAGE
 
 ATOL = 1e-5
 
@@ -281,8 +281,7 @@ def test_guided_mode_not_implemented(tiny_engine):
 
 
 def test_image_policy_not_implemented():
-    policy = make_policy(**{k: v for k, v in vars(small_image_config()).items()
-                            if k in ("image", "state_dim", "action_dim")})
+    policy = make_policy(**SMALL_IMAGE)
     with pytest.raises(NotImplementedError, match="image observations"):
         CpuPolicy.from_policy(policy)
 

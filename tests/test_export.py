@@ -17,7 +17,7 @@ from dpag_engine.export import MANIFEST, FilmPrecomputedUnet, export_onnx, main
 from dpag_engine.policy import DPAGPolicy
 from dpag_engine.runtime import load_backend
 
-from factories import make_obs, make_policy, small_image_config
+from factories import make_obs, make_policy, SMALL_IMAGE
 
 pytest.importorskip("onnx", reason="onnx not installed (pip install onnx onnxruntime)")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install onnx onnxruntime)")
@@ -114,7 +114,7 @@ def test_stochastic_sampler_follows_the_reference_noise_stream(tmp_path):
 def test_image_encoder_and_plain_dp_model(tmp_path):
     """Cameras (centre crop, ResNet, spatial softmax inside the graph) and a model with no posterior."""
     torch.manual_seed(0)
-    policy = DPAGPolicy(small_image_config(method="dp")).eval()
+    policy = DPAGPolicy(PolicyConfig(recipe="tiny", method="dp", **SMALL_IMAGE)).eval()
     g = torch.Generator().manual_seed(1)
     policy.normalizer.fit({"action": torch.randn(50, 2, generator=g), "state": torch.randn(50, 4, generator=g)})
     manifest = export_onnx(policy, tmp_path)

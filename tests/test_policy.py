@@ -7,7 +7,7 @@ import torch
 
 from dpag_engine.config import LatentUpdateConfig, SchedulerConfig
 from dpag_engine.policy import DPAGPolicy
-from factories import make_batch, make_obs, make_policy, small_image_config
+from factories import make_batch, make_obs, make_policy, SMALL_IMAGE
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_dpag_predict_action.json"
 
@@ -70,8 +70,7 @@ def test_stochastic_samplers_run():
 
 
 def test_image_policy_trains_and_samples():
-    policy = make_policy(seed=2, **{k: v for k, v in small_image_config().__dict__.items()
-                                    if k in ("image", "state_dim", "action_dim")})
+    policy = make_policy(seed=2, **SMALL_IMAGE)
     batch = make_batch(policy.cfg, 3, torch.Generator().manual_seed(1))
     loss, metrics = policy.compute_loss(batch, torch.Generator().manual_seed(2))
     loss.backward()
