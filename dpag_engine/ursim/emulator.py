@@ -233,12 +233,17 @@ class URControllerEmulator:
             except OSError:
                 pass
 
-    def _recv(self, sock):
-        """recv that returns None on timeout (so loops can check for stop) and b'' on close."""
-        try:
-            return sock.recv(65536)
-        except socket.timeout:
-            return None
+    def _chunks(self, sock):
+        """Data as it arrives, until the peer closes or the emulator stops (the socket's timeout
+        lets the loop check for stop)."""
+        while not self._stopping.is_set():
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                return
+            yield chunk
 
     # ------------------------------------------------------------- side channel
     def now(self):
@@ -578,12 +583,7 @@ class URControllerEmulator:
             self._rtde_conns.add(conn)
         buf = bytearray()
         try:
-            while not self._stopping.is_set():
-                chunk = self._recv(sock)
-                if chunk is None:
-                    continue
-                if not chunk:
-                    return
+            for chunk in self._chunks(sock):
                 buf += chunk
                 while len(buf) >= P.HEADER.size:
                     size, mtype = P.HEADER.unpack_from(buf)
@@ -686,12 +686,7 @@ class URControllerEmulator:
     def _dashboard_client(self, sock, addr):
         sock.sendall(b"Connected: Universal Robots Dashboard Server\n")
         buf = b""
-        while not self._stopping.is_set():
-            chunk = self._recv(sock)
-            if chunk is None:
-                continue
-            if not chunk:
-                return
+        for chunk in self._chunks(sock):
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
@@ -799,12 +794,7 @@ class URControllerEmulator:
         would stream its realtime state here).
         """
         buf = ""
-        while not self._stopping.is_set():
-            chunk = self._recv(sock)
-            if chunk is None:
-                continue
-            if not chunk:
-                return
+        for chunk in self._chunks(sock):
             buf += chunk.decode(errors="replace")
             while True:
                 m = _PROGRAM_END_RE.search(buf)
