@@ -625,8 +625,10 @@ class Trainer:
         window: dict[str, float] = {}
         window_n, t_window, t0 = 0, time.perf_counter(), time.perf_counter()
         start_step = self.step
+        # Redraw often on a terminal; in a log file (CI, nohup) a line every 10 s is plenty.
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
-                   desc=f"{self.policy_cfg.method}/{self.policy_cfg.recipe}", unit="step")
+                   desc=f"{self.policy_cfg.method}/{self.policy_cfg.recipe}", unit="step",
+                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
         history: list[float] = []
         self.policy.train()
         while self.step < cfg.steps:
