@@ -10,12 +10,17 @@ in a second copy of the physics an exact model of one push. The expert repeats:
    contact; the score is the mean distance of the 9 keypoints to the goal's after the push, plus a
    small charge per pixel of approach path. A random pick among the near-best candidates (and a
    per-episode travel charge and speed) is where the demonstrations get their variety: the same
-   state is solved by pushes from different sides in different episodes.
+   state is solved by pushes from different sides in different episodes. Near the goal the travel
+   charge fades with the remaining error (else it outweighs the last few pixels and every push looks
+   like a local minimum), more trial lengths are tried (the PD lag means a 12 px push moves the T
+   only ~2 px), and a push that left the T where it was is not tried again (with its neighbours on
+   the outline) until the T moves.
 2. **approach** around the T, never through it: back off along the last contact's outward normal
    to a clearance circle around the T's centre of mass, follow the circle the short way round, and
    come in along the new contact's normal.
 3. **push**: the push length is chosen again from the true state on arrival (the approach may have
-   nudged the T), then the target slides along the push direction and the agent backs off.
+   nudged the T), then the target slides along the push direction and the agent backs off. If the
+   walk knocks the T more than 3 px off the planned pose, the plan is dropped and made again.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from .pusht import GOAL_KEYPOINTS, T_COM, T_OUTLINE, PushT, _polygons, keypoints
 AGENT_RADIUS = 15.0
 CLEARANCE = 77.0 + AGENT_RADIUS + 10.0  # farthest T corner from the centre of mass is 76.5 px
 PUSH_STEP = 12.0                         # px the target moves per 10 Hz step while pushing
-PUSH_LENGTHS = (1.5, 3.0, 6.0, 12.0, 24.0, 48.0, 80.0, 120.0)  # px of target travel past the contact
+PUSH_LENGTHS = (1.5, 3.0, 6.0, 9.0, 12.0, 16.0, 20.0, 24.0, 36.0, 48.0, 80.0, 120.0)  # px of target travel past the contact
 CONCAVE = [np.array([15.0, 30.0]), np.array([-15.0, 30.0])]
 
 
@@ -119,6 +124,10 @@ class ScriptedExpert:
         self.plan: tuple[int, np.ndarray, float | None] | None = None
         self.last_normal: np.ndarray | None = None       # world outward normal of the last contact
         self.waited = 0                                  # steps spent settling on the contact
+        self.plan_pose: np.ndarray | None = None         # the block's pose when the plan was made
+        self.tabu: list[tuple[int, tuple]] = []          # pushes that just failed to move the T
+        self.tabu_pose: np.ndarray | None = None
+        self.last_plan: tuple[int, tuple] | None = None
 
     # ---- geometry in the world frame ----
     @staticmethod
@@ -180,6 +189,11 @@ class ScriptedExpert:
         now = kp_cost(pose)
         # Two trial lengths scaled to the remaining error: a nudge and a full push.
         coarse = [float(np.clip(now / 4, 2.0, 24.0)), float(np.clip(now, 6.0, 80.0))]
+        if now < 15.0:  # near the goal the PD lag makes push length a poor guide to travel: try more
+            coarse = [3.0, 8.0, 12.0, 20.0]
+        # The walk round the T is charged less as the remaining error shrinks, so that near the goal
+        # the best fine push wins over a merely close one.
+        travel_cost = self.travel_cost * min(1.0, now / 30.0)
         scored = []
         for i in range(len(CONTACTS)):
             for turn in (-25.0, 0.0, 25.0):
@@ -187,14 +201,17 @@ class ScriptedExpert:
                 pre, normal, _ = self._contact(pose, i, local_dir)
                 if np.any(pre < AGENT_RADIUS) or np.any(pre > 512 - AGENT_RADIUS):
                     continue  # contact faces a wall
+                if (i, (float(round(turn)),)) in self.tabu:
+                    continue  # tried from this very pose and the T did not move
                 cost, _ = min(self._simulate(None, pose, i, local_dir, coarse))
                 travel = np.linalg.norm(pre - agent)  # a cheap stand-in; the real path is checked below
-                scored.append((cost + self.travel_cost * travel, i, local_dir))
+                scored.append((cost + travel_cost * travel, i, local_dir, turn))
         scored.sort(key=lambda s: s[0])
         if not scored:  # boxed in by walls on every side we could reach: push anywhere
-            return int(self.rng.integers(len(CONTACTS))), -NORMALS[0], 12.0
+            i = int(self.rng.integers(len(CONTACTS)))
+            return i, -NORMALS[i], 12.0
         refined = []
-        for _, i, local_dir in scored:
+        for _, i, local_dir, _ in scored:
             if len(refined) == 6:
                 break
             pre, normal, _ = self._contact(pose, i, local_dir)
@@ -202,26 +219,51 @@ class ScriptedExpert:
             if path is None:
                 continue
             cost, _ = min(self._simulate(None, pose, i, local_dir, PUSH_LENGTHS))
-            refined.append((cost + self.travel_cost * travel, i, local_dir))
+            refined.append((cost + travel_cost * travel, i, local_dir, cost))
         refined.sort(key=lambda s: s[0])
         if not refined:
-            _, i, local_dir = scored[0]
+            _, i, local_dir, _ = scored[0]
             return i, local_dir, 12.0
         best = refined[0][0]
-        if best > now - 0.05:
+        if min(r[3] for r in refined) > now - 0.05:  # judged on the push alone, not the walk
             # A local minimum: no single push helps. Shake it with a random short push from the
             # better quarter; the plan that follows starts from somewhere new.
-            _, i, local_dir = scored[self.rng.integers(max(1, len(scored) // 4))]
+            _, i, local_dir, _ = scored[self.rng.integers(max(1, len(scored) // 4))]
             return i, local_dir, 12.0
         # Variety: any candidate within 15 % of the best improvement.
-        good = [r for r in refined if r[0] <= best + 0.15 * (now - best)]
-        _, i, local_dir = good[self.rng.integers(len(good))]
+        good = [r for r in refined if r[0] <= best + 0.15 * max(now - best, 0.0)]
+        _, i, local_dir, _ = good[self.rng.integers(len(good))]
         return i, local_dir, None
 
+    @staticmethod
+    def _turn_of(i: int, local_dir: np.ndarray) -> float:
+        n = -NORMALS[i]
+        return float(round(np.degrees(np.arctan2(n[0] * local_dir[1] - n[1] * local_dir[0], n @ local_dir))))
+
+    def _moved(self, pose: np.ndarray, since: np.ndarray | None, px: float = 3.0) -> bool:
+        return since is None or float(np.linalg.norm(keypoints(pose) - keypoints(since), axis=1).max()) > px
+
     def act(self, task: PushT) -> np.ndarray:
+        pose = task.block_pose
+        if self.plan is not None and self._moved(pose, self.plan_pose):
+            # The walk knocked the T (the PD lag cuts corners): the plan is stale, make a new one
+            # rather than chase a contact point that moves with the T.
+            self.plan, self.queue, self.waited = None, [], 0
         if not self.queue:
             if self.plan is None:  # plan a push, walk to it
+                if self.plan_pose is not None and not self._moved(pose, self.plan_pose, 0.3) and self.last_plan:
+                    # The last push left the T where it was: don't try it again from here.
+                    if self._moved(pose, self.tabu_pose, 0.3):
+                        self.tabu = []
+                    # Its neighbours on the outline usually fail the same way: rule them out too.
+                    j = self.last_plan[0]
+                    self.tabu += [(k, (t,)) for k in (j - 1, j, j + 1) for t in (-25.0, 0.0, 25.0)]
+                    self.tabu_pose = pose
+                elif self._moved(pose, self.tabu_pose, 0.3):
+                    self.tabu = []
+                self.plan_pose = pose
                 self.plan = self._choose(task)
+                self.last_plan = None
                 pre, normal, _ = self._contact(task.block_pose, *self.plan[:2])
                 path, _ = self._approach(task.agent_pos, task.block_pose, pre, normal)
                 self.queue = self._resample(path if path is not None else [task.agent_pos, pre])
@@ -239,6 +281,7 @@ class ScriptedExpert:
                     _, length = min(self._simulate(agent, pose, i, local_dir, PUSH_LENGTHS))
                 pre, normal, direction = self._contact(pose, i, local_dir)
                 self.queue = push_targets(pre, direction, length, PUSH_STEP)
+                self.last_plan = (i, (self._turn_of(i, local_dir),))
                 self.last_normal, self.plan = normal, None
         return _clip(self.queue.pop(0))
 
