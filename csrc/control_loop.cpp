@@ -238,6 +238,8 @@ void ControlLoop::run() {
         ++k;
     }
     if (!fault.empty()) {
+        const std::string why = sink_->failure();
+        if (!why.empty()) fault += ": " + why;
         sink_->on_fault(fault);
         std::lock_guard<std::mutex> lock(info_mutex_);
         fault_ = fault;

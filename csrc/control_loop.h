@@ -8,7 +8,8 @@
 // it can no longer serve are skipped (never replayed back to back: a burst of stale commands is
 // worse for an arm than a missing one) and counted as late cycles.
 //
-// Nothing in the loop touches Python: the sink is C++ (RecordingSink here, ur_rtde later) and the
+// Nothing in the loop touches Python: the sink is C++ (RecordingSink; MailboxSink in robot_bridge.h
+// hands commands to ur_rtde's thread without waiting on it) and the
 // statistics are atomics that readers on other threads copy out.
 #pragma once
 
@@ -43,6 +44,8 @@ public:
                          const double* q, const double* v) = 0;
     // The loop stops after a fault; this is the sink's chance to bring the arm to a safe stop.
     virtual void on_fault(const std::string& what) = 0;
+    // Why the last read_state/command returned false, when the sink knows; added to the fault.
+    virtual std::string failure() const { return {}; }
 };
 
 // An in-process arm for tests and benchmarks: tracks every command perfectly (read_state returns

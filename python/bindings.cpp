@@ -17,6 +17,7 @@
 
 #include "action_scheduler.h"
 #include "control_loop.h"
+#include "robot_bridge.h"
 #include "sampler_step.h"
 #include "unet_runtime.h"
 #include "cpu_kernels.h"
@@ -278,7 +279,7 @@ void bind_control(py::module_& m) {
         .def_property_readonly("stats", &scheduler_stats);
 
     py::class_<dpag::RobotSink, std::shared_ptr<dpag::RobotSink>>(
-        m, "RobotSink", "A C++ arm interface the loop drives (RecordingSink; ur_rtde later).");
+        m, "RobotSink", "A C++ arm interface the loop drives (RecordingSink, MailboxSink).");
 
     py::class_<dpag::RecordingSink, dpag::RobotSink, std::shared_ptr<dpag::RecordingSink>>(
         m, "RecordingSink",
@@ -297,6 +298,68 @@ void bind_control(py::module_& m) {
         .def_property_readonly("size", &dpag::RecordingSink::size)
         .def_property_readonly("overflow", &dpag::RecordingSink::overflow)
         .def_property_readonly("fault", &dpag::RecordingSink::fault);
+
+    py::class_<dpag::MailboxSink, dpag::RobotSink, std::shared_ptr<dpag::MailboxSink>>(
+        m, "MailboxSink",
+        "The sink for an arm driven from another thread (ur_rtde's Python client): the loop posts\n"
+        "each command into a one-slot mailbox and reads the newest posted state, never waiting on\n"
+        "that thread. The loop-side checks (finite commands, TCP inside the workspace box, state\n"
+        "fresher than state_timeout) stop the loop with a fault. See csrc/robot_bridge.h.")
+        .def(py::init([](std::size_t dof, const F64& q_initial, double state_timeout,
+                         std::optional<std::pair<std::array<double, 3>, std::array<double, 3>>> box) {
+                 if (dof == 0) throw py::value_error("dof: must be > 0");
+                 dpag::WorkspaceBox b;
+                 if (box) b = {box->first, box->second};
+                 try {
+                     return std::make_shared<dpag::MailboxSink>(dof, joint_vector(q_initial, dof, "q_initial"),
+                                                                state_timeout, box.has_value(), b);
+                 } catch (const std::invalid_argument& e) {
+                     throw py::value_error(e.what());
+                 }
+             }), py::arg("dof"), py::arg("q_initial"), py::arg("state_timeout"),
+             py::arg("workspace_box") = py::none(),
+             "workspace_box: ((x_lo, y_lo, z_lo), (x_hi, y_hi, z_hi)) in m for a UR5, or None.")
+        .def("wait_command", [](dpag::MailboxSink& s, double timeout) -> py::object {
+                 dpag::MailboxCommand c;
+                 bool got;
+                 {
+                     py::gil_scoped_release release;
+                     got = s.wait_command(timeout, c);
+                 }
+                 if (!got) return py::none();
+                 return py::make_tuple(c.seq, c.cycle, c.t_ns, c.wake_ns, to_numpy(c.q), to_numpy(c.v));
+             }, py::arg("timeout"),
+             "Blocks (GIL released) up to `timeout` s for a command newer than the last taken:\n"
+             "(seq, cycle, t_ns, wake_ns, q, v), or None on timeout or once faulted (see .fault).")
+        .def("post_state", [](dpag::MailboxSink& s, const F64& q) {
+                 const std::vector<double> v = joint_vector(q, s.dof(), "q");
+                 s.post_state(v.data());
+             }, py::arg("q"), "The arm's measured joint positions, stamped now.")
+        .def("post_fault", &dpag::MailboxSink::post_fault, py::arg("what"),
+             "Stops the loop at its next cycle with this reason (the first fault wins).")
+        .def("reset", [](dpag::MailboxSink& s, const F64& q) {
+                 const std::vector<double> v = joint_vector(q, s.dof(), "q");
+                 s.reset(v.data());
+             }, py::arg("q"), "Clears the fault and restarts the state clock at q (between runs).")
+        .def_property_readonly("fault", &dpag::MailboxSink::fault)
+        .def_property_readonly("faulted", &dpag::MailboxSink::faulted)
+        .def_property_readonly("dof", &dpag::MailboxSink::dof)
+        .def_property_readonly("state_timeout", &dpag::MailboxSink::state_timeout_s)
+        .def_property_readonly("stats", [](const dpag::MailboxSink& s) {
+            const dpag::MailboxStats st = s.stats();
+            py::dict d;
+            d["posted"] = st.posted;
+            d["taken"] = st.taken;
+            d["overwritten"] = st.overwritten;
+            d["state_updates"] = st.state_updates;
+            return d;
+        });
+
+    m.def("ur5_tcp_position", [](const F64& q) {
+              const std::vector<double> v = joint_vector(q, 6, "q");
+              const std::array<double, 3> p = dpag::ur5_tcp_position(v.data());
+              return py::make_tuple(p[0], p[1], p[2]);
+          }, py::arg("q"), "UR5 tool-centre position (m) by the DH chain the MailboxSink's box check uses.");
 
     py::class_<dpag::ControlLoop, std::shared_ptr<dpag::ControlLoop>>(
         m, "ControlLoop",

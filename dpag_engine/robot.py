@@ -1,0 +1,236 @@
+"""A UR5 over ur_rtde, servoed by the C++ fixed-rate loop.
+
+    robot = UR5Robot("192.168.1.10", SafetyLimits())    # or the emulator's 127.0.0.1
+    robot.connect()                                      # frequency from the controller version
+    robot.start()                                        # C++ loop + the servoJ pump thread
+    robot.scheduler.submit(actions, t_obs, dt)           # plans arrive whenever they are ready
+    ...
+    robot.close()                                        # servoStop, stopScript, disconnect
+
+Threads and who waits on whom:
+  * the C++ ControlLoop (csrc/control_loop.h) ticks the ActionScheduler at 125/500 Hz and posts each
+    limited command into a MailboxSink (csrc/robot_bridge.h). It never takes the GIL or waits on
+    Python: if the pump below is late, the mailbox keeps only the newest command;
+  * the pump thread (Python, because ur_rtde ships only Python bindings on PyPI) waits on the
+    mailbox with the GIL released, checks the arm's status, sends servoJ, and posts the measured
+    joint positions back. ur_rtde releases the GIL inside its calls;
+  * the planner (serve.py) submits chunks to the scheduler.
+Any fault (protective or emergency stop, program stopped, lost connection, frozen stream, a
+command outside the workspace box) stops the loop within one cycle; the pump then sends nothing
+more, calls servoStop and stopScript, and the fault is reported by `robot.fault`.
+"""
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _C
+
+UR5_DOF = 6
+# ur_rtde's SafetyMode values (RTDE safety_mode); only NORMAL allows motion.
+SAFETY_NORMAL = 1
+SAFETY_NAMES = {1: "normal", 2: "reduced", 3: "protective stop", 4: "recovery", 5: "safeguard stop",
+                6: "system emergency stop", 7: "robot emergency stop", 8: "violation", 9: "fault"}
+
+
+@dataclass(frozen=True)
+class SafetyLimits:
+    """What the arm may be commanded; the scheduler and the sink enforce it on every cycle.
+
+    Defaults are for a UR5: joint ranges +-2 pi, half the data sheet's 180 deg/s, an acceleration a
+    servo trajectory can follow, and a tool box that keeps the TCP above the table and inside reach.
+    """
+    q_min: tuple[float, ...] = (-2 * math.pi,) * UR5_DOF
+    q_max: tuple[float, ...] = (2 * math.pi,) * UR5_DOF
+    v_max: tuple[float, ...] = (math.pi / 2,) * UR5_DOF
+    a_max: tuple[float, ...] = (10.0,) * UR5_DOF
+    workspace_lo: tuple[float, float, float] = (-0.85, -0.85, 0.02)
+    workspace_hi: tuple[float, float, float] = (0.85, 0.85, 1.0)
+    # No fresh joint state for this long = a frozen stream or a dead connection: stop.
+    state_timeout_s: float = 0.1
+    blend_window_s: float = 0.1
+
+    def __post_init__(self):
+        for name in ("q_min", "q_max", "v_max", "a_max"):
+            if len(getattr(self, name)) != UR5_DOF:
+                raise ValueError(f"SafetyLimits.{name}: expected {UR5_DOF} values")
+        if not all(lo < hi for lo, hi in zip(self.workspace_lo, self.workspace_hi)):
+            raise ValueError("SafetyLimits: workspace_lo must be below workspace_hi on every axis")
+
+
+def controller_major_version(host: str) -> int:
+    """The controller's major version from the dashboard server (3 = CB3, 5 = e-Series)."""
+    import dashboard_client
+
+    dash = dashboard_client.DashboardClient(host)
+    dash.connect()
+    try:
+        text = dash.polyscopeVersion()
+    finally:
+        dash.disconnect()
+    match = re.search(r"(\d+)\.(\d+)", text)
+    if not match:
+        raise RuntimeError(f"{host}: cannot read the controller version from {text!r}")
+    return int(match.group(1))
+
+
+@dataclass
+class CommandLog:
+    """What the pump sent and measured, appended from the pump thread only."""
+    t_sent: list = field(default_factory=list)     # monotonic s, after servoJ returned
+    t_slot: list = field(default_factory=list)     # the loop deadline the command was for
+    q_cmd: list = field(default_factory=list)
+    v_cmd: list = field(default_factory=list)
+    t_state: list = field(default_factory=list)
+    q_actual: list = field(default_factory=list)
+
+
+class UR5Robot:
+    def __init__(self, host: str, limits: SafetyLimits = SafetyLimits(), frequency: float | None = None,
+                 lookahead_time: float = 0.1, gain: float = 300.0, watchdog_hz: float = 10.0,
+                 rt_priority: bool = True):
+        if not 0.03 <= lookahead_time <= 0.2:
+            raise ValueError(f"lookahead_time: ur_rtde accepts [0.03, 0.2] s, got {lookahead_time}")
+        if not 100 <= gain <= 2000:
+            raise ValueError(f"gain: ur_rtde accepts [100, 2000], got {gain}")
+        self.host, self.limits, self.frequency = host, limits, frequency
+        self.lookahead_time, self.gain, self.watchdog_hz, self.rt_priority = lookahead_time, gain, watchdog_hz, rt_priority
+        self.receive = self.control = None
+        self.scheduler = self.sink = self.loop = None
+        self.log = CommandLog()
+        self.stop_log: list[tuple[float, str]] = []   # (monotonic s, what) of the stop sequence
+        self._pump_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---- connection ----
+    def connect(self) -> None:
+        import rtde_control
+        import rtde_receive
+
+        major = controller_major_version(self.host)
+        if self.frequency is None:
+            self.frequency = 500.0 if major >= 5 else 125.0   # e-Series streams at 500 Hz, CB3 at 125 Hz
+        self.receive = rtde_receive.RTDEReceiveInterface(self.host, self.frequency)
+        self.control = rtde_control.RTDEControlInterface(self.host, self.frequency)
+        self.controller_major = major
+        problem = self.status_problem()
+        if problem:
+            raise RuntimeError(f"{self.host}: the arm is not ready: {problem}")
+
+    def status_problem(self) -> str | None:
+        """Why the arm cannot be commanded now, or None."""
+        if not (self.receive.isConnected() and self.control.isConnected()):
+            return "connection to the controller lost"
+        mode = self.receive.getSafetyMode()
+        if mode != SAFETY_NORMAL:
+            return f"safety mode is {SAFETY_NAMES.get(mode, mode)}"
+        if not self.control.isProgramRunning():
+            return "the control script is not running (program stopped)"
+        return None
+
+    def joint_positions(self) -> np.ndarray:
+        return np.asarray(self.receive.getActualQ(), dtype=np.float64)
+
+    # ---- servoing ----
+    def start(self) -> None:
+        """Start the C++ loop at the arm's position and the pump that feeds servoJ."""
+        lim = self.limits
+        q0 = self.joint_positions()
+        self.scheduler = _C.ActionScheduler(UR5_DOF, lim.q_min, lim.q_max, lim.v_max, lim.a_max,
+                                            blend_window=lim.blend_window_s)
+        self.scheduler.reset(q0)
+        self.sink = _C.MailboxSink(UR5_DOF, q0, lim.state_timeout_s, (lim.workspace_lo, lim.workspace_hi))
+        self.loop = _C.ControlLoop(self.sink, self.scheduler, rate_hz=self.frequency, rt_priority=self.rt_priority)
+        # The RTDE watchdog stops the program if commands stop arriving (this process hangs or dies).
+        self.control.setWatchdog(self.watchdog_hz)
+        self._stop.clear()
+        self._pump_thread = threading.Thread(target=self._pump, name="ur5-pump", daemon=True)
+        self._pump_thread.start()
+        self.loop.start()
+
+    def _pump(self) -> None:
+        period = 1.0 / self.frequency
+        last_stamp = None
+        log = self.log
+        while not self._stop.is_set():
+            cmd = self.sink.wait_command(0.05)
+            if cmd is None:
+                if self.sink.faulted:
+                    break
+                continue
+            _, _, t_slot_ns, _, q, v = cmd
+            problem = self.status_problem()
+            if problem:
+                self.sink.post_fault(problem)
+                break
+            if not self.control.servoJ(q.tolist(), 0.5, 0.5, period, self.lookahead_time, self.gain):
+                self.sink.post_fault("servoJ refused by the controller")
+                break
+            now = time.monotonic()
+            log.t_sent.append(now)
+            log.t_slot.append(t_slot_ns * 1e-9)
+            log.q_cmd.append(q)
+            log.v_cmd.append(v)
+            # Post only states the controller has produced since the last one: a frozen stream then
+            # ages out in the sink and stops the loop.
+            stamp = self.receive.getTimestamp()
+            if stamp != last_stamp:
+                last_stamp = stamp
+                q_actual = np.asarray(self.receive.getActualQ())
+                if not np.all(np.isfinite(q_actual)):
+                    self.sink.post_fault("non-finite joint positions from the controller")
+                    break
+                self.sink.post_state(q_actual)
+                log.t_state.append(now)
+                log.q_actual.append(q_actual)
+        if self.sink.faulted:
+            self._stop_arm()
+
+    def _stop_arm(self) -> None:
+        """servoStop then stopScript, each only where the connection still allows it."""
+        if self.control is None:
+            return
+        self.stop_log.append((time.monotonic(), "stop"))
+        try:
+            if self.control.isConnected():
+                self.control.servoStop()
+                self.stop_log.append((time.monotonic(), "servoStop"))
+                self.control.stopScript()
+                self.stop_log.append((time.monotonic(), "stopScript"))
+        except RuntimeError as err:   # ur_rtde raises when the socket died mid-call
+            self.stop_log.append((time.monotonic(), f"stop failed: {err}"))
+
+    @property
+    def fault(self) -> str:
+        """Why the loop stopped, or "" while it runs or after a clean stop."""
+        if self.loop is None:
+            return ""
+        return self.loop.stats["fault"] or self.sink.fault
+
+    @property
+    def running(self) -> bool:
+        return self.loop is not None and self.loop.running
+
+    def stop(self) -> None:
+        """Stop servoing (the loop, then the pump), then the arm."""
+        if self.loop is not None:
+            self.loop.stop()
+        self._stop.set()
+        if self._pump_thread is not None:
+            self._pump_thread.join(timeout=2.0)
+        if not self.stop_log:
+            self._stop_arm()
+
+    def close(self) -> None:
+        self.stop()
+        for iface in (self.control, self.receive):
+            if iface is not None:
+                try:
+                    iface.disconnect()
+                except RuntimeError:
+                    pass
