@@ -196,14 +196,12 @@ class UR5Robot:
         if self.control is None:
             return
         self.stop_log.append((time.monotonic(), "stop"))
-        try:
-            if self.control.isConnected():
-                self.control.servoStop()
-                self.stop_log.append((time.monotonic(), "servoStop"))
-                self.control.stopScript()
-                self.stop_log.append((time.monotonic(), "stopScript"))
-        except RuntimeError as err:   # ur_rtde raises when the socket died mid-call
-            self.stop_log.append((time.monotonic(), f"stop failed: {err}"))
+        if not self.control.isConnected():
+            self.stop_log.append((time.monotonic(), "not connected: nothing to send"))
+            return
+        for name in ("servoStop", "stopScript"):
+            outcome = bounded_call(getattr(self.control, name))
+            self.stop_log.append((time.monotonic(), name if outcome is None else f"{name} {outcome}"))
 
     @property
     def fault(self) -> str:
@@ -222,7 +220,7 @@ class UR5Robot:
             self.loop.stop()
         self._stop.set()
         if self._pump_thread is not None:
-            self._pump_thread.join(timeout=2.0)
+            self._pump_thread.join(timeout=5.0)   # it may be in the stop sequence: 2 bounded calls
         if not self.stop_log:
             self._stop_arm()
 
@@ -230,7 +228,37 @@ class UR5Robot:
         self.stop()
         for iface in (self.control, self.receive):
             if iface is not None:
-                try:
-                    iface.disconnect()
-                except RuntimeError:
-                    pass
+                bounded_call(iface.disconnect)
+
+
+# ur_rtde calls still blocked after bounded_call gave up on them. While one runs, the process must
+# not tear ur_rtde down (its destructors abort on a live thread): serve exits through os._exit then.
+_blocked: list[threading.Thread] = []
+
+
+def wait_for_blocked_calls(timeout: float) -> bool:
+    """Wait for every blocked ur_rtde call to return; True if none is left."""
+    end = time.monotonic() + timeout
+    for worker in list(_blocked):
+        worker.join(max(0.0, end - time.monotonic()))
+    _blocked[:] = [w for w in _blocked if w.is_alive()]
+    return not _blocked
+
+
+def bounded_call(fn, timeout: float = 2.0) -> str | None:
+    """Call a ur_rtde function that may block on a dead connection (a frozen stream makes its
+    client reconnect in a loop and disconnect() wait for it); None when it returned in time."""
+    errors: list[str] = []
+
+    def call():
+        try:
+            fn()
+        except RuntimeError as err:   # ur_rtde raises when the socket died mid-call
+            errors.append(str(err))
+    worker = threading.Thread(target=call, daemon=True, name=f"ur_rtde-{fn.__name__}")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        _blocked.append(worker)
+        return f"did not return within {timeout:.0f} s"
+    return f"failed: {errors[0]}" if errors else None

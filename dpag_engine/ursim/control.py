@@ -151,7 +151,8 @@ class EmulatorProcess:
             raise RuntimeError(f"emulator did not start on {self.host}: {''.join(lines)[-2000:]}")
         self.banner = lines[-1].strip()
         self._output = lines
-        self.control = ControlClient(self.host, self.control_port)
+        # control_port 0: no test side channel (what `serve --robot sim` runs).
+        self.control = ControlClient(self.host, self.control_port) if self.control_port else None
         return self
 
     def output(self):

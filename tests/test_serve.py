@@ -1,0 +1,227 @@
+"""`python -m dpag_engine.serve` against the UR controller emulator through the real ur_rtde client.
+
+Every run goes through `serve.main` exactly as the command line does (robot `ur5` at the emulator's
+loopback address), on a small untrained reach policy: its chunks jump around inside the data's
+range, which is what a limit test wants. Each fault is injected through the emulator's side
+channel while the arm is servoing; the emulator's command log is then checked: every servoJ target
+within the position, velocity and acceleration limits and inside the workspace box, and no servoJ
+after the stop began.
+"""
+import json
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dpag_engine import serve
+from dpag_engine.checkpoint import save_checkpoint
+from dpag_engine.config import PolicyConfig
+from dpag_engine.envs.ur5_reach import ReachTask
+from dpag_engine.policy import DPAGPolicy
+from dpag_engine.robot import SafetyLimits, wait_for_blocked_calls
+from dpag_engine.ursim import EmulatorProcess, forward_kinematics, wait_until
+
+pytest.importorskip("rtde_control")
+
+CB3_HOST, ESERIES_HOST = "127.0.0.21", "127.0.0.22"
+V_MAX, A_MAX = 1.0, 8.0
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """An untrained reach policy whose normaliser spans +-0.1 rad around home (fresh weights).
+
+    Its chunks jump anywhere in that range, yet the TCP stays within ~10 cm of home, inside the box.
+    """
+    task = ReachTask()
+    cfg = PolicyConfig(recipe="tiny", state_dim=9, action_dim=6)
+    policy = DPAGPolicy(cfg)
+    g = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    q = torch.tensor(task.q_home, dtype=torch.float32) + 0.2 * (torch.rand(400, 6, generator=g) - 0.5)
+    goal = torch.tensor(task.goal_low, dtype=torch.float32) + 0.05 * torch.rand(400, 3, generator=g)
+    policy.normalizer.fit({"action": q, "state": torch.cat([q, goal], 1)})
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", policy)
+
+
+def _emulator(host, version, port):
+    emu = EmulatorProcess(host, version, control_port=port).start()
+    yield emu
+    assert emu.stop() == 0, emu.output()
+
+
+@pytest.fixture(scope="module")
+def cb3():
+    yield from _emulator(CB3_HOST, "3.15", 30121)
+
+
+@pytest.fixture(scope="module")
+def eseries():
+    yield from _emulator(ESERIES_HOST, "5.11", 30122)
+
+
+def _fresh(emu):
+    emu.control.reset_faults()
+    emu.control.stop_program()
+    emu.control.set_joint_positions(q=list(ReachTask().q_home))
+    emu.control.clear_command_log()
+
+
+class ServeRun:
+    """serve.main on a thread; the summary and the emulator's command log once it returned."""
+
+    def __init__(self, emu, ckpt, tmp_path, *extra):
+        _fresh(emu)
+        self.emu, self.out = emu, tmp_path / "serve"
+        self.argv = ["--ckpt", str(ckpt), "--robot", "ur5", "--host", emu.host, "--episodes", "1",
+                     "--duration", "2.0", "--v-max", str(V_MAX), "--a-max", str(A_MAX), "--no-rt",
+                     "--log-dir", str(self.out), *extra]
+        self.code = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        # Maps the emulator's controller clock to this process's monotonic clock.
+        self.offset = time.monotonic() - emu.control.now()
+        self.thread.start()
+
+    def _run(self):
+        self.code = serve.main(self.argv)
+
+    def wait_servoing(self, n=50):
+        """Until the emulator has received n servoJ commands (the arm is moving under the loop)."""
+        assert wait_until(lambda: sum(e["name"] == "servoJ" for e in self.emu.control.command_log()) >= n, 15.0)
+
+    def join(self, timeout=40.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "serve did not return"
+        self.summary = json.loads((self.out / "summary.json").read_text())
+        self.log = self.emu.control.command_log()
+        self.servoj = [e for e in self.log if e["name"] == "servoJ"]
+        return self.code
+
+
+def check_commands_within_limits(run):
+    """The controller got exactly the commands of the run log, and they respect every limit.
+
+    Velocity and acceleration are taken against each command's loop slot time: a slot the loop
+    skipped (late wake-up on this shared machine) is a longer interval, not a faster move.
+    """
+    q = np.array([e["doubles"][:6] for e in run.servoj])
+    log = np.load(run.out / "run.npz")
+    assert len(q) > 10 and np.allclose(q, log["cmd_q"][:len(q)])
+    assert len(log["cmd_q"]) - len(q) <= 1      # at most the command in flight at a disconnect
+    t = log["cmd_t_slot"][:len(q)]
+    lim = SafetyLimits()
+    assert np.all(q >= np.array(lim.q_min)) and np.all(q <= np.array(lim.q_max))
+    dt = np.diff(t)
+    v = np.diff(q, axis=0) / dt[:, None]
+    assert np.abs(v).max() <= V_MAX * (1 + 1e-6)
+    # Second differences only where both intervals are one period (no skipped slot in between).
+    uniform = np.isclose(dt[1:], dt[:-1], rtol=1e-3)
+    a = np.diff(v, axis=0)[uniform] / dt[1:][uniform][:, None]
+    assert uniform.sum() > 10 and np.abs(a).max() <= A_MAX * (1 + 1e-6)
+    tcp = np.array([forward_kinematics(x)[:3] for x in q[:: max(1, len(q) // 200)]])
+    assert np.all(tcp >= np.array(lim.workspace_lo)) and np.all(tcp <= np.array(lim.workspace_hi))
+
+
+def check_stopped(run):
+    """servoStop was the last motion command sent and no servoJ came after the stop began."""
+    stops = run.summary["stop_sequence"]
+    assert stops and stops[0][1] == "stop"
+    t_stop = stops[0][0] - run.offset
+    assert sum(e["t"] > t_stop + 0.002 for e in run.servoj) == 0
+
+
+def test_serve_runs_an_episode_and_writes_the_run_log(cb3, ckpt, tmp_path):
+    run = ServeRun(cb3, ckpt, tmp_path)
+    assert run.join() == serve.EXIT_OK, run.summary["message"]
+    s = run.summary
+    assert s["episodes"] == 1 and s["frequency_hz"] == 125.0 and s["plans"] >= 5
+    assert s["loop"]["cycles"] > 0.8 * 125 * 2.0 and s["loop"]["fault"] == ""
+    check_commands_within_limits(run)
+    names = [e["name"] for e in run.log]
+    assert names[-2:] == ["servoStop", "stopScript"]
+    # servoJ's time argument is the servo period; lookahead and gain as given.
+    assert np.allclose([e["doubles"][8:11] for e in run.servoj], [1 / 125, 0.1, 300])
+    log = np.load(run.out / "run.npz")
+    assert log["cmd_q"].shape[1] == 6 and len(log["cmd_q"]) == len(log["cmd_t_slot"])
+    assert log["plan_actions"].shape[1:] == (8, 6) and np.all(np.diff(log["obs_t"]) > 0)
+    assert np.all(np.diff(log["cmd_t_slot"]) > 0)                      # monotone command timestamps
+    for name in ("joints", "plan_latency", "loop_period", "tcp_paths"):
+        assert (run.out / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_serve_picks_500_hz_on_an_eseries(eseries, ckpt, tmp_path):
+    run = ServeRun(eseries, ckpt, tmp_path, "--mode", "guided")
+    assert run.join() == serve.EXIT_OK, run.summary["message"]
+    assert run.summary["frequency_hz"] == 500.0 and run.summary["backend"] == "torch"
+    check_commands_within_limits(run)
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("protective_stop", "protective stop"),
+    ("emergency_stop", "emergency stop"),
+    ("stop_program", "not running"),
+    ("drop_connections", "connection"),
+    ("freeze_stream", "stale"),
+])
+def test_every_fault_ends_in_a_safe_stop(cb3, ckpt, tmp_path, fault, words):
+    run = ServeRun(cb3, ckpt, tmp_path)
+    run.wait_servoing()
+    getattr(cb3.control, fault)(**({"refuse_s": 1.0} if fault == "drop_connections" else {}))
+    code = run.join()
+    assert code == serve.EXIT_ROBOT_FAULT, run.summary["message"]
+    assert words in run.summary["message"]
+    check_commands_within_limits(run)
+    check_stopped(run)
+    if fault == "freeze_stream":   # the control connection still works: the arm got servoStop
+        assert [e["name"] for e in run.log if e["name"] != "servoJ"][-2:] == ["servoStop", "stopScript"]
+        cb3.control.unfreeze_stream()
+        # ur_rtde is still reconnecting: let its blocked calls finish, then free the registers.
+        assert wait_for_blocked_calls(10.0)
+        cb3.control.drop_connections()
+    if fault == "drop_connections":
+        time.sleep(1.0)   # let the emulator accept connections again
+
+
+def test_a_command_outside_the_workspace_box_stops_the_arm(cb3, ckpt, tmp_path):
+    home = ReachTask().home_tcp
+    box = [*(home - [0.5, 0.5, 0.005]), *(home + [0.5, 0.5, 0.5])]   # the floor 5 mm under home
+    run = ServeRun(cb3, ckpt, tmp_path, "--workspace", *map(str, box))
+    assert run.join() == serve.EXIT_ROBOT_FAULT
+    assert "outside the workspace box" in run.summary["message"]
+    q = np.array([e["doubles"][:6] for e in run.servoj])
+    assert np.all(np.array([forward_kinematics(x)[2] for x in q]) >= box[2])
+    check_stopped(run)
+
+
+def test_non_finite_actions_hold_then_stop(cb3, ckpt, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = serve.Planner.__call__
+
+    def poisoned(self, history):
+        calls["n"] += 1
+        out = real(self, history)
+        return out * np.nan if calls["n"] == 4 else out
+    monkeypatch.setattr(serve.Planner, "__call__", poisoned)
+    run = ServeRun(cb3, ckpt, tmp_path)
+    assert run.join() == serve.EXIT_BAD_VALUES
+    assert "non-finite actions" in run.summary["message"]
+    check_commands_within_limits(run)
+    q = np.array([e["doubles"][:6] for e in run.servoj])
+    assert np.abs(q[-1] - q[-2]).max() * 125 < 1e-2        # brought to rest before stopping
+    assert [e["name"] for e in run.log if e["name"] != "servoJ"][-2:] == ["servoStop", "stopScript"]
+
+
+@pytest.mark.slow
+def test_late_plans_keep_the_previous_chunk_and_a_stalled_planner_stops(cb3, ckpt, tmp_path):
+    late = ServeRun(cb3, ckpt, tmp_path, "--simulate-delay", "300")
+    assert late.join() == serve.EXIT_OK, late.summary["message"]
+    assert late.summary["scheduler"]["actions_dropped_stale"] > 0       # latency compensation dropped the past
+    stalled = ServeRun(cb3, ckpt, tmp_path, "--simulate-delay", "1500", "--abort-after", "1.0")
+    assert stalled.join() == serve.EXIT_PLANNER_STALLED
+    assert "no plan accepted" in stalled.summary["message"]
+    check_commands_within_limits(stalled)
+    q = np.array([e["doubles"][:6] for e in stalled.servoj])
+    assert np.abs(q[-1] - q[-2]).max() * 125 < 1e-2        # it was holding at rest
