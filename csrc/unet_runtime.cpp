@@ -620,7 +620,8 @@ void PolicyEngine::unet_forward(const float* sample, int batch, int step, const 
     impl_->forward(sample, batch, step, eps);
 }
 
-void PolicyEngine::plan(const float* state, int batch, const float* x_init, const float* step_noise, float* action_pred) {
+void PolicyEngine::plan(const float* state, int batch, const float* x_init, const float* step_noise, float* action_pred,
+                        const InpaintArgs* inpaint) {
     Impl& m = *impl_;
     if (batch < 1 || batch > cfg_.max_batch)
         throw std::invalid_argument("batch: must be in [1, max_batch=" + std::to_string(cfg_.max_batch) + "], got " + std::to_string(batch));
@@ -630,6 +631,22 @@ void PolicyEngine::plan(const float* state, int batch, const float* x_init, cons
     const std::size_t n = static_cast<std::size_t>(batch) * m.H * m.Da;
     for (std::size_t i = 0; i < static_cast<std::size_t>(batch) * G; ++i)
         if (!std::isfinite(state[i])) throw std::invalid_argument("obs['state']: contains NaN or inf");
+    const InpaintArgs* inp = inpaint && inpaint->width > 0 ? inpaint : nullptr;
+    const std::size_t n_pre = inp ? static_cast<std::size_t>(batch) * inp->width * m.Da : 0;  // B*W*Da
+    if (inp) {
+        if (inp->start < 0 || inp->start + inp->width > m.H)
+            throw std::invalid_argument("prefix: rows [" + std::to_string(inp->start) + ", " +
+                                        std::to_string(inp->start + inp->width) + ") outside the horizon " + std::to_string(m.H));
+        if (!inp->prefix || !inp->weights || !inp->noise)
+            throw std::invalid_argument("prefix: needs prefix, weights and per-step noise");
+        if (cfg_.inpaint_coefs.size() != static_cast<std::size_t>(num_steps()))
+            throw std::invalid_argument("prefix: the engine config has no inpaint_coefs (one row per step)");
+        for (std::size_t i = 0; i < n_pre; ++i)
+            if (!std::isfinite(inp->prefix[i])) throw std::invalid_argument("prefix: contains NaN or inf");
+        for (int j = 0; j < inp->width; ++j)
+            if (!(inp->weights[j] >= 0.0f && inp->weights[j] <= 1.0f))
+                throw std::invalid_argument("prefix_weight: weights must be finite and in [0, 1]");
+    }
 
     std::lock_guard<std::mutex> lock(m.busy);
     // Normalise (as Normalizer.normalize: x * scale + offset); the identity encoder makes this mu.
@@ -647,6 +664,22 @@ void PolicyEngine::plan(const float* state, int batch, const float* x_init, cons
         const float* noise = cfg_.stochastic ? step_noise + k * n : nullptr;
         sampler_step(m.x.data(), m.eps.data(), noise, n, cfg_.coefs[k], cfg_.clip, m.prev.data(), m.x0.data());
         std::swap(m.x, m.prev);
+        if (inp) {
+            // Real-time chunking: the committed rows, forward-noised to the level this step landed on
+            // (clean after the last step), blended in place: x = w * target + (1 - w) * x.
+            const float sa = cfg_.inpaint_coefs[k][0], s1ma = cfg_.inpaint_coefs[k][1];
+            const float* pn = inp->noise + k * n_pre;
+            for (int b = 0; b < batch; ++b)
+                for (int j = 0; j < inp->width; ++j) {
+                    const float w = inp->weights[j];
+                    const std::size_t pj = (static_cast<std::size_t>(b) * inp->width + j) * m.Da;
+                    float* xr = m.x.data() + (static_cast<std::size_t>(b) * m.H + inp->start + j) * m.Da;
+                    for (int d = 0; d < m.Da; ++d) {
+                        const float target = sa * inp->prefix[pj + d] + s1ma * pn[pj + d];
+                        xr[d] = w * target + (1.0f - w) * xr[d];
+                    }
+                }
+        }
     }
     // Un-normalise (as Normalizer.unnormalize: (x - offset) / scale).
     for (std::size_t i = 0; i < n; ++i) {

@@ -5,6 +5,10 @@
 //   x = x_init (B, H, Da); for k < K: eps = unet(x, t_k, g); x = sampler_step(x, eps, coefs[k], noise_k)
 //   action_pred = unnormalise(x)
 //
+// Real-time chunking (dpag_engine/rtc.py): with an InpaintArgs, after every step k the rows
+// [start, start + W) of x become w_j * (sa_k * prefix + s1ma_k * prefix_noise_k) + (1 - w_j) * x, with
+// (sa_k, s1ma_k) = inpaint_coefs[k] the level step k landed on; in place, nothing allocated.
+//
 // Design (spec section 3 and issue 5):
 // - Every convolution (k=5/3 same padding, the stride-2 down conv, the ConvTranspose1d up conv, the
 //   1x1 residual and output convs) is an im2col into a small (B*T, C_in*k) matrix followed by one
@@ -20,6 +24,7 @@
 //   fp16 keeps 3 more mantissa bits than bf16 (8x smaller rounding error) at the same cost.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -56,12 +61,24 @@ struct PolicyEngineConfig {
     std::vector<StepCoefs> coefs;
     std::optional<float> clip;
     bool stochastic = false;         // DDPM or DDIM eta > 0: plan() then needs per-step noise
+    // (sqrt(a_prev), sqrt(1 - a_prev)) per step (dpag_engine.diffusion.inpaint_coefficients); only
+    // needed by plan() with an InpaintArgs. Empty: the engine cannot inpaint.
+    std::vector<std::array<float, 2>> inpaint_coefs;
     // Normaliser: normalised = raw * scale + offset (dpag_engine/normalize.py).
     std::vector<float> state_scale, state_offset, action_scale, action_offset;
     // Engine.
     int max_batch = 1;
     cpu::WeightType weights = cpu::WeightType::kF32;
     int threads = 2;
+};
+
+// The committed prefix of a real-time-chunking plan (all borrowed, float32, C-contiguous).
+struct InpaintArgs {
+    const float* prefix = nullptr;   // (B, W, Da) normalised (and clipped) committed actions
+    const float* weights = nullptr;  // (W,) in [0, 1]: 1 = hard inpainting
+    const float* noise = nullptr;    // (K, B, W, Da) per-step noise of the forward-noised prefix
+    int start = 0;                   // first inpainted horizon row (n_obs_steps - 1: first executed action)
+    int width = 0;                   // W; 0 = no inpainting
 };
 
 class PolicyEngine {
@@ -77,8 +94,10 @@ public:
     // when cfg.stochastic, else ignored (may be null); action_pred (B, H, Da) raw output.
     // Throws std::invalid_argument for B outside [1, max_batch] or non-finite state. Concurrent
     // calls on one engine are serialised (one set of buffers); use one engine per planning thread.
+    // inpaint: optional real-time-chunking prefix (null or width 0: the plain sampler); throws
+    // std::invalid_argument for rows outside the horizon, a non-finite prefix or a missing table.
     void plan(const float* state, int batch, const float* x_init, const float* step_noise,
-              float* action_pred);
+              float* action_pred, const InpaintArgs* inpaint = nullptr);
 
     // eps = unet(sample, timesteps[step], global_cond) for sample (B, H, Da) and global_cond
     // (B, To*Ds) already normalised (i.e. mu); eps (B, H, Da). For tests against the torch U-Net.

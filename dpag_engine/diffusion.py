@@ -22,6 +22,8 @@ from .config import SchedulerConfig
 # Column order of the per-step coefficient table.
 R_X, R_EPS, C_X0, C_X, C_EPS, STD = range(6)
 NUM_COEFS = 6
+# Column order of the (K, 2) inpainting table (real-time chunking, see `inpaint_coefficients`).
+IN_SA, IN_S1MA = range(2)
 
 
 def make_betas(cfg: SchedulerConfig) -> torch.Tensor:
@@ -82,6 +84,23 @@ def sampler_coefficients(cfg: SchedulerConfig) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
+def inpaint_coefficients(cfg: SchedulerConfig) -> torch.Tensor:
+    """The (K, 2) float64 table (sqrt(a_prev), sqrt(1 - a_prev)) of the noise level a step LANDS on.
+
+    Real-time chunking (dpag_engine/rtc.py) replaces the committed prefix of the sample after step k
+    with q_sample(prefix, t_prev_k): the level the step produced, i.e. the level step k+1 reads
+    (row k+1's a_t), and a_prev = 1 (the clean prefix itself) after the last step. Same a_prev as
+    `sampler_coefficients`, rounded to float32 the same way as `NoiseSchedule.sqrt_alphas_cumprod`.
+    """
+    ac = make_alphas_cumprod(cfg)
+    stride = 1 if cfg.sampler == "ddpm" else cfg.num_train_timesteps // cfg.num_inference_steps
+    rows = []
+    for t in sampler_timesteps(cfg).tolist():
+        a_prev = ac[t - stride] if t - stride >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        rows.append([float(a_prev.sqrt()), float((1 - a_prev).sqrt())])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
 class NoiseSchedule(torch.nn.Module):
     """Device-resident tables for training (q_sample) and for one inference sampler.
 
@@ -96,6 +115,7 @@ class NoiseSchedule(torch.nn.Module):
         self.register_buffer("sqrt_one_minus_alphas_cumprod", (1 - ac).sqrt().float(), persistent=False)
         self.register_buffer("timesteps", sampler_timesteps(cfg), persistent=False)
         self.register_buffer("coefs", sampler_coefficients(cfg).float(), persistent=False)
+        self.register_buffer("inpaint_coefs", inpaint_coefficients(cfg).float(), persistent=False)
 
     @property
     def clip(self) -> float | None:

@@ -17,6 +17,7 @@ from .losses import diffusion_loss, info_nce, kl_to_standard_normal
 from .model.encoders import GaussianPosterior, ObservationEncoder
 from .model.unet import ConditionalUnet1D
 from .normalize import Normalizer
+from .rtc import check_prefix
 
 
 def draw_seed(generator: torch.Generator | None) -> int:
@@ -127,11 +128,20 @@ class DPAGPolicy(nn.Module):
     # ---- inference ----
     @torch.no_grad()
     def predict_action(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-                       mode: str | None = None) -> dict[str, torch.Tensor]:
+                       mode: str | None = None, prefix: torch.Tensor | None = None,
+                       prefix_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Sample an action chunk. Returns raw "action" (B, Na, Da) to execute and "action_pred" (B, H, Da).
 
         mode: "dp" conditions every denoising step on mu; "guided" evolves z from mu by the latent
         update at every step, with the force taken at the current a_k. Default: cfg.inference_mode.
+
+        Real-time chunking (dpag_engine/rtc.py): prefix (B, P, Da) raw actions already committed to
+        the arm, row j aligned to horizon index n_obs_steps - 1 + j (row 0 = the first executed
+        action); prefix_weight (P,) in [0, 1], default all ones. After every denoising step, rows
+        n_obs_steps - 1 .. n_obs_steps - 2 + P of the sample become w * q_sample(prefix, level) +
+        (1 - w) * sample, at the noise level the step landed on; weight-1 rows come out equal to the
+        prefix (clipped to the sampler's range). In guided mode the latent update is unchanged (it
+        sees the inpainted sample). prefix None or P = 0: the plain sampler, same draws, same output.
         """
         self._require_normalizer()
         cfg = self.cfg
@@ -139,12 +149,16 @@ class DPAGPolicy(nn.Module):
         if mode not in ("dp", "guided") or (mode == "guided" and self.posterior is None):
             raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
         b = self.check_obs(obs)
+        start = cfg.n_obs_steps - 1  # receding horizon: the first action is at the current step
+        rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
         features = self.encode(obs, generator)
         mu, log_var = self.posterior(features) if self.posterior is not None else (features, None)
         device, dtype = features.device, features.dtype
         seed = draw_seed(generator)  # drawn in both modes, so dp and guided see the same noise stream
         x = torch.randn((b, cfg.horizon, cfg.action_dim), generator=generator, device=device, dtype=dtype)
         sched = self.schedule
+        if rtc is not None:
+            pre, w, pre_noise = self.inpaint_inputs(rtc, generator, device, dtype)
         stochastic = cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0
         for i, t in enumerate(sched.timesteps):
             z = mu
@@ -152,7 +166,33 @@ class DPAGPolicy(nn.Module):
                 z = latent_update(self.unet, x, t, mu, log_var, cfg.latent, seed + i * cfg.latent.steps)
             eps = self.predict_noise(x, t, z)
             noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype) if stochastic else None
-            x, _ = ops.sampler_step(x, eps, sched.coefs, i, noise, sched.clip)
+            if rtc is None:
+                x, _ = ops.sampler_step(x, eps, sched.coefs, i, noise, sched.clip)
+            else:
+                # Inpaint AFTER the step, at the level it landed on (t_{i+1}; clean after the last
+                # step): every U-Net call then sees a prefix noised exactly as the rest of its input,
+                # and the final sample's prefix IS the committed actions. Inpainting before the step
+                # at t_i instead would leave the last step's model-made x0 in the prefix.
+                x, _ = ops.sampler_step_inpaint(x, eps, sched.coefs, i, noise, sched.clip,
+                                                pre, pre_noise, w, sched.inpaint_coefs, start)
         action_pred = self.normalizer.unnormalize("action", x)
-        start = cfg.n_obs_steps - 1  # receding horizon: the first action is at the current step
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
+
+    def inpaint_inputs(self, rtc: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator | None,
+                       device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normalised prefix (B, P, Da), weights (P,), prefix noise (K, B, P, Da)) for the sampler.
+
+        The prefix is clipped to the sampler's x0 range: the sampler never produces actions outside
+        it, and the model never saw any. The K noise tensors (one fresh draw per step, as RePaint does)
+        are drawn in one call right after the initial sample, and only when P > 0: the plain sampler's
+        draws are untouched, and a deterministic sampler (DDIM, eta = 0) starts from the same noise
+        with or without a prefix. The last step lands on the clean level (sqrt(a) = 1, sqrt(1-a) = 0),
+        so its noise draw is multiplied by zero: drawn anyway to keep one (K, ...) layout everywhere.
+        """
+        prefix, weight = rtc
+        pre = self.normalizer.normalize("action", prefix.to(device=device, dtype=dtype))
+        clip = self.schedule.clip
+        if clip is not None:
+            pre = pre.clamp(-clip, clip)
+        pre_noise = torch.randn((self.schedule.num_steps, *pre.shape), generator=generator, device=device, dtype=dtype)
+        return pre, weight.to(device=device, dtype=dtype), pre_noise

@@ -7,6 +7,7 @@ predict_action does (so a shared generator gives the same actions), and slices t
 
     engine = CpuPolicy.from_policy(policy)                 # fp32; weights="fp16"/"bf16" halve the bytes
     out = engine.step({"state": state}, generator)         # == policy.predict_action(obs, generator)
+    out = engine.step(obs, generator, prefix=committed)    # real-time chunking, as predict_action's
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 from .policy import DPAGPolicy, draw_seed
+from .rtc import check_prefix
 
 try:
     from . import _C
@@ -24,10 +26,17 @@ except ImportError as err:  # a source checkout that was never built
 class CpuPolicy:
     """A C++ CPU engine built from a DPAGPolicy; the policy itself is not kept or modified."""
 
-    def __init__(self, engine: "_C.PolicyEngine", cfg, stochastic: bool):
+    def __init__(self, engine: "_C.PolicyEngine", cfg, stochastic: bool, action_scale=None,
+                 action_offset=None, clip: float | None = None):
         self.engine = engine
         self.cfg = cfg
         self._stochastic = stochastic
+        # For real-time chunking: the prefix is normalised (and clipped) here, as predict_action does.
+        self._action_scale = torch.as_tensor(action_scale if action_scale is not None else [1.0] * cfg.action_dim,
+                                             dtype=torch.float32)
+        self._action_offset = torch.as_tensor(action_offset if action_offset is not None else [0.0] * cfg.action_dim,
+                                              dtype=torch.float32)
+        self._clip = clip
 
     @classmethod
     def from_policy(cls, policy: DPAGPolicy, weights: str = "fp32", threads: int | None = None,
@@ -42,7 +51,8 @@ class CpuPolicy:
         """
         config = engine_config(policy, weights, threads, max_batch)
         engine = _C.PolicyEngine(config, unet_weights(policy))
-        return cls(engine, policy.cfg, config["stochastic"])
+        return cls(engine, policy.cfg, config["stochastic"], config["action_scale"], config["action_offset"],
+                   config["clip"])
 
     @property
     def weight_bytes_per_step(self) -> int:
@@ -63,8 +73,13 @@ class CpuPolicy:
         return x.detach().to("cpu", torch.float32).contiguous().numpy()
 
     def step(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
-             mode: str | None = None) -> dict[str, torch.Tensor]:
-        """As DPAGPolicy.predict_action: {"action": (B, Na, Da), "action_pred": (B, H, Da)}, raw units, CPU float32."""
+             mode: str | None = None, prefix: torch.Tensor | None = None,
+             prefix_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """As DPAGPolicy.predict_action: {"action": (B, Na, Da), "action_pred": (B, H, Da)}, raw units, CPU float32.
+
+        prefix / prefix_weight: real-time chunking, exactly as in predict_action (same checks, same
+        draws); the engine inpaints after every step inside its C++ loop.
+        """
         cfg = self.cfg
         mode = mode or cfg.inference_mode
         if mode == "guided":
@@ -74,19 +89,34 @@ class CpuPolicy:
             raise ValueError(f"mode: must be 'dp' or 'guided', got {mode!r}")
         state = self._state(obs)
         b = state.shape[0]
+        start = cfg.n_obs_steps - 1
+        rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
         # The same draws, in the same order, as predict_action: the latent-update seed, the initial
-        # sample, then one noise tensor per step for stochastic samplers.
+        # sample, [the prefix noise], then one noise tensor per step for stochastic samplers.
         draw_seed(generator)
         shape = (b, cfg.horizon, cfg.action_dim)
         x = torch.randn(shape, generator=generator, dtype=torch.float32)
+        inpaint = {}
+        if rtc is not None:
+            pre, w, pre_noise = self._inpaint_inputs(rtc, generator)
+            inpaint = {"prefix": pre.contiguous().numpy(), "prefix_weight": w.contiguous().numpy(),
+                       "prefix_noise": pre_noise.numpy()}
         noise = None
         if self._stochastic:
             noise = torch.stack([torch.randn(shape, generator=generator, dtype=torch.float32)
                                  for _ in range(self.engine.num_steps)]).numpy()
         action_pred = torch.empty(shape, dtype=torch.float32)
-        self.engine.plan(state, x.numpy(), noise, action_pred.numpy())
-        start = cfg.n_obs_steps - 1
+        self.engine.plan(state, x.numpy(), noise, action_pred.numpy(), **inpaint)
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
+
+    def _inpaint_inputs(self, rtc, generator):
+        """DPAGPolicy.inpaint_inputs on the engine's snapshot of the normaliser and clip."""
+        prefix, weight = rtc
+        pre = prefix.detach().to("cpu", torch.float32) * self._action_scale + self._action_offset
+        if self._clip is not None:
+            pre = pre.clamp(-self._clip, self._clip)
+        pre_noise = torch.randn((self.engine.num_steps, *pre.shape), generator=generator, dtype=torch.float32)
+        return pre, weight, pre_noise
 
     __call__ = step
 
@@ -116,6 +146,7 @@ def engine_config(policy: DPAGPolicy, weights: str = "fp32", threads: int | None
         "coefs": sched.coefs.cpu().to(torch.float32).tolist(),
         "clip": sched.clip,
         "stochastic": cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0,
+        "inpaint_coefs": sched.inpaint_coefs.cpu().to(torch.float32).tolist(),  # real-time chunking
         "state_scale": s_scale.tolist(), "state_offset": s_off.tolist(),
         "action_scale": a_scale.tolist(), "action_offset": a_off.tolist(),
         "max_batch": int(max_batch), "weights": weights,

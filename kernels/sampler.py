@@ -71,6 +71,19 @@ def _coef_columns() -> dict:
 COEF_COLUMNS = _coef_columns()
 
 
+def _step_arg(name: str, step: int | torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+    """(step tensor, host step, STEP_FROM_PTR) for a kernel launch: a 0-d device step is read by the
+    kernel (no host sync); a host int is range-checked here and passed by value."""
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_floating_point():
+            raise ValueError(f"{name}: a tensor step must be a single integer")
+        return step.reshape(()).to(c.device, non_blocking=True), 0, True
+    step_val = int(step)
+    if not -c.shape[0] <= step_val < c.shape[0]:
+        raise IndexError(f"{name}: step {step_val} out of range for {c.shape[0]} steps")
+    return c, step_val, False  # the tensor is unused: any pointer will do
+
+
 def sampler_step(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                  step: int | torch.Tensor, noise: torch.Tensor | None = None,
                  clip: float | None = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,20 +104,138 @@ def sampler_step(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
     n = noise.to(x.dtype).contiguous() if noise is not None else x  # dummy pointer when unused
     c = coefs.contiguous()
     prev, x0 = U.empty_like(x), U.empty_like(x)
-    if isinstance(step, torch.Tensor):
-        if step.numel() != 1 or step.is_floating_point():
-            raise ValueError("sampler_step: a tensor step must be a single integer")
-        step_t, step_val, from_ptr = step.reshape(()).to(c.device, non_blocking=True), 0, True
-    else:
-        step_t, step_val, from_ptr = c, int(step), False  # step_t unused: any pointer will do
-        if not -c.shape[0] <= step_val < c.shape[0]:
-            raise IndexError(f"sampler_step: step {step_val} out of range for {c.shape[0]} steps")
+    step_t, step_val, from_ptr = _step_arg("sampler_step", step, c)
     N = x.numel()
     grid = (triton.cdiv(N, BLOCK),)
     _sampler_step_kernel[grid](
         x, e, n, c, step_t, prev, x0, N, c.shape[0], step_val,
         float(clip) if clip is not None else 0.0,
         **COEF_COLUMNS,
+        STEP_FROM_PTR=from_ptr, HAS_NOISE=noise is not None, HAS_CLIP=clip is not None,
+        CDT=U.compute_dtype(x.dtype), BLOCK=BLOCK, num_warps=4,
+    )
+    return prev, x0
+
+
+# ---------------------------------------------------------------------------------------------------
+# sampler_step_inpaint: one sampler step fused with the real-time-chunking inpaint of its output
+# ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["step_val"])
+def _sampler_step_inpaint_kernel(
+    x_ptr, eps_ptr, noise_ptr,          # (B*H*Da,) sample x_t, predicted epsilon, optional step noise
+    coefs_ptr, step_ptr,                # (K, 6) step table, 0-d int step tensor (if STEP_FROM_PTR)
+    prev_ptr, x0_ptr,                   # (B*H*Da,) outputs
+    pre_ptr, pnoise_ptr, w_ptr, icoefs_ptr,  # prefix (B, W, Da), its noise (K, B, W, Da), weights (W,), (K, 2) table
+    N, K, step_val, clip,
+    HD, Da, start, W, NP,               # H*Da, Da, first inpainted row, window rows, B*W*Da
+    R_X: tl.constexpr, R_EPS: tl.constexpr, C_X0: tl.constexpr, C_X: tl.constexpr,
+    C_EPS: tl.constexpr, STD: tl.constexpr, IN_SA: tl.constexpr, IN_S1MA: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    CDT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The step: exactly _sampler_step_kernel's arithmetic.
+    if STEP_FROM_PTR:
+        step = tl.load(step_ptr).to(tl.int32)
+    else:
+        step = step_val
+    step = tl.where(step < 0, step + K, step)
+    row = coefs_ptr + step * 6
+    r_x = tl.load(row + R_X).to(CDT)
+    r_eps = tl.load(row + R_EPS).to(CDT)
+    c_x0 = tl.load(row + C_X0).to(CDT)
+    c_x = tl.load(row + C_X).to(CDT)
+    c_eps = tl.load(row + C_EPS).to(CDT)
+
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CDT)
+    eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(CDT)
+    x0 = r_x * x - r_eps * eps
+    if HAS_CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+    prev = c_x0 * x0 + c_x * x + c_eps * eps
+    if HAS_NOISE:
+        std = tl.load(row + STD).to(CDT)
+        prev += std * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(CDT)
+
+    # The inpaint, in registers: no extra pass over the sample. Element (b, h, d) is in the window
+    # when start <= h < start + W; its prefix element is (b, h - start, d). Elements outside the
+    # window load nothing (masked) and keep prev.
+    b = offs // HD
+    r = offs - b * HD
+    h = r // Da
+    j = h - start
+    inw = mask & (j >= 0) & (j < W)
+    pidx = (b * W + j) * Da + (r - h * Da)
+    sa = tl.load(icoefs_ptr + step * 2 + IN_SA).to(CDT)
+    s1ma = tl.load(icoefs_ptr + step * 2 + IN_S1MA).to(CDT)
+    w = tl.load(w_ptr + j, mask=inw, other=0.0).to(CDT)
+    p = tl.load(pre_ptr + pidx, mask=inw, other=0.0).to(CDT)
+    pn = tl.load(pnoise_ptr + step * NP + pidx, mask=inw, other=0.0).to(CDT)
+    target = sa * p + s1ma * pn
+    prev = tl.where(inw, w * target + (1.0 - w) * prev, prev)
+
+    tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=mask)
+    tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def _inpaint_columns() -> dict:
+    from dpag_engine.diffusion import IN_S1MA, IN_SA
+    return dict(IN_SA=IN_SA, IN_S1MA=IN_S1MA)
+
+
+INPAINT_COLUMNS = _inpaint_columns()
+
+
+def sampler_step_inpaint(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
+                         step: int | torch.Tensor, noise: torch.Tensor | None, clip: float | None,
+                         prefix: torch.Tensor, prefix_noise: torch.Tensor, prefix_weight: torch.Tensor,
+                         inpaint_coefs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampler_step` fused with the real-time-chunking inpaint of its output (see
+    `dpag_engine.ops.torch_ref.inpaint`): one launch, the step (and the rows of prefix_noise and
+    inpaint_coefs) read from device memory when `step` is a device scalar.
+
+    sample (B, H, Da); prefix (B, W, Da); prefix_noise (K, B, W, Da); prefix_weight (W,);
+    inpaint_coefs (K, 2); rows start .. start+W-1 of the output are inpainted.
+    """
+    name = "sampler_step_inpaint"
+    if sample.dim() != 3:
+        raise ValueError(f"{name}: sample must be (B, H, Da), got {tuple(sample.shape)}")
+    if eps.shape != sample.shape or (noise is not None and noise.shape != sample.shape):
+        raise ValueError(f"{name}: eps {tuple(eps.shape)} / noise must match sample {tuple(sample.shape)}")
+    if coefs.dim() != 2 or coefs.shape[1] != NUM_COEFS:
+        raise ValueError(f"{name}: coefs must be (K, {NUM_COEFS}), got {tuple(coefs.shape)}")
+    B, H, Da = sample.shape
+    K = coefs.shape[0]
+    W = prefix.shape[1] if prefix.dim() == 3 else -1
+    if prefix.dim() != 3 or prefix.shape[0] != B or prefix.shape[2] != Da or not 0 <= start <= H - W:
+        raise ValueError(f"{name}: prefix must be (B={B}, W, Da={Da}) with 0 <= start={start} <= H - W "
+                         f"(H={H}), got {tuple(prefix.shape)}")
+    if tuple(prefix_noise.shape) != (K, B, W, Da) or tuple(prefix_weight.shape) != (W,) \
+            or tuple(inpaint_coefs.shape) != (K, 2):
+        raise ValueError(f"{name}: expected prefix_noise ({K}, {B}, {W}, {Da}), prefix_weight ({W},), "
+                         f"inpaint_coefs ({K}, 2); got {tuple(prefix_noise.shape)}, "
+                         f"{tuple(prefix_weight.shape)}, {tuple(inpaint_coefs.shape)}")
+    U.check_float(f"{name}: sample", sample)
+    U.check_int32_numel(f"{name}: sample", sample)
+    U.check_int32_numel(f"{name}: prefix_noise", prefix_noise)
+    x = sample.contiguous()
+    e = eps.to(x.dtype).contiguous()
+    n = noise.to(x.dtype).contiguous() if noise is not None else x  # dummy pointer when unused
+    c = coefs.contiguous()
+    pre = prefix.to(x.dtype).contiguous()
+    pn = prefix_noise.to(x.dtype).contiguous()
+    w = prefix_weight.to(x.dtype).contiguous()
+    ic = inpaint_coefs.to(c.device).contiguous()
+    prev, x0 = U.empty_like(x), U.empty_like(x)
+    step_t, step_val, from_ptr = _step_arg(name, step, c)
+    N = x.numel()
+    _sampler_step_inpaint_kernel[(triton.cdiv(N, BLOCK),)](
+        x, e, n, c, step_t, prev, x0, pre, pn, w, ic, N, K, step_val,
+        float(clip) if clip is not None else 0.0, H * Da, Da, int(start), W, B * W * Da,
+        **COEF_COLUMNS, **INPAINT_COLUMNS,
         STEP_FROM_PTR=from_ptr, HAS_NOISE=noise is not None, HAS_CLIP=clip is not None,
         CDT=U.compute_dtype(x.dtype), BLOCK=BLOCK, num_warps=4,
     )

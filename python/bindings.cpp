@@ -460,6 +460,7 @@ std::shared_ptr<dpag::PolicyEngine> make_engine(const py::dict& c, const py::dic
         cfg.coefs.push_back({row[0], row[1], row[2], row[3], row[4], row[5]});
     cfg.clip = get("clip").cast<std::optional<float>>();
     cfg.stochastic = get("stochastic").cast<bool>();
+    if (c.contains("inpaint_coefs")) cfg.inpaint_coefs = list_of<std::array<float, 2>>(c, "inpaint_coefs");
     cfg.state_scale = list_of<float>(c, "state_scale");
     cfg.state_offset = list_of<float>(c, "state_offset");
     cfg.action_scale = list_of<float>(c, "action_scale");
@@ -490,7 +491,9 @@ std::shared_ptr<dpag::PolicyEngine> make_engine(const py::dict& c, const py::dic
 }
 
 void engine_plan(dpag::PolicyEngine& e, const py::array& state, const py::array& x_init,
-                 const std::optional<py::array>& step_noise, py::array action_pred) {
+                 const std::optional<py::array>& step_noise, py::array action_pred,
+                 const std::optional<py::array>& prefix, const std::optional<py::array>& prefix_weight,
+                 const std::optional<py::array>& prefix_noise) {
     const auto& c = e.config();
     if (state.ndim() != 3) throw py::value_error("state: expected shape (B, To, Ds), got " + shape_of(state));
     const py::ssize_t b = state.shape(0);
@@ -498,13 +501,25 @@ void engine_plan(dpag::PolicyEngine& e, const py::array& state, const py::array&
     expect_f32(x_init, "x_init", {b, c.horizon, c.action_dim}, false);
     if (step_noise) expect_f32(*step_noise, "step_noise", {e.num_steps(), b, c.horizon, c.action_dim}, false);
     expect_f32(action_pred, "action_pred", {b, c.horizon, c.action_dim}, true);
+    // Real-time chunking: prefix (B, W, Da) normalised, inpainted from row n_obs_steps - 1 on.
+    dpag::InpaintArgs inp;
+    if (prefix) {
+        if (!prefix_weight || !prefix_noise) throw py::value_error("prefix: needs prefix_weight and prefix_noise too");
+        if (prefix->ndim() != 3) throw py::value_error("prefix: expected shape (B, W, Da), got " + shape_of(*prefix));
+        const py::ssize_t w = prefix->shape(1);
+        expect_f32(*prefix, "prefix", {b, w, c.action_dim}, false);
+        expect_f32(*prefix_weight, "prefix_weight", {w}, false);
+        expect_f32(*prefix_noise, "prefix_noise", {e.num_steps(), b, w, c.action_dim}, false);
+        inp = {static_cast<const float*>(prefix->data()), static_cast<const float*>(prefix_weight->data()),
+               static_cast<const float*>(prefix_noise->data()), c.n_obs_steps - 1, static_cast<int>(w)};
+    }
     const auto* s = static_cast<const float*>(state.data());
     const auto* x = static_cast<const float*>(x_init.data());
     const float* n = step_noise ? static_cast<const float*>(step_noise->data()) : nullptr;
     auto* out = static_cast<float*>(action_pred.mutable_data());
     py::gil_scoped_release release;
     try {
-        e.plan(s, static_cast<int>(b), x, n, out);
+        e.plan(s, static_cast<int>(b), x, n, out, &inp);
     } catch (const std::invalid_argument& err) {
         py::gil_scoped_acquire acquire;
         throw py::value_error(err.what());
@@ -563,8 +578,11 @@ void bind_engine(py::module_& m) {
         .def(py::init(&make_engine), py::arg("config"), py::arg("weights"),
              "config: dict (see dpag_engine/runtime_cpu.py); weights: the U-Net state_dict as float32 numpy arrays.")
         .def("plan", &engine_plan, py::arg("state"), py::arg("x_init"), py::arg("step_noise"), py::arg("action_pred"),
+             py::arg("prefix") = py::none(), py::arg("prefix_weight") = py::none(), py::arg("prefix_noise") = py::none(),
              "One plan into action_pred (B, H, Da): raw state (B, To, Ds), initial noise (B, H, Da), per-step\n"
-             "noise (K, B, H, Da) or None (deterministic samplers). Releases the GIL; allocates nothing.")
+             "noise (K, B, H, Da) or None (deterministic samplers). Releases the GIL; allocates nothing.\n"
+             "Real-time chunking: prefix (B, W, Da) normalised committed actions for horizon rows from\n"
+             "n_obs_steps - 1 on, prefix_weight (W,), prefix_noise (K, B, W, Da); see dpag_engine/rtc.py.")
         .def("unet_forward", &engine_unet, py::arg("sample"), py::arg("step"), py::arg("global_cond"), py::arg("eps"),
              "eps (B, H, Da) = unet(sample, timesteps[step], global_cond) with a normalised global_cond.")
         .def_property_readonly("num_steps", &dpag::PolicyEngine::num_steps)

@@ -4,6 +4,8 @@ Each backend is a module exposing the same functions (see `torch_ref`, the refer
 backend is tested against):
 
 - `sampler_step(sample, eps, coefs, step, noise, clip) -> (prev_sample, x0_clipped)`
+- `sampler_step_inpaint(sample, eps, coefs, step, noise, clip, prefix, prefix_noise, prefix_weight,
+   inpaint_coefs, start) -> (prev_sample, x0_clipped)`              (a step + real-time-chunking inpaint)
 - `q_sample(x0, noise, t, sqrt_ac, sqrt_1m_ac) -> x_t`            (differentiable in x0 and noise)
 - `em_step(z, g, log_var, gamma, dt, eta, normalize, seed) -> z`  (differentiable in z and log_var)
 - `unet_force(unet, sample, t, global_cond) -> g`                  (the VJP force of spec section 5)
@@ -59,6 +61,10 @@ def backend_module(name: str | None = None) -> ModuleType:
 
 def sampler_step(*args, **kwargs):
     return backend_module().sampler_step(*args, **kwargs)
+
+
+def sampler_step_inpaint(*args, **kwargs):
+    return backend_module().sampler_step_inpaint(*args, **kwargs)
 
 
 def q_sample(*args, **kwargs):

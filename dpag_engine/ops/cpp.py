@@ -53,3 +53,14 @@ def sampler_step(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
     x0 = torch.empty(shape, dtype=torch.float32)
     _C.sampler_step(x, e, row, n, None if clip is None else float(clip), prev.numpy(), x0.numpy())
     return prev, x0
+
+
+def sampler_step_inpaint(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
+                         step: int | torch.Tensor, noise: torch.Tensor | None, clip: float | None,
+                         prefix: torch.Tensor, prefix_noise: torch.Tensor, prefix_weight: torch.Tensor,
+                         inpaint_coefs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C++ step, then the reference inpaint of its output. The whole-plan C++ loop with inpainting
+    is `_C.PolicyEngine.plan` (dpag_engine.runtime_cpu.CpuPolicy); this op only keeps the dispatcher
+    contract for the `cpp` backend, where one step is a few hundred bytes of elementwise work."""
+    prev, x0 = sampler_step(sample, eps, coefs, step, noise, clip)
+    return torch_ref.inpaint(prev, prefix, prefix_noise, prefix_weight, inpaint_coefs, step, start), x0

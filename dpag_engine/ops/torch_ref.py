@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..diffusion import C_EPS, C_X, C_X0, R_EPS, R_X, STD
+from ..diffusion import C_EPS, C_X, C_X0, IN_S1MA, IN_SA, R_EPS, R_X, STD
 
 
 def sampler_step(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
@@ -18,6 +18,34 @@ def sampler_step(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
     if noise is not None:
         prev = prev + row[STD] * noise
     return prev, x0
+
+
+def inpaint(sample: torch.Tensor, prefix: torch.Tensor, prefix_noise: torch.Tensor,
+            prefix_weight: torch.Tensor, inpaint_coefs: torch.Tensor, step: int | torch.Tensor,
+            start: int) -> torch.Tensor:
+    """Real-time-chunking inpainting of a sample that a sampler step just produced (out of place).
+
+    Rows start .. start+W-1 of sample (B, H, Da) become w * target + (1 - w) * sample with
+    target = sqrt(a) prefix + sqrt(1 - a) prefix_noise[step], (sqrt(a), sqrt(1 - a)) =
+    inpaint_coefs[step] (the level the step landed on), prefix (B, W, Da), prefix_noise (K, B, W, Da),
+    prefix_weight (W,). A weight of 1 writes the target exactly (1 * t + 0 * x == t).
+    """
+    row = inpaint_coefs[step].to(sample.dtype)
+    target = row[IN_SA] * prefix + row[IN_S1MA] * prefix_noise[step].to(sample.dtype)
+    w = prefix_weight.to(sample.dtype).view(-1, 1)
+    end = start + prefix.shape[1]
+    out = sample.clone()
+    out[:, start:end] = w * target + (1 - w) * sample[:, start:end]
+    return out
+
+
+def sampler_step_inpaint(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
+                         step: int | torch.Tensor, noise: torch.Tensor | None, clip: float | None,
+                         prefix: torch.Tensor, prefix_noise: torch.Tensor, prefix_weight: torch.Tensor,
+                         inpaint_coefs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampler_step`, then `inpaint` of its prev_sample (x0 is the model's, not inpainted)."""
+    prev, x0 = sampler_step(sample, eps, coefs, step, noise, clip)
+    return inpaint(prev, prefix, prefix_noise, prefix_weight, inpaint_coefs, step, start), x0
 
 
 def q_sample(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
