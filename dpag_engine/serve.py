@@ -40,6 +40,7 @@ from . import _C
 from .checkpoint import load_policy
 from .envs.ur5_reach import ReachTask, evaluate, frame_origins, observe
 from .robot import SafetyLimits, UR5Robot, wait_for_blocked_calls
+from .rtc import CommittedPrefix, DelayEstimator, committed_prefix
 
 EXIT_OK, EXIT_ROBOT_FAULT, EXIT_BAD_VALUES, EXIT_PLANNER_STALLED = 0, 2, 3, 4
 
@@ -71,14 +72,18 @@ class Planner:
         self.backend = backend
         self.latencies_ms: list[float] = []
 
-    def __call__(self, history: np.ndarray) -> np.ndarray:
+    def __call__(self, history: np.ndarray, prefix: CommittedPrefix | None = None) -> np.ndarray:
+        """prefix: the committed actions of the executing chunk (real-time chunking), or None."""
         obs = {"state": torch.from_numpy(np.ascontiguousarray(history, dtype=np.float32))[None]}
+        inpaint = {}
+        if prefix is not None and prefix.weights.numel():
+            inpaint = {"prefix": prefix.actions.to(torch.float32)[None], "prefix_weight": prefix.weights}
         t0 = time.perf_counter()
         with torch.inference_mode(self.mode == "dp"):   # guided mode needs autograd for its VJP
             if self.engine is not None:
-                out = self.engine.step(obs, self.generator, mode=self.mode)
+                out = self.engine.step(obs, self.generator, mode=self.mode, **inpaint)
             else:
-                out = self.policy.predict_action(obs, self.generator, mode=self.mode)
+                out = self.policy.predict_action(obs, self.generator, mode=self.mode, **inpaint)
         if self.delay_s > 0:   # --simulate-delay: a slower planner, for testing the runtime
             time.sleep(self.delay_s)
         self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
@@ -102,7 +107,11 @@ class Session:
         self.n_obs, self.dt = cfg.n_obs_steps, task.dt
         self.plan_every = max(1, round(1.0 / (args.plan_hz * task.dt)))
         self.obs_t, self.obs_state, self.obs_episode = [], [], []
-        self.plans = {"t_obs": [], "t_done": [], "latency_ms": [], "accepted": [], "kept": [], "episode": [], "actions": []}
+        self.plans = {"t_obs": [], "t_done": [], "latency_ms": [], "accepted": [], "kept": [], "episode": [],
+                      "actions": [], "committed": [], "disagreement": []}
+        # Real-time chunking: the chunk executing now (actions, time of its row 0) and the delay to plan for.
+        self.executing: tuple[np.ndarray, float] | None = None
+        self.delay = DelayEstimator(initial_s=0.1)
         self.episodes: list[dict] = []
         self._last_status = 0.0
 
@@ -110,11 +119,36 @@ class Session:
         if not self.robot.running or self.robot.fault:
             raise SafetyStop(EXIT_ROBOT_FAULT, f"robot fault: {self.robot.fault or 'the servo loop stopped'}")
 
-    def _submit(self, actions: np.ndarray, t_first: float) -> bool:
+    def _submit(self, actions: np.ndarray, t_first: float):
         """Submit a chunk whose action 0 is due at t_first, trusted for at most --hold-after seconds."""
         keep = max(1, int(math.floor(self.args.hold_after / self.dt + 1e-9)))
         result = self.robot.scheduler.submit(actions[:keep], t_first, self.dt)
+        if result.accepted:
+            self.executing = (actions[:keep], t_first)
         return result
+
+    def _committed(self, t_first: float) -> CommittedPrefix | None:
+        """--rtc: the executing chunk's actions due before the new plan can take over (+ soft rows)."""
+        if not self.args.rtc or self.executing is None:
+            return None
+        prev, prev_first = self.executing
+        if t_first < prev_first:
+            return None
+        return committed_prefix(torch.from_numpy(prev), prev_first, self.dt, t_first, self.delay.estimate(),
+                                soft_steps=self.args.rtc_soft_steps, max_len=self.planner.policy.cfg.n_action_steps)
+
+    def _disagreement(self, actions: np.ndarray, t_first: float, t_switch: float) -> float:
+        """max |new chunk - executing chunk| (rad) at the time the new one takes over: the jump the
+        scheduler's blend has to absorb. NaN when they do not overlap there."""
+        if self.executing is None:
+            return math.nan
+        prev, prev_first = self.executing
+        grid_prev = prev_first + self.dt * np.arange(len(prev))
+        grid_new = t_first + self.dt * np.arange(len(actions))
+        if not (grid_prev[0] <= t_switch <= grid_prev[-1] and grid_new[0] <= t_switch <= grid_new[-1]):
+            return math.nan
+        return float(max(abs(np.interp(t_switch, grid_new, actions[:, j]) - np.interp(t_switch, grid_prev, prev[:, j]))
+                         for j in range(actions.shape[1])))
 
     def move_home(self, q_home: np.ndarray, speed: float = 0.5) -> None:
         """A straight joint-space ramp to home at `speed` rad/s (through the scheduler, so limited)."""
@@ -164,13 +198,17 @@ class Session:
                 break
             if step % self.plan_every == 0:
                 window = [history[0]] * max(0, self.n_obs - len(history)) + history[-self.n_obs:]
-                actions = self.planner(np.stack(window))
+                # Action i of the chunk is the target for t_obs + (i + 1) dt (see envs/ur5_reach.py).
+                t_first = t_obs + dt
+                prefix = self._committed(t_first)
+                actions = self.planner(np.stack(window), prefix)
                 if not np.all(np.isfinite(actions)):
                     raise SafetyStop(EXIT_BAD_VALUES, f"the policy returned non-finite actions at step {step}")
-                # Action i of the chunk is the target for t_obs + (i + 1) dt (see envs/ur5_reach.py).
-                result = self._submit(actions, t_obs + dt)
                 now = time.monotonic()
-                self._record_plan(t_obs, now, actions, result, index)
+                self.delay.update(now - t_obs)
+                jump = self._disagreement(actions, t_first, now + dt)
+                result = self._submit(actions, t_first)
+                self._record_plan(t_obs, now, actions, result, index, prefix.n_committed if prefix else 0, jump)
                 if result.accepted:
                     last_accept = now
                 elif now - last_accept > args.abort_after:
@@ -182,8 +220,10 @@ class Session:
         self.episodes.append(metrics)
         return metrics
 
-    def _record_plan(self, t_obs, t_done, actions, result, episode) -> None:
+    def _record_plan(self, t_obs, t_done, actions, result, episode, committed, disagreement) -> None:
         p = self.plans
+        p["committed"].append(committed)
+        p["disagreement"].append(disagreement)
         p["t_obs"].append(t_obs)
         p["t_done"].append(t_done)
         p["latency_ms"].append(self.planner.latencies_ms[-1])
@@ -219,6 +259,7 @@ class Session:
             plan_t_obs=np.asarray(p["t_obs"]), plan_t_done=np.asarray(p["t_done"]),
             plan_latency_ms=np.asarray(p["latency_ms"]), plan_accepted=np.asarray(p["accepted"]),
             plan_kept=np.asarray(p["kept"]), plan_episode=np.asarray(p["episode"]),
+            plan_committed=np.asarray(p["committed"]), plan_disagreement_rad=np.asarray(p["disagreement"]),
             plan_actions=np.asarray(p["actions"]).reshape(-1, n_act, 6),
             cmd_t_slot=np.asarray(log.t_slot), cmd_t_sent=np.asarray(log.t_sent),
             cmd_q=np.asarray(log.q_cmd).reshape(-1, 6), cmd_v=np.asarray(log.v_cmd).reshape(-1, 6),
@@ -308,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--a-max", type=float, default=10.0, help="joint acceleration limit (rad/s^2)")
     ap.add_argument("--workspace", type=float, nargs=6, default=None, metavar=("XLO", "YLO", "ZLO", "XHI", "YHI", "ZHI"),
                     help="TCP box (m, base frame); default the UR5 box of robot.SafetyLimits")
+    ap.add_argument("--rtc", action="store_true",
+                    help="real-time chunking: inpaint the actions that execute while planning (dpag_engine/rtc.py)")
+    ap.add_argument("--rtc-soft-steps", type=int, default=4,
+                    help="--rtc: also pull this many following actions towards the executing chunk, decaying")
     ap.add_argument("--simulate-delay", type=float, default=0.0, help="add this many ms to every plan (testing)")
     ap.add_argument("--no-rt", action="store_true", help="do not ask for SCHED_FIFO for the servo loop")
     ap.add_argument("--log-dir", default="outputs/serve", help="run log and plots go here")
@@ -393,6 +438,7 @@ def bring_to_rest(robot: UR5Robot, timeout: float = 2.0) -> None:
 
 def summarize(session: Session, code: int, message: str) -> dict:
     lat = np.asarray(session.planner.latencies_ms or [math.nan])
+    jumps = np.asarray(session.plans["disagreement"] or [math.nan], dtype=float)
     loop = session.robot.loop.stats if session.robot.loop is not None else {}
     eps = session.episodes
     return {
@@ -403,6 +449,9 @@ def summarize(session: Session, code: int, message: str) -> dict:
         "sides": [e["path_side"] for e in eps],
         "plan_ms_p50": float(np.percentile(lat, 50)), "plan_ms_p99": float(np.percentile(lat, 99)),
         "plans": len(session.planner.latencies_ms), "backend": session.planner.backend, "mode": session.planner.mode,
+        "rtc": bool(session.args.rtc),
+        # How far each new chunk was from the executing one where it took over (the blend's job).
+        "chunk_disagreement_rad_mean": float(np.nanmean(jumps)) if np.isfinite(jumps).any() else math.nan,
         "frequency_hz": session.robot.frequency or math.nan,
         "loop": {k: loop.get(k) for k in ("cycles", "late_cycles", "period_error_p50_us", "period_error_p99_us",
                                            "period_error_max_us", "rt_granted", "fault")},
@@ -419,7 +468,8 @@ def print_summary(s: dict, out: Path) -> None:
     print(f"success {s['success_rate'] * 100:.0f}% of {s['episodes']} episodes, collisions "
           f"{s['collision_rate'] * 100:.0f}%, sides {s['sides']}, mean jerk {s['mean_jerk']:.1f} rad/s^3")
     print(f"plan latency p50 {s['plan_ms_p50']:.1f} ms, p99 {s['plan_ms_p99']:.1f} ms over {s['plans']} plans "
-          f"({s['mode']} on {s['backend']})")
+          f"({s['mode']} on {s['backend']}{', RTC' if s['rtc'] else ''}); chunk disagreement at takeover "
+          f"{s['chunk_disagreement_rad_mean'] * 1e3:.1f} mrad")
     if loop.get("cycles"):
         print(f"servo loop {s['frequency_hz']:.0f} Hz: {loop['cycles']} cycles, period error p50 "
               f"{loop['period_error_p50_us']:.0f} us, p99 {loop['period_error_p99_us']:.0f} us, max "

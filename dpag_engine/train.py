@@ -51,11 +51,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, safe_load, save_checkpoint
 from .config import POLICY_SECTIONS, ConfigError, ImageEncoderConfig, PolicyConfig, checked_fields, require
 from .data import DataConfig, DataError, GlobalBatchSampler, collate_batch, load_datasets, write_synthetic
+from .progress import progress_bar
 
 TRAIN_STATE_VERSION = 1
 
@@ -625,10 +625,8 @@ class Trainer:
         window: dict[str, float] = {}
         window_n, t_window, t0 = 0, time.perf_counter(), time.perf_counter()
         start_step = self.step
-        # Redraw often on a terminal; in a log file (CI, nohup) a line every 10 s is plenty.
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
-                   desc=f"{self.policy_cfg.method}/{self.policy_cfg.recipe}", unit="step",
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)
+        bar = progress_bar(total=cfg.steps, initial=self.step, disable=not (d.main and cfg.progress),
+                           desc=f"{self.policy_cfg.method}/{self.policy_cfg.recipe}", unit="step")
         history: list[float] = []
         self.policy.train()
         while self.step < cfg.steps:

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm import tqdm
 
 from ..data.replay_buffer import ReplayBufferWriter
+from ..progress import progress_bar
 from ..ursim.kinematics import (UR5_DH_A, UR5_DH_ALPHA, UR5_DH_D, UR5_LIMITS, forward_kinematics,
                                 inverse_kinematics)
 
@@ -345,7 +345,7 @@ def evaluate_policy(policy, n_goals: int = 20, mode: str = "dp", seed: int = EVA
     task = task or ReachTask()
     results = []
     fn = policy_fn_from(policy, mode, seed)
-    for i in tqdm(range(n_goals), desc=f"rollout ({mode})", disable=not progress):
+    for i in progress_bar(range(n_goals), desc=f"rollout ({mode})", disable=not progress):
         goal = task.sample_goal(np.random.default_rng([seed, i]))
         traj = rollout(fn, task, goal, n_obs_steps=policy.cfg.n_obs_steps)
         results.append(evaluate(traj, goal, task))
@@ -383,7 +383,7 @@ def generate(out_path: str | Path, n_episodes: int, seed: int = 0, task: ReachTa
     expert = ScriptedExpert(task)
     scores, kept = [], 0
     with ReplayBufferWriter(out_path, overwrite=overwrite) as writer:
-        for i in tqdm(range(n_episodes), desc="ur5 reach expert", disable=not progress):
+        for i in progress_bar(range(n_episodes), desc="ur5 reach expert", disable=not progress):
             episode, score = make_episode(task, expert, np.random.default_rng([seed, i]))
             scores.append(score)
             if score["success"] or keep_failed:  # like generate.py: the data shows the task done
