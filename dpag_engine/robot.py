@@ -22,6 +22,7 @@ more, calls servoStop and stopScript, and the fault is reported by `robot.fault`
 from __future__ import annotations
 
 import math
+import os
 import re
 import threading
 import time
@@ -32,6 +33,7 @@ import numpy as np
 from . import _C
 
 UR5_DOF = 6
+RT_PRIORITY = 80   # SCHED_FIFO level of the servo loop; the pump and ur_rtde's threads sit just below
 # ur_rtde's SafetyMode values (RTDE safety_mode); only NORMAL allows motion.
 SAFETY_NORMAL = 1
 SAFETY_NAMES = {1: "normal", 2: "reduced", 3: "protective stop", 4: "recovery", 5: "safeguard stop",
@@ -51,8 +53,9 @@ class SafetyLimits:
     a_max: tuple[float, ...] = (10.0,) * UR5_DOF
     workspace_lo: tuple[float, float, float] = (-0.85, -0.85, 0.02)
     workspace_hi: tuple[float, float, float] = (0.85, 0.85, 1.0)
-    # No fresh joint state for this long = a frozen stream or a dead connection: stop.
-    state_timeout_s: float = 0.1
+    # No fresh joint state for this long = a frozen stream or a dead connection: stop. 0.2 s is 25
+    # cycles at 125 Hz: long enough not to trip on a scheduling hiccup of a loaded machine.
+    state_timeout_s: float = 0.2
     blend_window_s: float = 0.1
 
     def __post_init__(self):
@@ -106,6 +109,7 @@ class UR5Robot:
         self.stop_log: list[tuple[float, str]] = []   # (monotonic s, what) of the stop sequence
         self._pump_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wedged = False   # a control call is blocked on a dead stream: make no further calls
 
     # ---- connection ----
     def connect(self) -> None:
@@ -115,6 +119,8 @@ class UR5Robot:
         major = controller_major_version(self.host)
         if self.frequency is None:
             self.frequency = 500.0 if major >= 5 else 125.0   # e-Series streams at 500 Hz, CB3 at 125 Hz
+        # ur_rtde's own rt_priority argument is left at 0: with it set, its constructor crashed (segfault)
+        # in our fault tests after a frozen-stream run; the loop and the pump carry the real-time load.
         self.receive = rtde_receive.RTDEReceiveInterface(self.host, self.frequency)
         self.control = rtde_control.RTDEControlInterface(self.host, self.frequency)
         self.controller_major = major
@@ -145,7 +151,8 @@ class UR5Robot:
                                             blend_window=lim.blend_window_s)
         self.scheduler.reset(q0)
         self.sink = _C.MailboxSink(UR5_DOF, q0, lim.state_timeout_s, (lim.workspace_lo, lim.workspace_hi))
-        self.loop = _C.ControlLoop(self.sink, self.scheduler, rate_hz=self.frequency, rt_priority=self.rt_priority)
+        self.loop = _C.ControlLoop(self.sink, self.scheduler, rate_hz=self.frequency,
+                                   rt_priority=self.rt_priority, rt_priority_level=RT_PRIORITY)
         # The RTDE watchdog stops the program if commands stop arriving (this process hangs or dies).
         self.control.setWatchdog(self.watchdog_hz)
         self._stop.clear()
@@ -154,6 +161,21 @@ class UR5Robot:
         self.loop.start()
 
     def _pump(self) -> None:
+        if self.rt_priority:
+            # Linux applies this to the calling thread only: the pump, not the planner. Refused
+            # without CAP_SYS_NICE; then it runs at normal priority, which is still correct.
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY - 1))
+            except (PermissionError, OSError, AttributeError):
+                pass
+        try:
+            self._pump_commands()
+        except RuntimeError as err:   # ur_rtde raises when the socket dies mid-call
+            self.sink.post_fault(f"connection to the controller lost: {err}")
+        if self.sink.faulted:
+            self._stop_arm()
+
+    def _pump_commands(self) -> None:
         period = 1.0 / self.frequency
         last_stamp = None
         log = self.log
@@ -161,16 +183,16 @@ class UR5Robot:
             cmd = self.sink.wait_command(0.05)
             if cmd is None:
                 if self.sink.faulted:
-                    break
+                    return
                 continue
             _, _, t_slot_ns, _, q, v = cmd
             problem = self.status_problem()
             if problem:
                 self.sink.post_fault(problem)
-                break
+                return
             if not self.control.servoJ(q.tolist(), 0.5, 0.5, period, self.lookahead_time, self.gain):
                 self.sink.post_fault("servoJ refused by the controller")
-                break
+                return
             now = time.monotonic()
             log.t_sent.append(now)
             log.t_slot.append(t_slot_ns * 1e-9)
@@ -184,12 +206,10 @@ class UR5Robot:
                 q_actual = np.asarray(self.receive.getActualQ())
                 if not np.all(np.isfinite(q_actual)):
                     self.sink.post_fault("non-finite joint positions from the controller")
-                    break
+                    return
                 self.sink.post_state(q_actual)
                 log.t_state.append(now)
                 log.q_actual.append(q_actual)
-        if self.sink.faulted:
-            self._stop_arm()
 
     def _stop_arm(self) -> None:
         """servoStop then stopScript, each only where the connection still allows it."""
@@ -202,6 +222,11 @@ class UR5Robot:
         for name in ("servoStop", "stopScript"):
             outcome = bounded_call(getattr(self.control, name))
             self.stop_log.append((time.monotonic(), name if outcome is None else f"{name} {outcome}"))
+            if outcome is not None and "did not return" in outcome:
+                # The call went out but its reply never comes (frozen stream). ur_rtde is not
+                # thread-safe: no further call may touch this interface while that one is blocked.
+                self._wedged = True
+                break
 
     @property
     def fault(self) -> str:
@@ -226,23 +251,24 @@ class UR5Robot:
 
     def close(self) -> None:
         self.stop()
-        for iface in (self.control, self.receive):
-            if iface is not None:
-                bounded_call(iface.disconnect)
+        if self._wedged:
+            _wedged.append(self.control)
+        for iface in (self.receive, None if self._wedged else self.control):
+            if iface is not None and bounded_call(iface.disconnect) is not None:
+                _wedged.append(iface)
 
 
-# ur_rtde calls still blocked after bounded_call gave up on them. While one runs, the process must
-# not tear ur_rtde down (its destructors abort on a live thread): serve exits through os._exit then.
+# ur_rtde calls that bounded_call gave up on, and interfaces left wedged by them (a frozen stream:
+# the client reconnects forever, and its destructor joins that thread, so it would block or abort).
+# They are kept alive here, never destroyed; a process holding any must leave through os._exit
+# once its logs are written (`ur5_left_wedged`).
 _blocked: list[threading.Thread] = []
+_wedged: list = []
 
 
-def wait_for_blocked_calls(timeout: float) -> bool:
-    """Wait for every blocked ur_rtde call to return; True if none is left."""
-    end = time.monotonic() + timeout
-    for worker in list(_blocked):
-        worker.join(max(0.0, end - time.monotonic()))
-    _blocked[:] = [w for w in _blocked if w.is_alive()]
-    return not _blocked
+def ur5_left_wedged() -> bool:
+    """True when a ur_rtde call or interface is stuck on a dead connection in this process."""
+    return bool(_wedged) or any(w.is_alive() for w in _blocked)
 
 
 def bounded_call(fn, timeout: float = 2.0) -> str | None:

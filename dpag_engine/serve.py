@@ -39,7 +39,7 @@ import torch
 from . import _C
 from .checkpoint import load_policy
 from .envs.ur5_reach import ReachTask, evaluate, frame_origins, observe
-from .robot import SafetyLimits, UR5Robot, wait_for_blocked_calls
+from .robot import SafetyLimits, UR5Robot, ur5_left_wedged
 from .rtc import CommittedPrefix, DelayEstimator, committed_prefix
 
 EXIT_OK, EXIT_ROBOT_FAULT, EXIT_BAD_VALUES, EXIT_PLANNER_STALLED = 0, 2, 3, 4
@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--abort-after", type=float, default=2.0, help="stop when no plan was accepted for this long (s)")
     ap.add_argument("--v-max", type=float, default=math.pi / 2, help="joint velocity limit (rad/s)")
     ap.add_argument("--a-max", type=float, default=10.0, help="joint acceleration limit (rad/s^2)")
+    ap.add_argument("--state-timeout", type=float, default=SafetyLimits.state_timeout_s,
+                    help="stop when the arm's state has not updated for this long (s): frozen stream, lost link")
     ap.add_argument("--workspace", type=float, nargs=6, default=None, metavar=("XLO", "YLO", "ZLO", "XHI", "YHI", "ZHI"),
                     help="TCP box (m, base frame); default the UR5 box of robot.SafetyLimits")
     ap.add_argument("--rtc", action="store_true",
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"got state_dim {cfg.state_dim}, action_dim {cfg.action_dim}")
     if args.hold_after is None:
         args.hold_after = cfg.n_action_steps * task.dt
-    limits = SafetyLimits(v_max=(args.v_max,) * 6, a_max=(args.a_max,) * 6,
+    limits = SafetyLimits(v_max=(args.v_max,) * 6, a_max=(args.a_max,) * 6, state_timeout_s=args.state_timeout,
                           **({"workspace_lo": tuple(args.workspace[:3]), "workspace_hi": tuple(args.workspace[3:])}
                              if args.workspace else {}))
     planner = Planner(policy, args.mode, args.backend, args.seed, args.simulate_delay / 1e3)
@@ -480,9 +482,9 @@ def print_summary(s: dict, out: Path) -> None:
 
 if __name__ == "__main__":
     exit_code = main()
-    if not wait_for_blocked_calls(5.0):
-        # A ur_rtde call is still stuck on a dead connection; its destructor would abort the process
-        # (and lose the exit code), so leave without running destructors. Logs are already written.
+    if ur5_left_wedged():
+        # A ur_rtde client is stuck on a dead connection; its destructor would block or abort the
+        # process (losing the exit code). Logs are written and closed: leave without destructors.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
