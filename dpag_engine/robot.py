@@ -95,7 +95,7 @@ class CommandLog:
 
 class UR5Robot:
     def __init__(self, host: str, limits: SafetyLimits = SafetyLimits(), frequency: float | None = None,
-                 lookahead_time: float = 0.1, gain: float = 300.0, watchdog_hz: float = 10.0,
+                 lookahead_time: float = 0.1, gain: float = 300.0, watchdog_hz: float = 5.0,
                  rt_priority: bool = True):
         if not 0.03 <= lookahead_time <= 0.2:
             raise ValueError(f"lookahead_time: ur_rtde accepts [0.03, 0.2] s, got {lookahead_time}")

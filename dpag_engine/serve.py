@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--abort-after", type=float, default=2.0, help="stop when no plan was accepted for this long (s)")
     ap.add_argument("--v-max", type=float, default=math.pi / 2, help="joint velocity limit (rad/s)")
     ap.add_argument("--a-max", type=float, default=10.0, help="joint acceleration limit (rad/s^2)")
+    ap.add_argument("--watchdog-hz", type=float, default=5.0,
+                    help="RTDE watchdog: the controller stops the program if commands arrive slower than this")
     ap.add_argument("--state-timeout", type=float, default=SafetyLimits.state_timeout_s,
                     help="stop when the arm's state has not updated for this long (s): frozen stream, lost link")
     ap.add_argument("--workspace", type=float, nargs=6, default=None, metavar=("XLO", "YLO", "ZLO", "XHI", "YHI", "ZHI"),
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         from .ursim import EmulatorProcess
         emulator = EmulatorProcess(host, args.sim_version, control_port=0)
     robot = UR5Robot(host, limits, frequency=args.frequency, lookahead_time=args.lookahead_time,
-                     gain=args.gain, rt_priority=not args.no_rt)
+                     gain=args.gain, watchdog_hz=args.watchdog_hz, rt_priority=not args.no_rt)
     session = Session(robot, planner, task, args)
     code, message = EXIT_OK, "done"
     try:

@@ -177,8 +177,10 @@ class ScriptedExpert:
     """Goes round the obstacle on a random side via a Cartesian waypoint, then rests at the goal."""
 
     task: ReachTask = field(default_factory=ReachTask)
-    margin: tuple[float, float] = (0.05, 0.08)      # waypoint clearance beyond the radius, drawn per episode
-    min_clearance: float = 0.035                    # the planned TCP path keeps at least this off the sphere
+    # Generous clearance: a small policy trained for minutes cuts corners by a few cm, and with the
+    # expert 3.5 cm off the sphere most imitations hit it (measured: 60% collisions vs 40% with these).
+    margin: tuple[float, float] = (0.07, 0.10)      # waypoint clearance beyond the radius, drawn per episode
+    min_clearance: float = 0.05                     # the planned TCP path keeps at least this off the sphere
     peak_speed: tuple[float, float] = (0.12, 0.17)  # m/s at the middle of the min-jerk profile
 
     def plan_path(self, start: np.ndarray, goal: np.ndarray, side: str, margin: float) -> Callable:
