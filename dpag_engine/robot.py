@@ -33,7 +33,7 @@ import numpy as np
 from . import _C
 
 UR5_DOF = 6
-RT_PRIORITY = 80   # SCHED_FIFO level of the servo loop; the pump and ur_rtde's threads sit just below
+RT_PRIORITY = 80   # SCHED_FIFO level of the servo loop
 # ur_rtde's SafetyMode values (RTDE safety_mode); only NORMAL allows motion.
 SAFETY_NORMAL = 1
 SAFETY_NAMES = {1: "normal", 2: "reduced", 3: "protective stop", 4: "recovery", 5: "safeguard stop",
@@ -140,6 +140,11 @@ class UR5Robot:
         return None
 
     def joint_positions(self) -> np.ndarray:
+        """The newest measured joint positions. While servoing they come from the pump, the only
+        thread that calls ur_rtde then: its interfaces are not safe to call from two threads (a
+        second reader froze the receive interface's data after ~24 s in our runs)."""
+        if self._pump_thread is not None and self._pump_thread.is_alive():
+            return self._latest_q.copy()
         return np.asarray(self.receive.getActualQ(), dtype=np.float64)
 
     # ---- servoing ----
@@ -147,6 +152,7 @@ class UR5Robot:
         """Start the C++ loop at the arm's position and the pump that feeds servoJ."""
         lim = self.limits
         q0 = self.joint_positions()
+        self._latest_q = q0
         self.scheduler = _C.ActionScheduler(UR5_DOF, lim.q_min, lim.q_max, lim.v_max, lim.a_max,
                                             blend_window=lim.blend_window_s)
         self.scheduler.reset(q0)
@@ -161,13 +167,8 @@ class UR5Robot:
         self.loop.start()
 
     def _pump(self) -> None:
-        if self.rt_priority:
-            # Linux applies this to the calling thread only: the pump, not the planner. Refused
-            # without CAP_SYS_NICE; then it runs at normal priority, which is still correct.
-            try:
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(RT_PRIORITY - 1))
-            except (PermissionError, OSError, AttributeError):
-                pass
+        # Normal priority on purpose: ur_rtde's calls wait for its own receive thread (normal
+        # priority); a SCHED_FIFO pump starved that thread on 2 cores and froze the state stream.
         try:
             self._pump_commands()
         except RuntimeError as err:   # ur_rtde raises when the socket dies mid-call
@@ -208,6 +209,7 @@ class UR5Robot:
                     self.sink.post_fault("non-finite joint positions from the controller")
                     return
                 self.sink.post_state(q_actual)
+                self._latest_q = q_actual
                 log.t_state.append(now)
                 log.q_actual.append(q_actual)
 

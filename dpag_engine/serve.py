@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -402,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: connected to {host} (controller {robot.controller_major}.x), servo {robot.frequency:.0f} Hz, "
               f"plan {args.plan_hz:g} Hz, {args.mode} mode on {planner.backend}, DDIM-{policy.schedule.num_steps}",
               file=sys.stderr)
+        # Everything loaded so far (torch, the policy) is long-lived: move it out of the collector's
+        # reach, so a full collection never stalls the servo pump on the GIL for 100+ ms.
+        gc.collect()
+        gc.freeze()
         robot.start()
         for i, goal in enumerate(goals):
             session.move_home(np.asarray(task.q_home))

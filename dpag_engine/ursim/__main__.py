@@ -1,5 +1,6 @@
 """python -m dpag_engine.ursim --host 127.0.0.1 [--version 3.15|5.11] [--control-port 30100]"""
 import argparse
+import gc
 import signal
 import sys
 import threading
@@ -29,6 +30,12 @@ def main(argv=None):
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     emu.start()
+    # A controller does not pause. A full collection of this process took 100-300 ms on a loaded
+    # 2-core machine, long enough to stall the RTDE stream: keep what startup loaded out of it, and
+    # make full collections rare (young generations still run, and cycles here are few).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(700, 10, 1000)
     control = ControlServer(emu, args.control_port).start() if args.control_port else None
     where = f", control {args.control_port}" if control else ""
     print(f"ursim: {emu.describe()}{where}; listening", flush=True)

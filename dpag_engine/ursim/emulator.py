@@ -675,12 +675,16 @@ class URControllerEmulator:
                 self._wd_last = time.monotonic()    # the watchdog watches this register
                 cmd = values[cmd_reg]
                 if cmd != 0:
+                    # Tuples of numbers, not lists: the garbage collector stops tracking such
+                    # entries, so a log of 100k commands does not cost a 300 ms full collection
+                    # (which stalled the RTDE stream of a loaded machine for longer than a client
+                    # tolerates).
                     self._log.append({
                         "t": self.now(), "id": cmd, "name": COMMAND_NAMES.get(cmd, f"cmd{cmd}"),
-                        "ints": [v for n, v in values.items()
-                                 if n.startswith("input_int_register_") and n != cmd_reg],
-                        "doubles": [v for n, v in values.items()
-                                    if n.startswith("input_double_register_")]})
+                        "ints": tuple(v for n, v in values.items()
+                                      if n.startswith("input_int_register_") and n != cmd_reg),
+                        "doubles": tuple(v for n, v in values.items()
+                                         if n.startswith("input_double_register_"))})
 
     # ------------------------------------------------------------- dashboard 29999
     def _dashboard_client(self, sock, addr):
