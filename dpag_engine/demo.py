@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=6000, help="training steps when a model must be trained")
     parser.add_argument("--goals", type=int, default=5, help="held-out goals served per controller")
     parser.add_argument("--retrain", action="store_true", help="train even if OUT_DIR/model.pt exists")
-    parser.add_argument("--serve-args", default="--rtc", help="extra arguments for dpag_engine.serve")
+    parser.add_argument("--serve-args", default="", help="extra arguments for dpag_engine.serve")
     args = parser.parse_args(argv)
     out, data = Path(args.out_dir), Path(args.data)
 

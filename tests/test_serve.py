@@ -160,17 +160,19 @@ def test_serve_runs_an_episode_and_writes_the_run_log(cb3, ckpt, tmp_path):
     assert np.allclose([e["doubles"][8:11] for e in run.servoj], [1 / 125, 0.1, 300])
     log = np.load(run.out / "run.npz")
     assert log["cmd_q"].shape[1] == 6 and len(log["cmd_q"]) == len(log["cmd_t_slot"])
-    assert log["plan_actions"].shape[1:] == (8, 6) and np.all(np.diff(log["obs_t"]) > 0)
+    assert log["plan_actions"].shape[1:] == (16 - 2 + 1, 6)     # every future row of the prediction and np.all(np.diff(log["obs_t"]) > 0)
     assert np.all(np.diff(log["cmd_t_slot"]) > 0)                      # monotone command timestamps
+    assert s["rtc"] and log["plan_committed"][1:].min() >= 1           # real-time chunking is the default
     for name in ("joints", "plan_latency", "loop_period", "tcp_paths"):
         assert (run.out / f"{name}.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
 def test_serve_picks_500_hz_on_an_eseries(eseries, ckpt, tmp_path):
-    run = ServeRun(eseries, ckpt, tmp_path, "--mode", "guided")
+    run = ServeRun(eseries, ckpt, tmp_path, "--mode", "guided", "--no-rtc")
     assert run.join() == serve.EXIT_OK, run.summary["message"]
     assert run.summary["frequency_hz"] == 500.0 and run.summary["backend"] == "torch"
+    assert not run.summary["rtc"] and not np.load(run.out / "run.npz")["plan_committed"].any()
     check_commands_within_limits(run)
 
 
