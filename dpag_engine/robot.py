@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _C
+from .ursim.kinematics import forward_kinematics
 
 UR5_DOF = 6
 RT_PRIORITY = 80   # SCHED_FIFO level of the servo loop
@@ -96,12 +97,14 @@ class CommandLog:
 class UR5Robot:
     def __init__(self, host: str, limits: SafetyLimits = SafetyLimits(), frequency: float | None = None,
                  lookahead_time: float = 0.1, gain: float = 300.0, watchdog_hz: float = 5.0,
-                 rt_priority: bool = True):
+                 rt_priority: bool = True, servo: str = "servoJ"):
         if not 0.03 <= lookahead_time <= 0.2:
             raise ValueError(f"lookahead_time: ur_rtde accepts [0.03, 0.2] s, got {lookahead_time}")
         if not 100 <= gain <= 2000:
             raise ValueError(f"gain: ur_rtde accepts [100, 2000], got {gain}")
-        self.host, self.limits, self.frequency = host, limits, frequency
+        if servo not in ("servoJ", "servoL"):
+            raise ValueError(f"servo: 'servoJ' or 'servoL', got {servo!r}")
+        self.host, self.limits, self.frequency, self.servo = host, limits, frequency, servo
         self.lookahead_time, self.gain, self.watchdog_hz, self.rt_priority = lookahead_time, gain, watchdog_hz, rt_priority
         self.receive = self.control = None
         self.scheduler = self.sink = self.loop = None
@@ -191,8 +194,11 @@ class UR5Robot:
             if problem:
                 self.sink.post_fault(problem)
                 return
-            if not self.control.servoJ(q.tolist(), 0.5, 0.5, period, self.lookahead_time, self.gain):
-                self.sink.post_fault("servoJ refused by the controller")
+            # servoL gets the same limited trajectory as a tool pose (UR5 forward kinematics): the
+            # scheduler's joint limits still hold, and the controller's IK maps it back.
+            target = q.tolist() if self.servo == "servoJ" else forward_kinematics(q).tolist()
+            if not getattr(self.control, self.servo)(target, 0.5, 0.5, period, self.lookahead_time, self.gain):
+                self.sink.post_fault(f"{self.servo} refused by the controller")
                 return
             now = time.monotonic()
             log.t_sent.append(now)

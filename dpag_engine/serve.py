@@ -347,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--episodes", type=int, default=3, help="goals to reach (sampled from the task)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per episode (default: the task's)")
     ap.add_argument("--seed", type=int, default=100_000, help="goal and sampler seed")
+    ap.add_argument("--servo", choices=("servoJ", "servoL"), default="servoJ",
+                    help="servoJ: joint targets (default); servoL: the same trajectory as tool poses")
     ap.add_argument("--lookahead-time", type=float, default=0.1, help="servoJ lookahead (s)")
     ap.add_argument("--gain", type=float, default=300.0, help="servoJ gain")
     ap.add_argument("--hold-after", type=float, default=None,
@@ -400,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         from .ursim import EmulatorProcess
         emulator = EmulatorProcess(host, args.sim_version, control_port=0)
     robot = UR5Robot(host, limits, frequency=args.frequency, lookahead_time=args.lookahead_time,
-                     gain=args.gain, watchdog_hz=args.watchdog_hz, rt_priority=not args.no_rt)
+                     gain=args.gain, watchdog_hz=args.watchdog_hz, rt_priority=not args.no_rt,
+                     servo=args.servo)
     session = Session(robot, planner, task, args)
     code, message = EXIT_OK, "done"
     try:

@@ -176,6 +176,18 @@ def test_serve_picks_500_hz_on_an_eseries(eseries, ckpt, tmp_path):
     check_commands_within_limits(run)
 
 
+@pytest.mark.slow
+def test_servol_streams_the_same_trajectory_as_tool_poses(cb3, ckpt, tmp_path):
+    run = ServeRun(cb3, ckpt, tmp_path, "--servo", "servoL")
+    assert run.join() == serve.EXIT_OK, run.summary["message"]
+    servol = [e for e in run.log if e["name"] == "servoL"]
+    log = np.load(run.out / "run.npz")
+    assert not run.servoj and len(servol) == len(log["cmd_q"])
+    poses = np.array([e["doubles"][:6] for e in servol])
+    assert np.allclose(poses[:, :3], [forward_kinematics(q)[:3] for q in log["cmd_q"]], atol=1e-9)
+    assert np.abs(log["state_q"][-1] - log["cmd_q"][-1]).max() < 0.02     # the IK tracked it
+
+
 @pytest.mark.parametrize("fault, words", [
     ("protective_stop", "protective stop"),
     ("emergency_stop", "emergency stop"),
