@@ -164,7 +164,10 @@ class Session:
         ramp = q + np.linspace(0.0, 1.0, n)[1:, None] * (q_home - q)
         # Repeat the end so the spline's tangent there is zero: the ramp stops at home, no overshoot.
         ramp = np.vstack([ramp, np.repeat(ramp[-1:], 3, axis=0)])
-        self._submit_all(ramp, _C.monotonic() + self.dt)
+        result = self.robot.scheduler.submit(ramp, _C.monotonic() + self.dt, self.dt)
+        if not result.accepted:
+            raise RuntimeError(f"home ramp rejected: {result.reason}")
+        self.executing = None   # the next plan continues nothing
         deadline = time.monotonic() + n * self.dt + 3.0
         while time.monotonic() < deadline:
             self._check_robot()
@@ -174,11 +177,6 @@ class Session:
                 return
             time.sleep(0.02)
         raise SafetyStop(EXIT_ROBOT_FAULT, "could not reach the home pose (is the arm tracking its commands?)")
-
-    def _submit_all(self, actions: np.ndarray, t_first: float) -> None:
-        result = self.robot.scheduler.submit(actions, t_first, self.dt)
-        if not result.accepted:
-            raise RuntimeError(f"home ramp rejected: {result.reason}")
 
     def run_episode(self, index: int, goal: np.ndarray) -> dict:
         """Observe at the policy's rate on an absolute time grid, plan every plan_every samples."""
