@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from .envs.ur5_reach import generate
 from .train import main as train_main
 
@@ -42,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== 1. {args.episodes} expert demonstrations -> {data} ==", flush=True)
         generate(data, args.episodes, seed=0)
     if args.retrain or not (out / "model.pt").exists():
+        # One thread: the tiny U-Net gains little from a second one, and when another process holds
+        # a core, OpenMP's spinning barriers slowed training ~100x (5 s/step) on a 2-core machine.
+        torch.set_num_threads(1)
         print(f"== 2. training a small DP-AG ({args.steps} steps, {CONFIG.name}) ==", flush=True)
         code = train_main(["--config", str(CONFIG), f"data.path={data}", f"train.steps={args.steps}",
                            f"--out-dir={out}"])
