@@ -31,7 +31,8 @@ void WorkerPool::run(Job fn, void* ctx) {
     if (n_threads_ == 1) return fn(ctx, 0, 1);
     job_ = fn;
     ctx_ = ctx;
-    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    next_.store(0, std::memory_order_release);  // the slices are up for grabs from here on
     {
         // Publishing under the mutex means a worker that is about to sleep cannot miss the job;
         // uncontended, this costs tens of nanoseconds, and notify without sleepers makes no syscall.
@@ -39,11 +40,25 @@ void WorkerPool::run(Job fn, void* ctx) {
         generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
-    fn(ctx, 0, n_threads_);
-    while (pending_.load(std::memory_order_acquire) != 0) DPAG_PAUSE();
+    run_slices();
+    // Spin briefly, then yield: a worker that took a slice may be queued behind us on our core.
+    for (int spins = 0; done_.load(std::memory_order_acquire) != n_threads_;) {
+        if (++spins < kSpinIterations) {
+            DPAG_PAUSE();
+        } else {
+            std::this_thread::yield();
+        }
+    }
 }
 
-void WorkerPool::worker(int tid) {
+void WorkerPool::run_slices() {
+    for (int slice; (slice = next_.fetch_add(1, std::memory_order_acq_rel)) < n_threads_;) {
+        job_(ctx_, slice, n_threads_);
+        done_.fetch_add(1, std::memory_order_acq_rel);
+    }
+}
+
+void WorkerPool::worker(int) {
     std::uint64_t seen = 0;
     for (;;) {
         int spins = 0;
@@ -57,8 +72,7 @@ void WorkerPool::worker(int tid) {
         }
         if (stop_.load()) return;
         seen = generation_.load(std::memory_order_acquire);
-        job_(ctx_, tid, n_threads_);
-        pending_.fetch_sub(1, std::memory_order_acq_rel);
+        run_slices();
     }
 }
 

@@ -61,7 +61,7 @@ class Planner:
     waits on it); guided mode and image policies run the PyTorch reference.
     """
 
-    def __init__(self, policy, mode: str, backend: str, seed: int, delay_s: float = 0.0):
+    def __init__(self, policy, mode: str, backend: str, seed: int, delay_s: float = 0.0, threads: int | None = None):
         self.policy, self.mode, self.delay_s = policy, mode, delay_s
         self.generator = torch.Generator().manual_seed(seed)
         if backend == "auto":
@@ -69,7 +69,7 @@ class Planner:
         self.engine = None
         if backend == "cpp":
             from .runtime_cpu import CpuPolicy
-            self.engine = CpuPolicy.from_policy(policy)
+            self.engine = CpuPolicy.from_policy(policy, threads=threads)
         self.backend = backend
         self.latencies_ms: list[float] = []
 
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mode", choices=("dp", "guided"), default="dp", help="sampling mode")
     ap.add_argument("--backend", choices=("auto", "cpp", "torch"), default="auto",
                     help="auto: the C++ engine for dp mode on low-dim policies, else PyTorch")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="planner threads (default: torch's). Small policies plan as fast on 1, and a busy "
+                         "core stalls a multi-threaded planner's barriers")
     ap.add_argument("--episodes", type=int, default=3, help="goals to reach (sampled from the task)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per episode (default: the task's)")
     ap.add_argument("--seed", type=int, default=100_000, help="goal and sampler seed")
@@ -376,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plan_hz <= 0 or args.abort_after <= 0:
         raise SystemExit("--plan-hz and --abort-after must be > 0")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sys.setswitchinterval(0.001)   # the servo pump waits at most ~1 ms for the GIL
     policy = load_policy(args.ckpt)
     if args.inference_steps:
@@ -390,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = SafetyLimits(v_max=(args.v_max,) * 6, a_max=(args.a_max,) * 6, state_timeout_s=args.state_timeout,
                           **({"workspace_lo": tuple(args.workspace[:3]), "workspace_hi": tuple(args.workspace[3:])}
                              if args.workspace else {}))
-    planner = Planner(policy, args.mode, args.backend, args.seed, args.simulate_delay / 1e3)
+    planner = Planner(policy, args.mode, args.backend, args.seed, args.simulate_delay / 1e3, args.threads)
     rng = np.random.default_rng(args.seed)
     goals = [task.sample_goal(rng) for _ in range(args.episodes)]
 
