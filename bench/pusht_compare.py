@@ -134,6 +134,11 @@ def train(args, task: str, method: str, seed: int, data: Path, env) -> Path:
     out = run_dir(args, task, method, seed)
     model = out / "model.pt"
     if model.exists():
+        from dpag_engine.checkpoint import load_checkpoint
+        done = load_checkpoint(model)["metadata"].get("run_config", {}).get("train", {}).get("steps")
+        if done is not None and int(done) != args.steps:
+            raise SystemExit(f"{model} was trained for {done} steps, not --steps {args.steps}: "
+                             f"use another --out (or --tag) for a different budget")
         return model
     cmd = [sys.executable, "-m", "dpag_engine.train", "--config", args.config, "--method", method,
            "--data", str(data), "--out-dir", str(out),

@@ -14,7 +14,8 @@
 # killed training run resumes from its last periodic checkpoint (save_every 10000).
 #
 #   bash bench/pusht_compare_gpu.sh                   # everything
-#   STEPS=50000 SEEDS="0" bash bench/pusht_compare_gpu.sh   # a shorter look first
+#   OUT=outputs/pusht_gpu_50k STEPS=50000 SEEDS="0" bash bench/pusht_compare_gpu.sh   # a shorter look first
+#   (runs are keyed by task/method/seed, not steps: give a different budget its own OUT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
