@@ -19,17 +19,15 @@ NUM_COEFS = 6  # must match dpag_engine.diffusion.NUM_COEFS (checked on import b
 # ---------------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["step_val"])  # a python-int step loop compiles once, not per value
-def _sampler_step_kernel(
-    x_ptr, eps_ptr, noise_ptr,          # (N,) current sample x_t, predicted epsilon, optional noise
-    coefs_ptr, step_ptr,                # (K, 6) coefficient table, 0-d int step tensor (if STEP_FROM_PTR)
-    prev_ptr, x0_ptr,                   # (N,) outputs
-    N, K, step_val, clip,               # step_val is used when the step is a host int
+@triton.jit
+def _affine_step(
+    x_ptr, eps_ptr, noise_ptr, coefs_ptr, step_ptr, N, K, step_val, clip,
     R_X: tl.constexpr, R_EPS: tl.constexpr, C_X0: tl.constexpr, C_X: tl.constexpr,
     C_EPS: tl.constexpr, STD: tl.constexpr,
     STEP_FROM_PTR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_CLIP: tl.constexpr,
     CDT: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """One program's block of the sampler step: returns (prev, x0, offs, mask, step)."""
     # The step index is read on the device: the host never needs its value, so a K-step loop
     # (with `step` a device counter) can be captured in one CUDA graph.
     if STEP_FROM_PTR:
@@ -57,7 +55,23 @@ def _sampler_step_kernel(
     if HAS_NOISE:
         std = tl.load(row + STD).to(CDT)
         prev += std * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(CDT)
+    return prev, x0, offs, mask, step
 
+
+@triton.jit(do_not_specialize=["step_val"])  # a python-int step loop compiles once, not per value
+def _sampler_step_kernel(
+    x_ptr, eps_ptr, noise_ptr,          # (N,) current sample x_t, predicted epsilon, optional noise
+    coefs_ptr, step_ptr,                # (K, 6) coefficient table, 0-d int step tensor (if STEP_FROM_PTR)
+    prev_ptr, x0_ptr,                   # (N,) outputs
+    N, K, step_val, clip,               # step_val is used when the step is a host int
+    R_X: tl.constexpr, R_EPS: tl.constexpr, C_X0: tl.constexpr, C_X: tl.constexpr,
+    C_EPS: tl.constexpr, STD: tl.constexpr,
+    STEP_FROM_PTR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_CLIP: tl.constexpr,
+    CDT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    prev, x0, offs, mask, step = _affine_step(
+        x_ptr, eps_ptr, noise_ptr, coefs_ptr, step_ptr, N, K, step_val, clip,
+        R_X, R_EPS, C_X0, C_X, C_EPS, STD, STEP_FROM_PTR, HAS_NOISE, HAS_CLIP, CDT, BLOCK)
     tl.store(prev_ptr + offs, prev.to(prev_ptr.dtype.element_ty), mask=mask)
     tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
@@ -135,30 +149,9 @@ def _sampler_step_inpaint_kernel(
     STEP_FROM_PTR: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_CLIP: tl.constexpr,
     CDT: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # The step: exactly _sampler_step_kernel's arithmetic.
-    if STEP_FROM_PTR:
-        step = tl.load(step_ptr).to(tl.int32)
-    else:
-        step = step_val
-    step = tl.where(step < 0, step + K, step)
-    row = coefs_ptr + step * 6
-    r_x = tl.load(row + R_X).to(CDT)
-    r_eps = tl.load(row + R_EPS).to(CDT)
-    c_x0 = tl.load(row + C_X0).to(CDT)
-    c_x = tl.load(row + C_X).to(CDT)
-    c_eps = tl.load(row + C_EPS).to(CDT)
-
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(CDT)
-    eps = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(CDT)
-    x0 = r_x * x - r_eps * eps
-    if HAS_CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
-    prev = c_x0 * x0 + c_x * x + c_eps * eps
-    if HAS_NOISE:
-        std = tl.load(row + STD).to(CDT)
-        prev += std * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(CDT)
+    prev, x0, offs, mask, step = _affine_step(
+        x_ptr, eps_ptr, noise_ptr, coefs_ptr, step_ptr, N, K, step_val, clip,
+        R_X, R_EPS, C_X0, C_X, C_EPS, STD, STEP_FROM_PTR, HAS_NOISE, HAS_CLIP, CDT, BLOCK)
 
     # The inpaint, in registers: no extra pass over the sample. Element (b, h, d) is in the window
     # when start <= h < start + W; its prefix element is (b, h - start, d). Elements outside the
