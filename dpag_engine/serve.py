@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from . import _C
-from .checkpoint import load_policy
+from .checkpoint import CheckpointError, load_policy
 from .envs.ur5_reach import ReachTask, evaluate, frame_origins, observe
 from .robot import SafetyLimits, UR5Robot, ur5_left_wedged
 from .rtc import CommittedPrefix, DelayEstimator, committed_prefix
@@ -382,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.setswitchinterval(0.001)   # the servo pump waits at most ~1 ms for the GIL
-    policy = load_policy(args.ckpt)
+    try:
+        policy = load_policy(args.ckpt)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if args.inference_steps:
         set_inference_steps(policy, args.inference_steps)
     cfg, task = policy.cfg, ReachTask()
@@ -437,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         code, message = stop.code, str(stop)
         if code != EXIT_ROBOT_FAULT and robot.running:
             bring_to_rest(robot)
+    except (RuntimeError, OSError) as err:
+        if robot.loop is not None:   # not a connection problem: a bug, keep its traceback
+            raise
+        code, message = EXIT_ROBOT_FAULT, f"cannot connect to the controller at {host}: {err}"
     except KeyboardInterrupt:
         code, message = 130, "interrupted"
     finally:

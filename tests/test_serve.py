@@ -258,3 +258,12 @@ def test_late_plans_keep_the_previous_chunk_and_a_stalled_planner_stops(cb3, ckp
     check_commands_within_limits(stalled)
     q = np.array([e["doubles"][:6] for e in stalled.servoj])
     assert np.abs(q[-1] - q[-2]).max() * 125 < 1e-2        # it was holding at rest
+
+
+def test_bad_checkpoint_and_unreachable_controller_are_clear_errors(ckpt, tmp_path, capsys):
+    assert serve.main(["--ckpt", str(tmp_path / "missing.pt")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    # Nothing listens on this address: no emulator, no arm.
+    code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", "127.0.0.29", "--log-dir", str(tmp_path / "s")])
+    assert code == serve.EXIT_ROBOT_FAULT
+    assert "cannot connect to the controller at 127.0.0.29" in json.loads((tmp_path / "s" / "summary.json").read_text())["message"]
