@@ -1,6 +1,7 @@
 """python -m dpag_engine.ursim --host 127.0.0.1 [--version 3.15|5.11] [--control-port 30100]"""
 import argparse
 import gc
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,9 @@ def main(argv=None):
                     help="protective stop if a servo target is farther than v_max * this from actual q")
     ap.add_argument("--preload", action="store_true",
                     help="start with the control script already running (clients that do not upload)")
+    ap.add_argument("--parent-pid", type=int, default=None,
+                    help="exit when this process is no longer our parent (EmulatorProcess passes it, so "
+                         "an emulator never outlives a crashed test run and keeps its ports)")
     args = ap.parse_args(argv)
 
     emu = URControllerEmulator(args.host, args.version, q0=args.q0,
@@ -40,7 +44,9 @@ def main(argv=None):
     where = f", control {args.control_port}" if control else ""
     print(f"ursim: {emu.describe()}{where}; listening", flush=True)
     while not done.wait(0.5):
-        pass
+        if args.parent_pid is not None and os.getppid() != args.parent_pid:
+            print("ursim: parent process gone", flush=True)
+            break
     if control:
         control.stop()
     emu.stop()

@@ -133,7 +133,8 @@ class EmulatorProcess:
 
     def start(self):
         cmd = [sys.executable, "-m", "dpag_engine.ursim", "--host", self.host, "--version",
-               str(self.version), "--control-port", str(self.control_port), *self.extra_args]
+               str(self.version), "--control-port", str(self.control_port), "--parent-pid", str(os.getpid()),
+               *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         # Wait for the "listening" line on a helper thread so a stuck child cannot hang us.
