@@ -125,6 +125,7 @@ void ActionScheduler::reset(const double* q) {
     std::fill(v_.begin(), v_.end(), 0.0);
     initialised_ = true;
     have_time_ = false;
+    dt_last_ = 0.0;
     mode_.store(static_cast<int>(SchedulerMode::kIdle));
 }
 
@@ -219,9 +220,13 @@ void ActionScheduler::tick(double t, const double* q_measured, double* q_cmd, do
     }
     mode_.store(mode, std::memory_order_relaxed);
 
+    // A velocity holds over its whole cycle, so a change of velocity happens across the span between
+    // two cycles' midpoints, (dt_prev + dt) / 2: bounding it by a_max * dt alone would let the cycle
+    // after a skipped slot (dt = 2 periods) accelerate a third too hard.
+    const double dt_accel = dt_last_ > 0.0 ? 0.5 * (dt_last_ + dt) : dt;
     if (dt > 0.0) {
         for (std::size_t j = 0; j < dof_; ++j) {
-            const double dv = limits_.a_max[j] * dt;
+            const double dv = limits_.a_max[j] * dt_accel;
             double v_want;
             if (tracking) {
                 // Reference: the chunk's curve plus the decaying blend offset, and its velocity.
@@ -270,6 +275,7 @@ void ActionScheduler::tick(double t, const double* q_measured, double* q_cmd, do
             v_[j] = v_new;
         }
     }
+    if (dt > 0.0) dt_last_ = dt;
     t_last_ = t;
     have_time_ = true;
     std::copy(p_.begin(), p_.end(), q_cmd);

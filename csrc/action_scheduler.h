@@ -137,6 +137,7 @@ private:
     bool initialised_ = false;
     bool have_time_ = false;  // t_last_ is valid
     double t_last_ = 0.0;
+    double dt_last_ = 0.0;    // the previous cycle's interval (0 before the second tick)
     double t_blend_ = 0.0;  // when active_ was adopted
     std::vector<double> p_, v_;            // commanded state
     std::vector<double> blend_p_, blend_v_;  // offsets at adoption

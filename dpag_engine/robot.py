@@ -181,7 +181,7 @@ class UR5Robot:
 
     def _pump_commands(self) -> None:
         period = 1.0 / self.frequency
-        last_stamp = None
+        last_stamp = last_slot = None
         log = self.log
         while not self._stop.is_set():
             cmd = self.sink.wait_command(0.05)
@@ -197,7 +197,11 @@ class UR5Robot:
             # servoL gets the same limited trajectory as a tool pose (UR5 forward kinematics): the
             # scheduler's joint limits still hold, and the controller's IK maps it back.
             target = q.tolist() if self.servo == "servoJ" else forward_kinematics(q).tolist()
-            if not getattr(self.control, self.servo)(target, 0.5, 0.5, period, self.lookahead_time, self.gain):
+            # The time to reach it is the span of trajectory since the last command sent: one period,
+            # or more when a late pump found newer commands that replaced ones it never sent.
+            span = period if last_slot is None else max(period, (t_slot_ns - last_slot) * 1e-9)
+            last_slot = t_slot_ns
+            if not getattr(self.control, self.servo)(target, 0.5, 0.5, span, self.lookahead_time, self.gain):
                 self.sink.post_fault(f"{self.servo} refused by the controller")
                 return
             now = time.monotonic()

@@ -133,10 +133,10 @@ def check_commands_within_limits(run):
     dt = np.diff(t)
     v = np.diff(q, axis=0) / dt[:, None]
     assert np.abs(v).max() <= V_MAX * (1 + 1e-6)
-    # Second differences only where both intervals are one period (no skipped slot in between).
-    uniform = np.isclose(dt[1:], dt[:-1], rtol=1e-3)
-    a = np.diff(v, axis=0)[uniform] / dt[1:][uniform][:, None]
-    assert uniform.sum() > 10 and np.abs(a).max() <= A_MAX * (1 + 1e-6)
+    # Velocity change between interval midpoints: well defined for uneven spacing too, and a
+    # subsample of a limited stream (commands the pump never sent) stays within the limit.
+    a = np.diff(v, axis=0) / (0.5 * (dt[1:] + dt[:-1]))[:, None]
+    assert np.abs(a).max() <= A_MAX * (1 + 1e-6)
     tcp = np.array([forward_kinematics(x)[:3] for x in q[:: max(1, len(q) // 200)]])
     assert np.all(tcp >= np.array(lim.workspace_lo)) and np.all(tcp <= np.array(lim.workspace_hi))
 
@@ -157,11 +157,15 @@ def test_serve_runs_an_episode_and_writes_the_run_log(cb3, ckpt, tmp_path):
     assert s["loop"]["cycles"] > 0.8 * 125 * 2.0 and s["loop"]["fault"] == ""
     check_commands_within_limits(run)
     assert run.ended_with_stop_commands()
-    # servoJ's time argument is the servo period; lookahead and gain as given.
-    assert np.allclose([e["doubles"][8:11] for e in run.servoj], [1 / 125, 0.1, 300])
     log = np.load(run.out / "run.npz")
+    # servoJ's time argument is the trajectory span since the last command (one period unless the
+    # pump skipped one); lookahead and gain as given.
+    spans = np.diff(log["cmd_t_slot"][:len(run.servoj)])
+    assert np.allclose([e["doubles"][8] for e in run.servoj[1:]], np.maximum(spans, 1 / 125), rtol=1e-6)
+    assert np.allclose([e["doubles"][9:11] for e in run.servoj], [0.1, 300])
     assert log["cmd_q"].shape[1] == 6 and len(log["cmd_q"]) == len(log["cmd_t_slot"])
-    assert log["plan_actions"].shape[1:] == (16 - 2 + 1, 6)     # every future row of the prediction and np.all(np.diff(log["obs_t"]) > 0)
+    assert log["plan_actions"].shape[1:] == (16 - 2 + 1, 6)     # every future row of the prediction
+    assert np.all(np.diff(log["obs_t"]) > 0)
     assert np.all(np.diff(log["cmd_t_slot"]) > 0)                      # monotone command timestamps
     assert s["rtc"] and log["plan_committed"][1:].min() >= 1           # real-time chunking is the default
     for name in ("joints", "plan_latency", "loop_period", "tcp_paths"):
