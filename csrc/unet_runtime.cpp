@@ -111,6 +111,7 @@ private:
 // output channel co over the (C_in, k) window, in the order im2col writes the window.
 struct Conv {
     Dense d;
+    Dense dt;  // guided mode only: the transposed matrix (C_in*k, C_out), for d(input) = W^T d(output)
     int c_in = 0, c_out = 0, ksize = 1, stride = 1, pad = 0;
     bool transposed = false;
 
@@ -120,7 +121,7 @@ struct Conv {
 };
 
 Conv make_conv(const float* w, const float* b, int c_in, int c_out, int k, int stride, int pad,
-               bool transposed, cpu::WeightType wtype) {
+               bool transposed, cpu::WeightType wtype, bool backward = false) {
     Conv c;
     c.c_in = c_in;
     c.c_out = c_out;
@@ -128,13 +129,15 @@ Conv make_conv(const float* w, const float* b, int c_in, int c_out, int k, int s
     c.stride = stride;
     c.pad = pad;
     c.transposed = transposed;
-    c.d.pack(c_out, c_in * k, wtype, [&](int co, int i) {
+    auto at = [&](int co, int i) {
         const int ci = i / k, j = i % k;
         // Conv1d weight (C_out, C_in, k); ConvTranspose1d weight (C_in, C_out, k).
         return transposed ? w[(static_cast<std::size_t>(ci) * c_out + co) * k + j]
                           : w[(static_cast<std::size_t>(co) * c_in + ci) * k + j];
-    });
+    };
+    c.d.pack(c_out, c_in * k, wtype, at);
     c.d.bias.assign(b, b + c_out);
+    if (backward) c.dt.pack(c_in * k, c_out, wtype, [&](int i, int co) { return at(co, i); });
     return c;
 }
 
@@ -147,6 +150,19 @@ struct Src {
     int cs, ts;
 };
 
+// The input position that weight tap j meets at output position t, or -1 (padding / no tap).
+int source_index(const Conv& c, int t, int j, int t_in) {
+    int ti;
+    if (!c.transposed) {
+        ti = t * c.stride + j - c.pad;
+    } else {
+        // out[t] gathers in[ti] * w[j] for t = ti*stride - pad + j.
+        const int num = t + c.pad - j;
+        ti = (num >= 0 && num % c.stride == 0) ? num / c.stride : -1;
+    }
+    return ti < t_in ? ti : -1;
+}
+
 // col[(b*T_out + t), ci*k + j] = the input value that weight (ci, j) meets at output position t.
 void im2col(const Conv& c, const Src& s, int batch, int t_in, float* col) {
     const int t_out = c.t_out(t_in), k = c.ksize, kp = c.d.k_pad;
@@ -155,15 +171,8 @@ void im2col(const Conv& c, const Src& s, int batch, int t_in, float* col) {
         for (int t = 0; t < t_out; ++t) {
             float* row = col + (static_cast<std::size_t>(b) * t_out + t) * kp;
             for (int j = 0; j < k; ++j) {
-                int ti;
-                if (!c.transposed) {
-                    ti = t * c.stride + j - c.pad;
-                } else {
-                    // out[t] gathers in[ti] * w[j] for t = ti*stride - pad + j.
-                    const int num = t + c.pad - j;
-                    ti = (num >= 0 && num % c.stride == 0) ? num / c.stride : -1;
-                }
-                if (ti < 0 || ti >= t_in) {
+                const int ti = source_index(c, t, j, t_in);
+                if (ti < 0) {
                     for (int ci = 0; ci < c.c_in; ++ci) row[ci * k + j] = 0.0f;
                 } else {
                     const float* p = src + static_cast<std::size_t>(ti) * s.ts;
@@ -175,12 +184,42 @@ void im2col(const Conv& c, const Src& s, int batch, int t_in, float* col) {
     }
 }
 
+// The adjoint of im2col: din (B, C_in, T_in) += every col entry, sent back to the input position it came from.
+void col2im_add(const Conv& c, const float* col, int batch, int t_in, float* din) {
+    const int t_out = c.t_out(t_in), k = c.ksize, width = c.c_in * k;
+    for (int b = 0; b < batch; ++b) {
+        float* dst = din + static_cast<std::size_t>(b) * c.c_in * t_in;
+        for (int t = 0; t < t_out; ++t) {
+            const float* row = col + (static_cast<std::size_t>(b) * t_out + t) * width;
+            for (int j = 0; j < k; ++j) {
+                const int ti = source_index(c, t, j, t_in);
+                if (ti < 0) continue;
+                for (int ci = 0; ci < c.c_in; ++ci) dst[static_cast<std::size_t>(ci) * t_in + ti] += row[ci * k + j];
+            }
+        }
+    }
+}
+
 struct Norm {
     std::vector<float> gamma, beta;
 };
 
-// GroupNorm over (channels in group) x T, then Mish, in place on channels-first (B, C, T).
-void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& n) {
+// d Mish(u) / du = tanh(softplus(u)) + u * sigmoid(u) * (1 - tanh(softplus(u))^2).
+float mish_grad(float u) {
+    const float sp = u > 20.0f ? u : std::log1p(std::exp(u));  // torch's softplus threshold
+    const float th = std::tanh(sp);
+    return th + u * (1.0f / (1.0f + std::exp(-u))) * (1.0f - th * th);
+}
+
+// What the backward needs of a GroupNorm+Mish forward: its input and per-(sample, group) statistics.
+struct NormTape {
+    std::vector<float> pre, mean, rstd;
+};
+
+// GroupNorm over (channels in group) x T, then Mish, in place on channels-first (B, C, T). With a
+// tape, the input and the statistics are kept for group_norm_mish_backward.
+void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& n, NormTape* tape = nullptr) {
+    if (tape) std::copy_n(x, static_cast<std::size_t>(batch) * C * T, tape->pre.data());
     const int cpg = C / groups;
     const std::size_t len = static_cast<std::size_t>(cpg) * T;
     for (int b = 0; b < batch; ++b) {
@@ -194,6 +233,10 @@ void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& 
             for (std::size_t i = 0; i < len; ++i) sq += (p[i] - mean) * (p[i] - mean);
             const float rstd = static_cast<float>(1.0 / std::sqrt(sq / len + kGroupNormEps));
             const float m = static_cast<float>(mean);
+            if (tape) {
+                tape->mean[b * groups + g] = m;
+                tape->rstd[b * groups + g] = rstd;
+            }
             for (int c = 0; c < cpg; ++c) {
                 const float a = rstd * n.gamma[g * cpg + c];
                 const float s = n.beta[g * cpg + c] - m * a;
@@ -205,9 +248,38 @@ void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& 
     cpu::mish_inplace(x, static_cast<std::size_t>(batch) * C * T);
 }
 
+// dx = d(loss)/d(GroupNorm+Mish input) from dy = d(loss)/d(output), by the standard GroupNorm
+// adjoint: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group.
+void group_norm_mish_backward(const float* dy, int batch, int C, int T, int groups, const Norm& n,
+                              const NormTape& tape, float* dx) {
+    const int cpg = C / groups;
+    const std::size_t len = static_cast<std::size_t>(cpg) * T;
+    for (int b = 0; b < batch; ++b) {
+        for (int g = 0; g < groups; ++g) {
+            const std::size_t off = (static_cast<std::size_t>(b) * C + g * cpg) * T;
+            const float m = tape.mean[b * groups + g], rs = tape.rstd[b * groups + g];
+            double s1 = 0.0, s2 = 0.0;
+            for (int c = 0; c < cpg; ++c) {
+                const float gamma = n.gamma[g * cpg + c], beta = n.beta[g * cpg + c];
+                for (int t = 0; t < T; ++t) {
+                    const std::size_t i = off + static_cast<std::size_t>(c) * T + t;
+                    const float xhat = (tape.pre[i] - m) * rs;
+                    const float dxhat = dy[i] * mish_grad(xhat * gamma + beta) * gamma;
+                    dx[i] = dxhat;
+                    s1 += dxhat;
+                    s2 += static_cast<double>(dxhat) * xhat;
+                }
+            }
+            const float mean1 = static_cast<float>(s1 / len), mean2 = static_cast<float>(s2 / len);
+            for (std::size_t i = off; i < off + len; ++i) dx[i] = rs * (dx[i] - mean1 - (tape.pre[i] - m) * rs * mean2);
+        }
+    }
+}
+
 struct ConvBlock {
     Conv conv;
     Norm norm;
+    NormTape tape;  // guided mode: filled by a recording forward
 };
 
 struct ResBlock {
@@ -217,7 +289,9 @@ struct ResBlock {
     int c_in = 0, c_out = 0;
     std::vector<float> film_t;  // (K, 2*c_out): W_t Mish(t_emb_k) + bias, per sampler step
     Dense film_g;               // (2*c_out, G): the global-condition half of the FiLM Linear
-    std::vector<float> film_g_out;  // (max_batch, 2*c_out), once per plan
+    std::vector<float> film_g_out;  // (max_batch, 2*c_out), once per plan (per latent in guided mode)
+    // Guided mode: the first conv block's output before FiLM (the tape), and d(loss)/d(scale, bias).
+    std::vector<float> y0, dfilm;
 };
 
 struct DenseJob {
@@ -255,9 +329,13 @@ struct PolicyEngine::Impl {
 
     // Buffers, all sized for max_batch at construction.
     std::size_t max_col = 0, max_act = 0;
-    std::vector<float> col, act_a, act_b, act_x, h, r, gnorm, gcol;
+    std::vector<float> col, act_a, act_b, act_x, h, r, mu, gcol;  // mu (B, G): the encoded observation
     std::vector<std::vector<float>> skips;
     std::vector<float> eps_cf, eps, x, prev, x0;
+    // Guided mode: the backward's buffers and the latent (z, force, log_var), all (B, G) but dcol.
+    bool recording = false;  // forward() fills the tapes
+    std::vector<float> dcol, grad_a, grad_b, grad_c, grad_h, grad_y, z, force, log_var;
+    std::vector<std::vector<float>> dskips;
 
     Impl(const PolicyEngineConfig& c, const WeightMap& weights);
 
@@ -280,8 +358,9 @@ struct PolicyEngine::Impl {
         const std::vector<std::int64_t> shape = transposed ? std::vector<std::int64_t>{c_in, c_out, k}
                                                            : std::vector<std::int64_t>{c_out, c_in, k};
         Conv c = make_conv(get(w, p + ".weight", shape), get(w, p + ".bias", {c_out}), c_in, c_out, k,
-                           stride, pad, transposed, cfg.weights);
-        max_col = std::max(max_col, static_cast<std::size_t>(c.t_out(t_in)) * c.d.k_pad);
+                           stride, pad, transposed, cfg.weights, cfg.guided);
+        // The backward uses col for d(output) as rows of C_out (padded).
+        max_col = std::max(max_col, static_cast<std::size_t>(c.t_out(t_in)) * std::max(c.d.k_pad, c.dt.k_pad));
         return c;
     }
 
@@ -293,6 +372,12 @@ struct PolicyEngine::Impl {
         const float* be = get(w, p + ".1.bias", {c_out});
         b.norm.gamma.assign(g, g + c_out);
         b.norm.beta.assign(be, be + c_out);
+        if (cfg.guided) {
+            const std::size_t B = cfg.max_batch;
+            b.tape.pre.assign(B * c_out * t_in, 0.0f);
+            b.tape.mean.assign(B * cfg.n_groups, 0.0f);
+            b.tape.rstd.assign(B * cfg.n_groups, 0.0f);
+        }
         return b;
     }
 
@@ -316,6 +401,10 @@ struct PolicyEngine::Impl {
         // Read once per plan, so kept fp32 whatever the conv weights are.
         rb.film_g.pack(two_c, G, cpu::WeightType::kF32, [&](int r, int i) { return fw[static_cast<std::size_t>(r) * cond + dsed + i]; });
         rb.film_g_out.assign(static_cast<std::size_t>(cfg.max_batch) * two_c, 0.0f);
+        if (cfg.guided) {
+            rb.y0.assign(static_cast<std::size_t>(cfg.max_batch) * c_out * t, 0.0f);
+            rb.dfilm.assign(static_cast<std::size_t>(cfg.max_batch) * two_c, 0.0f);
+        }
         return rb;
     }
 
@@ -368,6 +457,30 @@ struct PolicyEngine::Impl {
         return out;
     }
 
+    // Every convolution, in the order a forward runs them.
+    std::vector<Conv*> all_convs() {
+        std::vector<Conv*> out;
+        auto res = [&](ResBlock& rb) {
+            out.push_back(&rb.b0.conv);
+            out.push_back(&rb.b1.conv);
+            if (rb.has_res) out.push_back(&rb.res);
+        };
+        for (int l = 0; l < levels; ++l) {
+            res(down_res[2 * l]);
+            res(down_res[2 * l + 1]);
+            if (l < levels - 1) out.push_back(&down_sample[l]);
+        }
+        for (auto& rb : mid_res) res(rb);
+        for (int u = 0; u < levels - 1; ++u) {
+            res(up_res[2 * u]);
+            res(up_res[2 * u + 1]);
+            out.push_back(&up_sample[u]);
+        }
+        out.push_back(&final_block.conv);
+        out.push_back(&final_out);
+        return out;
+    }
+
     // ---- forward ----
     void dense(const Dense& d, const float* col, int n_cols, float* out, int T, std::size_t bstride) {
         DenseJob job;
@@ -397,14 +510,15 @@ struct PolicyEngine::Impl {
         return t_out;
     }
 
-    void run_conv_block(const ConvBlock& b, const Src& s, int batch, int T, float* out) {
+    void run_conv_block(ConvBlock& b, const Src& s, int batch, int T, float* out) {
         run_conv(b.conv, s, batch, T, out);
-        group_norm_mish(out, batch, b.conv.c_out, T, cfg.n_groups, b.norm);
+        group_norm_mish(out, batch, b.conv.c_out, T, cfg.n_groups, b.norm, recording ? &b.tape : nullptr);
     }
 
-    void run_res_block(const ResBlock& rb, const Src& in, int batch, int T, int step, float* out) {
+    void run_res_block(ResBlock& rb, const Src& in, int batch, int T, int step, float* out) {
         const int C = rb.c_out;
         run_conv_block(rb.b0, in, batch, T, h.data());
+        if (recording) std::copy_n(h.data(), static_cast<std::size_t>(batch) * C * T, rb.y0.data());
         // FiLM: (scale, bias) = time half of step `step` + observation half of sample b.
         const float* ft = rb.film_t.data() + static_cast<std::size_t>(step) * 2 * C;
         for (int b = 0; b < batch; ++b) {
@@ -450,8 +564,8 @@ struct PolicyEngine::Impl {
         int T = H;
         float* cur = act_x.data();
         for (int l = 0; l < levels; ++l) {
-            const ResBlock& r1 = down_res[2 * l];
-            const ResBlock& r2 = down_res[2 * l + 1];
+            ResBlock& r1 = down_res[2 * l];
+            ResBlock& r2 = down_res[2 * l + 1];
             run_res_block(r1, in, batch, T, step, act_a.data());
             float* skip = skips[l].data();
             run_res_block(r2, Src{act_a.data(), static_cast<std::size_t>(r1.c_out) * T, T, 1}, batch, T, step, skip);
@@ -479,8 +593,8 @@ struct PolicyEngine::Impl {
                 for (std::size_t i = 0; i < nx; ++i) cat[b * (nx + ns) + i] = in.ptr[b * in.bstride + i];
                 std::copy_n(skips[l].data() + b * ns, ns, cat + b * (nx + ns) + nx);
             }
-            const ResBlock& r1 = up_res[2 * u];
-            const ResBlock& r2 = up_res[2 * u + 1];
+            ResBlock& r1 = up_res[2 * u];
+            ResBlock& r2 = up_res[2 * u + 1];
             run_res_block(r1, Src{cat, nx + ns, T, 1}, batch, T, step, act_a.data());
             run_res_block(r2, Src{act_a.data(), static_cast<std::size_t>(r1.c_out) * T, T, 1}, batch, T, step, act_b.data());
             T = run_conv(up_sample[u], Src{act_b.data(), static_cast<std::size_t>(r2.c_out) * T, T, 1}, batch, T, act_a.data());
@@ -494,12 +608,161 @@ struct PolicyEngine::Impl {
                 for (int t = 0; t < H; ++t)
                     eps_out[(static_cast<std::size_t>(b) * H + t) * Da + c] = eps_cf[(static_cast<std::size_t>(b) * Da + c) * H + t];
     }
+
+    // ---- backward (guided mode): d(0.5 ||eps||^2) / d(global cond), activations only ----
+
+    // din (B, c_in, t_in) = (or +=) d/d(input) of conv c for dout (B, c_out, t_out), channels-first:
+    // d(col) = d(out) W (the transposed weights, streamed once), then col2im.
+    void conv_backward(const Conv& c, const float* dout, int batch, int t_in, float* din, bool accumulate) {
+        const int t_out = c.t_out(t_in), kp = c.dt.k_pad;
+        for (int b = 0; b < batch; ++b)
+            for (int t = 0; t < t_out; ++t) {
+                float* row = col.data() + (static_cast<std::size_t>(b) * t_out + t) * kp;
+                const float* src = dout + static_cast<std::size_t>(b) * c.c_out * t_out + t;
+                for (int co = 0; co < c.c_out; ++co) row[co] = src[static_cast<std::size_t>(co) * t_out];
+                std::fill(row + c.c_out, row + kp, 0.0f);
+            }
+        dense(c.dt, col.data(), batch * t_out, dcol.data(), 1, c.dt.rows);
+        if (!accumulate) std::fill_n(din, static_cast<std::size_t>(batch) * c.c_in * t_in, 0.0f);
+        col2im_add(c, dcol.data(), batch, t_in, din);
+    }
+
+    // d(input) of a conv block (conv -> GroupNorm -> Mish) from d(output); scratch in grad_y.
+    void conv_block_backward(const ConvBlock& b, const float* dout, int batch, int T, float* din) {
+        group_norm_mish_backward(dout, batch, b.conv.c_out, T, cfg.n_groups, b.norm, b.tape, grad_y.data());
+        conv_backward(b.conv, grad_y.data(), batch, T, din, false);
+    }
+
+    // Fills rb.dfilm = d(loss)/d(scale, bias) and, unless din is null (the first block, whose input
+    // is the noisy sample: no path to z), din = d(loss)/d(block input). Scratch in grad_h, grad_y.
+    void res_block_backward(ResBlock& rb, const float* dout, int batch, int T, int step, float* din) {
+        const int C = rb.c_out;
+        float* dh = grad_h.data();
+        conv_block_backward(rb.b1, dout, batch, T, dh);
+        const float* ft = rb.film_t.data() + static_cast<std::size_t>(step) * 2 * C;
+        for (int b = 0; b < batch; ++b) {
+            const float* fg = rb.film_g_out.data() + static_cast<std::size_t>(b) * 2 * C;
+            float* df = rb.dfilm.data() + static_cast<std::size_t>(b) * 2 * C;
+            for (int c = 0; c < C; ++c) {
+                const std::size_t off = (static_cast<std::size_t>(b) * C + c) * T;
+                const float scale = ft[c] + fg[c];
+                float d_scale = 0.0f, d_bias = 0.0f;
+                for (int t = 0; t < T; ++t) {
+                    d_scale += dh[off + t] * rb.y0[off + t];
+                    d_bias += dh[off + t];
+                    dh[off + t] *= scale;  // now d(first block output)
+                }
+                df[c] = d_scale;
+                df[C + c] = d_bias;
+            }
+        }
+        if (!din) return;
+        conv_block_backward(rb.b0, dh, batch, T, din);
+        const std::size_t n = static_cast<std::size_t>(batch) * C * T;
+        if (rb.has_res) {
+            conv_backward(rb.res, dout, batch, T, din, true);
+        } else {
+            for (std::size_t i = 0; i < n; ++i) din[i] += dout[i];
+        }
+    }
+
+    // After a recording forward that returned eps (B, H, Da): every site's dfilm for the cotangent eps.
+    void backward(const float* eps_in, int batch, int step) {
+        float *ga = grad_a.data(), *gb = grad_b.data(), *gc = grad_c.data();
+        for (int b = 0; b < batch; ++b)  // (B, H, Da) -> channels-first (B, Da, H)
+            for (int t = 0; t < H; ++t)
+                for (int c = 0; c < Da; ++c)
+                    ga[(static_cast<std::size_t>(b) * Da + c) * H + t] = eps_in[(static_cast<std::size_t>(b) * H + t) * Da + c];
+        conv_backward(final_out, ga, batch, H, gb, false);
+        conv_block_backward(final_block, gb, batch, H, ga);
+        std::swap(ga, gb);  // gb: d(input of the final block)
+        std::vector<int> widths{Da};
+        widths.insert(widths.end(), cfg.down_dims.begin(), cfg.down_dims.end());
+        for (int l = 0; l < levels; ++l) std::fill(dskips[l].begin(), dskips[l].end(), 0.0f);
+        for (int u = levels - 2; u >= 0; --u) {
+            const int l = levels - 1 - u, T = H >> l, cx = widths[l + 1];
+            conv_backward(up_sample[u], gb, batch, T, ga, false);
+            res_block_backward(up_res[2 * u + 1], ga, batch, T, step, gb);
+            res_block_backward(up_res[2 * u], gb, batch, T, step, gc);
+            // gc = d cat([x, skip]): the x half flows on, the skip half waits for the down path.
+            const std::size_t half = static_cast<std::size_t>(cx) * T;
+            for (int b = 0; b < batch; ++b) {
+                std::copy_n(gc + 2 * half * b, half, gb + half * b);
+                float* ds = dskips[l].data() + half * b;
+                for (std::size_t i = 0; i < half; ++i) ds[i] += gc[2 * half * b + half + i];
+            }
+        }
+        const int t_mid = H >> (levels - 1);
+        res_block_backward(mid_res[1], gb, batch, t_mid, step, ga);
+        res_block_backward(mid_res[0], ga, batch, t_mid, step, gb);  // gb: d(last skip) via the mid blocks
+        for (int l = levels - 1; l >= 0; --l) {
+            const int T = H >> l;
+            const std::size_t n = static_cast<std::size_t>(batch) * widths[l + 1] * T;
+            if (l == levels - 1) std::copy_n(gb, n, ga);
+            else conv_backward(down_sample[l], gb, batch, T, ga, false);  // gb: d(next level's input)
+            for (std::size_t i = 0; i < n; ++i) ga[i] += dskips[l][i];
+            res_block_backward(down_res[2 * l + 1], ga, batch, T, step, gc);
+            res_block_backward(down_res[2 * l], gc, batch, T, step, l == 0 ? nullptr : gb);
+        }
+    }
+
+    // force (B, G) = d(0.5 ||eps||^2)/d z from every site's dfilm: back through each FiLM Linear's
+    // condition half, then the Mish in front of it (z was the input of set_global_cond).
+    void force_from_film(const float* z_in, int batch, float* out) {
+        std::fill_n(out, static_cast<std::size_t>(batch) * G, 0.0f);
+        auto site = [&](const ResBlock& rb) {
+            const int two_c = 2 * rb.c_out;
+            const float* w = static_cast<const float*>(rb.film_g.weights());
+            for (int b = 0; b < batch; ++b)
+                for (int r = 0; r < two_c; ++r) {
+                    const float d = rb.dfilm[static_cast<std::size_t>(b) * two_c + r];
+                    const float* wr = w + static_cast<std::size_t>(r) * Gp;
+                    float* o = out + static_cast<std::size_t>(b) * G;
+                    for (int i = 0; i < G; ++i) o[i] += d * wr[i];
+                }
+        };
+        for (const auto& rb : down_res) site(rb);
+        for (const auto& rb : mid_res) site(rb);
+        for (const auto& rb : up_res) site(rb);
+        for (std::size_t i = 0; i < static_cast<std::size_t>(batch) * G; ++i) out[i] *= mish_grad(z_in[i]);
+    }
+
+    // force (B, G) at latent z (B, G) for the sample x: a recording forward, then the backward.
+    void compute_force(const float* sample, int batch, int step, const float* z_in, float* out) {
+        set_global_cond(z_in, batch);
+        recording = true;
+        forward(sample, batch, step, eps.data());
+        recording = false;
+        backward(eps.data(), batch, step);
+        force_from_film(z_in, batch, out);
+    }
+
+    // One Euler-Maruyama step of the latent (ops.torch_ref.em_step), in place on z (B, To, Do):
+    // z += gamma dt sigma n(g) + eta sqrt(dt) sigma xi, sigma = exp(log_var / 2), n() = unit L2 over Do.
+    void latent_step(float* zz, const float* g, const float* lv, const float* xi, int batch) {
+        const int Do = cfg.cond_dim;
+        const float drift = cfg.latent_gamma * cfg.latent_dt, diffusion = cfg.latent_eta * std::sqrt(cfg.latent_dt);
+        for (int row = 0; row < batch * cfg.n_obs_steps; ++row) {
+            const std::size_t o = static_cast<std::size_t>(row) * Do;
+            float inv = 1.0f;
+            if (cfg.latent_normalize) {
+                double sq = 0.0;
+                for (int d = 0; d < Do; ++d) sq += static_cast<double>(g[o + d]) * g[o + d];
+                inv = 1.0f / (static_cast<float>(std::sqrt(sq)) + 1e-6f);
+            }
+            for (int d = 0; d < Do; ++d) {
+                const float sigma = std::exp(0.5f * lv[o + d]);
+                zz[o + d] += drift * sigma * (g[o + d] * inv);
+                if (xi) zz[o + d] += diffusion * sigma * xi[o + d];
+            }
+        }
+    }
 };
 
 PolicyEngine::Impl::Impl(const PolicyEngineConfig& c, const WeightMap& w)
     : cfg(c), pool(c.threads) {
     K = static_cast<int>(cfg.timesteps.size());
-    G = cfg.n_obs_steps * cfg.state_dim;
+    G = cfg.n_obs_steps * cfg.cond_dim;
     Gp = cpu::pad_k(G);
     H = cfg.horizon;
     Da = cfg.action_dim;
@@ -535,36 +798,28 @@ PolicyEngine::Impl::Impl(const PolicyEngineConfig& c, const WeightMap& w)
     if (T != H) throw std::invalid_argument("horizon: the U-Net does not map H=" + std::to_string(H) + " back to itself");
     max_act = std::max(max_act, static_cast<std::size_t>(H) * Da);
 
-    // Every conv's weights, in the order a forward reads them, into one huge-page arena.
+    // Every conv's weights, in the order a forward reads them, then (guided mode) the transposed
+    // copies, into one huge-page arena.
     std::vector<Dense*> order;
-    auto add_res = [&](ResBlock& rb) {
-        order.push_back(&rb.b0.conv.d);
-        order.push_back(&rb.b1.conv.d);
-        if (rb.has_res) order.push_back(&rb.res.d);
-    };
-    for (int l = 0; l < levels; ++l) {
-        add_res(down_res[2 * l]);
-        add_res(down_res[2 * l + 1]);
-        if (l < levels - 1) order.push_back(&down_sample[l].d);
-    }
-    for (auto& rb : mid_res) add_res(rb);
-    for (int u = 0; u < levels - 1; ++u) {
-        add_res(up_res[2 * u]);
-        add_res(up_res[2 * u + 1]);
-        order.push_back(&up_sample[u].d);
-    }
-    order.push_back(&final_block.conv.d);
-    order.push_back(&final_out.d);
+    for (Conv* c : all_convs()) order.push_back(&c->d);
+    if (cfg.guided)
+        for (Conv* c : all_convs()) order.push_back(&c->dt);
     arena.build(order);
 
     const std::size_t B = cfg.max_batch;
     col.assign(B * max_col, 0.0f);
     for (auto* v : {&act_a, &act_b, &act_x, &h, &r}) v->assign(B * max_act, 0.0f);
     for (int l = 0; l < levels; ++l) skips.emplace_back(B * static_cast<std::size_t>(dd[l]) * (H >> l), 0.0f);
-    gnorm.assign(B * G, 0.0f);
+    mu.assign(B * G, 0.0f);
     gcol.assign(B * Gp, 0.0f);
     const std::size_t n = B * static_cast<std::size_t>(H) * Da;
     for (auto* v : {&eps_cf, &eps, &x, &prev, &x0}) v->assign(n, 0.0f);
+    if (cfg.guided) {
+        dcol.assign(B * max_col, 0.0f);
+        for (auto* v : {&grad_a, &grad_b, &grad_c, &grad_h, &grad_y}) v->assign(B * max_act, 0.0f);
+        for (const auto& sk : skips) dskips.emplace_back(sk.size(), 0.0f);
+        for (auto* v : {&z, &force, &log_var}) v->assign(B * G, 0.0f);
+    }
 }
 
 namespace {
@@ -572,7 +827,8 @@ void validate(const PolicyEngineConfig& c) {
     auto need = [](bool ok, const std::string& msg) {
         if (!ok) throw std::invalid_argument(msg);
     };
-    need(c.action_dim >= 1 && c.state_dim >= 1 && c.n_obs_steps >= 1, "action_dim, state_dim, n_obs_steps: must be >= 1");
+    need(c.action_dim >= 1 && c.cond_dim >= 1 && c.n_obs_steps >= 1, "action_dim, cond_dim, n_obs_steps: must be >= 1");
+    need(c.state_dim >= 0, "state_dim: must be >= 0");
     need(!c.down_dims.empty(), "down_dims: needs at least one level");
     for (int d : c.down_dims) need(d > 0 && c.n_groups > 0 && d % c.n_groups == 0, "down_dims: every width must be a multiple of n_groups");
     need(c.kernel_size % 2 == 1, "kernel_size: must be odd");
@@ -585,6 +841,19 @@ void validate(const PolicyEngineConfig& c) {
          "action_scale/action_offset: need action_dim values");
     need(c.max_batch >= 1, "max_batch: must be >= 1");
     need(c.threads >= 1 && c.threads <= 64, "threads: must be in [1, 64]");
+    if (c.guided) {
+        need(c.latent_steps >= 1 && c.latent_dt > 0.0f && c.latent_eta >= 0.0f,
+             "latent: needs steps >= 1, dt > 0, eta >= 0");
+        const std::size_t d = c.cond_dim;
+        need(c.log_var_weight.empty() || (c.log_var_weight.size() == d * d && c.log_var_bias.size() == d),
+             "log_var_weight/log_var_bias: need cond_dim x cond_dim and cond_dim values");
+    }
+}
+
+// Throws unless every one of the n values is finite.
+void require_finite(const float* p, std::size_t n, const char* what) {
+    for (std::size_t i = 0; i < n; ++i)
+        if (!std::isfinite(p[i])) throw std::invalid_argument(std::string(what) + ": contains NaN or inf");
 }
 }  // namespace
 
@@ -599,20 +868,19 @@ std::size_t PolicyEngine::num_params() const { return impl_->n_params; }
 
 std::size_t PolicyEngine::weight_bytes_per_step() const {
     std::size_t n = 0;
-    auto rb = [&](const std::vector<ResBlock>& v) {
-        for (const auto& b : v) n += b.b0.conv.d.bytes() + b.b1.conv.d.bytes() + (b.has_res ? b.res.d.bytes() : 0);
-    };
-    rb(impl_->down_res);
-    rb(impl_->mid_res);
-    rb(impl_->up_res);
-    for (const auto& c : impl_->down_sample) n += c.d.bytes();
-    for (const auto& c : impl_->up_sample) n += c.d.bytes();
-    return n + impl_->final_block.conv.d.bytes() + impl_->final_out.d.bytes();
+    for (const Conv* c : impl_->all_convs()) n += c->d.bytes();
+    return n;
 }
 
+namespace {
+void check_batch(int batch, int max_batch) {
+    if (batch < 1 || batch > max_batch)
+        throw std::invalid_argument("batch: must be in [1, max_batch=" + std::to_string(max_batch) + "], got " + std::to_string(batch));
+}
+}  // namespace
+
 void PolicyEngine::unet_forward(const float* sample, int batch, int step, const float* global_cond, float* eps) {
-    if (batch < 1 || batch > cfg_.max_batch)
-        throw std::invalid_argument("batch: must be in [1, max_batch=" + std::to_string(cfg_.max_batch) + "], got " + std::to_string(batch));
+    check_batch(batch, cfg_.max_batch);
     if (step < 0 || step >= num_steps())
         throw std::invalid_argument("step: must be in [0, K=" + std::to_string(num_steps()) + "), got " + std::to_string(step));
     std::lock_guard<std::mutex> lock(impl_->busy);
@@ -620,18 +888,38 @@ void PolicyEngine::unet_forward(const float* sample, int batch, int step, const 
     impl_->forward(sample, batch, step, eps);
 }
 
-void PolicyEngine::plan(const float* state, int batch, const float* x_init, const float* step_noise, float* action_pred,
-                        const InpaintArgs* inpaint) {
+void PolicyEngine::unet_force(const float* sample, int batch, int step, const float* global_cond, float* force) {
+    check_batch(batch, cfg_.max_batch);
+    if (step < 0 || step >= num_steps())
+        throw std::invalid_argument("step: must be in [0, K=" + std::to_string(num_steps()) + "), got " + std::to_string(step));
+    if (!cfg_.guided) throw std::invalid_argument("unet_force: the engine was built without guided mode (config guided=False)");
+    std::lock_guard<std::mutex> lock(impl_->busy);
+    impl_->compute_force(sample, batch, step, global_cond, force);
+}
+
+void PolicyEngine::plan(const PlanArgs& a) {
     Impl& m = *impl_;
-    if (batch < 1 || batch > cfg_.max_batch)
-        throw std::invalid_argument("batch: must be in [1, max_batch=" + std::to_string(cfg_.max_batch) + "], got " + std::to_string(batch));
-    if (cfg_.stochastic && !step_noise)
+    const int batch = a.batch, G = m.G, Do = cfg_.cond_dim;
+    check_batch(batch, cfg_.max_batch);
+    if (!a.x_init || !a.action_pred) throw std::invalid_argument("plan: x_init and action_pred are required");
+    if (cfg_.stochastic && !a.step_noise)
         throw std::invalid_argument("step_noise: this sampler is stochastic (DDPM or eta > 0) and needs (K, B, H, Da) noise");
-    const int G = m.G, Ds = cfg_.state_dim;
+    if (!a.state == !a.mu) throw std::invalid_argument("plan: give either the raw state or the encoded mu, not both");
+    if (a.state && Do != cfg_.state_dim)
+        throw std::invalid_argument("state: the engine encodes raw state only for low-dim policies (cond_dim == state_dim); give mu");
+    const std::size_t n_cond = static_cast<std::size_t>(batch) * G;
+    require_finite(a.state ? a.state : a.mu, n_cond, a.state ? "obs['state']" : "mu");
+    if (a.guided) {
+        if (!cfg_.guided) throw std::invalid_argument("guided: the engine was built without guided mode (config guided=False)");
+        if (a.mu && !a.log_var) throw std::invalid_argument("guided: needs log_var with mu");
+        if (a.state && cfg_.log_var_weight.empty())
+            throw std::invalid_argument("guided: the config has no log_var_weight (the posterior's log_var Linear)");
+        if (a.log_var) require_finite(a.log_var, n_cond, "log_var");
+        if (cfg_.latent_eta > 0.0f && !a.latent_noise)
+            throw std::invalid_argument("latent_noise: latent eta > 0 needs (K, S, B, To, Do) Brownian draws");
+    }
     const std::size_t n = static_cast<std::size_t>(batch) * m.H * m.Da;
-    for (std::size_t i = 0; i < static_cast<std::size_t>(batch) * G; ++i)
-        if (!std::isfinite(state[i])) throw std::invalid_argument("obs['state']: contains NaN or inf");
-    const InpaintArgs* inp = inpaint && inpaint->width > 0 ? inpaint : nullptr;
+    const InpaintArgs* inp = a.inpaint.width > 0 ? &a.inpaint : nullptr;
     const std::size_t n_pre = inp ? static_cast<std::size_t>(batch) * inp->width * m.Da : 0;  // B*W*Da
     if (inp) {
         if (inp->start < 0 || inp->start + inp->width > m.H)
@@ -641,27 +929,48 @@ void PolicyEngine::plan(const float* state, int batch, const float* x_init, cons
             throw std::invalid_argument("prefix: needs prefix, weights and per-step noise");
         if (cfg_.inpaint_coefs.size() != static_cast<std::size_t>(num_steps()))
             throw std::invalid_argument("prefix: the engine config has no inpaint_coefs (one row per step)");
-        for (std::size_t i = 0; i < n_pre; ++i)
-            if (!std::isfinite(inp->prefix[i])) throw std::invalid_argument("prefix: contains NaN or inf");
+        require_finite(inp->prefix, n_pre, "prefix");
         for (int j = 0; j < inp->width; ++j)
             if (!(inp->weights[j] >= 0.0f && inp->weights[j] <= 1.0f))
                 throw std::invalid_argument("prefix_weight: weights must be finite and in [0, 1]");
     }
 
     std::lock_guard<std::mutex> lock(m.busy);
-    // Normalise (as Normalizer.normalize: x * scale + offset); the identity encoder makes this mu.
-    float* g = m.gnorm.data();
-    for (int b = 0; b < batch; ++b)
-        for (int i = 0; i < G; ++i) {
-            const std::size_t j = static_cast<std::size_t>(b) * G + i;
-            g[j] = state[j] * cfg_.state_scale[i % Ds] + cfg_.state_offset[i % Ds];
-        }
-    m.set_global_cond(g, batch);
+    // mu: the normalised state (Normalizer.normalize: x * scale + offset; the identity encoder), or given.
+    float* mu = m.mu.data();
+    if (a.state) {
+        for (std::size_t j = 0; j < n_cond; ++j)
+            mu[j] = a.state[j] * cfg_.state_scale[j % Do] + cfg_.state_offset[j % Do];
+    } else {
+        std::copy_n(a.mu, n_cond, mu);
+    }
+    const float* log_var = a.log_var;
+    if (a.guided && a.state) {  // the identity posterior: log_var = clamp(Linear(mu), -10, 2) per step
+        for (std::size_t row = 0; row < n_cond / Do; ++row)
+            for (int o = 0; o < Do; ++o) {
+                float acc = cfg_.log_var_bias[o];
+                for (int i = 0; i < Do; ++i) acc += cfg_.log_var_weight[static_cast<std::size_t>(o) * Do + i] * mu[row * Do + i];
+                m.log_var[row * Do + o] = std::min(2.0f, std::max(-10.0f, acc));
+            }
+        log_var = m.log_var.data();
+    }
+    if (!a.guided) m.set_global_cond(mu, batch);
 
-    std::copy_n(x_init, n, m.x.data());
+    const int S = cfg_.latent_steps;
+    std::copy_n(a.x_init, n, m.x.data());
     for (int k = 0; k < num_steps(); ++k) {
+        if (a.guided) {
+            // The latent update at the current sample, always from mu (spec section 7, "guided").
+            std::copy_n(mu, n_cond, m.z.data());
+            for (int s = 0; s < S; ++s) {
+                m.compute_force(m.x.data(), batch, k, m.z.data(), m.force.data());
+                const float* xi = a.latent_noise ? a.latent_noise + (static_cast<std::size_t>(k) * S + s) * n_cond : nullptr;
+                m.latent_step(m.z.data(), m.force.data(), log_var, cfg_.latent_eta > 0.0f ? xi : nullptr, batch);
+            }
+            m.set_global_cond(m.z.data(), batch);
+        }
         m.forward(m.x.data(), batch, k, m.eps.data());
-        const float* noise = cfg_.stochastic ? step_noise + k * n : nullptr;
+        const float* noise = cfg_.stochastic ? a.step_noise + k * n : nullptr;
         sampler_step(m.x.data(), m.eps.data(), noise, n, cfg_.coefs[k], cfg_.clip, m.prev.data(), m.x0.data());
         std::swap(m.x, m.prev);
         if (inp) {
@@ -684,7 +993,7 @@ void PolicyEngine::plan(const float* state, int batch, const float* x_init, cons
     // Un-normalise (as Normalizer.unnormalize: (x - offset) / scale).
     for (std::size_t i = 0; i < n; ++i) {
         const int c = static_cast<int>(i % m.Da);
-        action_pred[i] = (m.x[i] - cfg_.action_offset[c]) / cfg_.action_scale[c];
+        a.action_pred[i] = (m.x[i] - cfg_.action_offset[c]) / cfg_.action_scale[c];
     }
 }
 

@@ -1,9 +1,20 @@
-// The CPU policy engine: the whole K-step DDIM/DDPM sampler of a low-dim DP-AG / Diffusion Policy
-// (dpag_engine/policy.py, predict_action in "dp" mode) in one call, no Python or torch inside.
+// The CPU policy engine: the whole K-step DDIM/DDPM sampler of a DP-AG / Diffusion Policy
+// (dpag_engine/policy.py, predict_action in "dp" and "guided" modes) in one call, no Python inside.
 //
-//   state (B, To, Ds) --normalise--> g = mu (B, To*Ds)   (identity encoder; dp mode conditions on mu)
-//   x = x_init (B, H, Da); for k < K: eps = unet(x, t_k, g); x = sampler_step(x, eps, coefs[k], noise_k)
+//   state (B, To, Ds) --normalise--> mu (B, To*Ds)     (low-dim: the identity encoder, in C++), or
+//   mu, log_var given                                  (image policies: the ResNet runs in torch)
+//   x = x_init (B, H, Da); for k < K:
+//       z = mu                                          (dp mode), or in guided mode (spec section 5)
+//       z = mu; S times: g = (d eps / d z)^T eps at (x, t_k, z); z += gamma dt sigma n(g) + eta sqrt(dt) sigma xi
+//       eps = unet(x, t_k, z); x = sampler_step(x, eps, coefs[k], noise_k)
 //   action_pred = unnormalise(x)
+//
+// Guided mode needs the force g: an activation-only backward of the U-Net w.r.t. its global
+// condition. z reaches the U-Net only through the FiLM sites, so the backward runs the body in
+// reverse (every conv as its transposed product, GroupNorm+Mish from a tape of the forward) down to
+// the first FiLM site, collects d(scale, bias) at every site, and maps them back through the FiLM
+// Linears and the leading Mish. The transposed conv weights are a second packed copy (built only
+// when the config asks for guided mode), so the backward streams the weights once, like a forward.
 //
 // Real-time chunking (dpag_engine/rtc.py): with an InpaintArgs, after every step k the rows
 // [start, start + W) of x become w_j * (sa_k * prefix + s1ma_k * prefix_noise_k) + (1 - w_j) * x, with
@@ -49,8 +60,10 @@ using WeightMap = std::unordered_map<std::string, TensorView>;
 struct PolicyEngineConfig {
     // U-Net (dpag_engine/config.py UNetConfig) and policy shapes.
     int action_dim = 0;              // Da
-    int state_dim = 0;               // Ds
-    int n_obs_steps = 0;             // To; global_cond_dim = To * Ds
+    int state_dim = 0;               // Ds (0: no state input; mu must then be given to plan())
+    int cond_dim = 0;                // Do, the per-step feature size; global_cond_dim = To * Do.
+                                     // The state path (identity encoder) needs cond_dim == state_dim.
+    int n_obs_steps = 0;             // To
     int horizon = 0;                 // H
     std::vector<int> down_dims;
     int kernel_size = 5;
@@ -66,6 +79,14 @@ struct PolicyEngineConfig {
     std::vector<std::array<float, 2>> inpaint_coefs;
     // Normaliser: normalised = raw * scale + offset (dpag_engine/normalize.py).
     std::vector<float> state_scale, state_offset, action_scale, action_offset;
+    // Guided mode (spec section 5): build the backward (transposed conv weights, a tape of the
+    // forward); the latent update's parameters; the identity posterior's log_var Linear (Do x Do
+    // row-major, then Do biases; clamped to [-10, 2]) for plans from raw state.
+    bool guided = false;
+    int latent_steps = 1;
+    float latent_dt = 1.0f, latent_gamma = 1.0f, latent_eta = 0.0f;
+    bool latent_normalize = true;
+    std::vector<float> log_var_weight, log_var_bias;
     // Engine.
     int max_batch = 1;
     cpu::WeightType weights = cpu::WeightType::kF32;
@@ -81,6 +102,20 @@ struct InpaintArgs {
     int width = 0;                   // W; 0 = no inpainting
 };
 
+// One plan's inputs and output (all borrowed, float32, C-contiguous).
+struct PlanArgs {
+    int batch = 1;
+    const float* state = nullptr;        // (B, To, Ds) raw: normalised here (identity encoder), or
+    const float* mu = nullptr;           // (B, To, Do) encoded by the caller, with
+    const float* log_var = nullptr;      // (B, To, Do), needed in guided mode
+    const float* x_init = nullptr;       // (B, H, Da) initial noise
+    const float* step_noise = nullptr;   // (K, B, H, Da) when cfg.stochastic
+    bool guided = false;
+    const float* latent_noise = nullptr; // (K, S, B, To, Do) Brownian draws, guided with latent_eta > 0
+    InpaintArgs inpaint;                 // width 0: no real-time chunking
+    float* action_pred = nullptr;        // (B, H, Da) raw output
+};
+
 class PolicyEngine {
 public:
     // Copies (and repacks) every weight; the views may be freed afterwards. Throws
@@ -90,22 +125,22 @@ public:
     PolicyEngine(const PolicyEngine&) = delete;
     PolicyEngine& operator=(const PolicyEngine&) = delete;
 
-    // One plan. state (B, To, Ds) raw; x_init (B, H, Da) the initial noise; step_noise (K, B, H, Da)
-    // when cfg.stochastic, else ignored (may be null); action_pred (B, H, Da) raw output.
-    // Throws std::invalid_argument for B outside [1, max_batch] or non-finite state. Concurrent
-    // calls on one engine are serialised (one set of buffers); use one engine per planning thread.
-    // inpaint: optional real-time-chunking prefix (null or width 0: the plain sampler); throws
-    // std::invalid_argument for rows outside the horizon, a non-finite prefix or a missing table.
-    void plan(const float* state, int batch, const float* x_init, const float* step_noise,
-              float* action_pred, const InpaintArgs* inpaint = nullptr);
+    // One plan (see PlanArgs). Throws std::invalid_argument for B outside [1, max_batch], a missing
+    // or non-finite input, guided mode on an engine built without it, or an inpainting prefix
+    // outside the horizon. Allocates nothing. Concurrent calls on one engine are serialised (one
+    // set of buffers); use one engine per planning thread.
+    void plan(const PlanArgs& args);
 
     // eps = unet(sample, timesteps[step], global_cond) for sample (B, H, Da) and global_cond
-    // (B, To*Ds) already normalised (i.e. mu); eps (B, H, Da). For tests against the torch U-Net.
+    // (B, To*Do) already encoded (i.e. mu); eps (B, H, Da). For tests against the torch U-Net.
     void unet_forward(const float* sample, int batch, int step, const float* global_cond, float* eps);
+    // force (B, To*Do) = (d eps / d global_cond)^T eps at the same point: one forward with a tape,
+    // one activation-only backward. Needs cfg.guided. For tests against torch.autograd.
+    void unet_force(const float* sample, int batch, int step, const float* global_cond, float* force);
 
     const PolicyEngineConfig& config() const { return cfg_; }
     int num_steps() const { return static_cast<int>(cfg_.timesteps.size()); }
-    std::size_t weight_bytes_per_step() const;  // conv weights streamed by one U-Net forward
+    std::size_t weight_bytes_per_step() const;  // conv weights streamed by one U-Net forward (or backward)
     std::size_t num_params() const;             // U-Net parameters as imported
 
     struct Impl;

@@ -1,18 +1,27 @@
-"""CpuPolicy: `DPAGPolicy.predict_action` (dp mode, low-dim policies) as one C++ call per plan.
+"""CpuPolicy: `DPAGPolicy.predict_action` (dp and guided modes) as one C++ call per plan.
 
-The engine (csrc/unet_runtime.h, bound as `dpag_engine._C.PolicyEngine`) runs normalisation, the
-K U-Net forwards, the sampler steps and un-normalisation without Python in the loop and with the
-GIL released. This wrapper exports the policy's weights once, draws the random numbers exactly as
-predict_action does (so a shared generator gives the same actions), and slices the receding horizon.
+The engine (csrc/unet_runtime.h, bound as `dpag_engine._C.PolicyEngine`) runs the K U-Net forwards,
+in guided mode the latent update's activation-only backward at every step, the sampler steps and
+un-normalisation without Python in the loop and with the GIL released. Low-dim policies (identity
+posterior) are encoded in C++ too (normalise; log_var Linear). Image policies, and the "mlp"
+posterior, are encoded by torch first, once per plan: the ResNet-18 is compute-bound 2-D
+convolution, which oneDNN already runs near peak, and then the C++ sampler takes (mu, log_var).
+
+This wrapper exports the policy's weights once, draws the random numbers exactly as predict_action
+does (so a shared generator gives the same actions), and slices the receding horizon.
 
     engine = CpuPolicy.from_policy(policy)                 # fp32; weights="fp16"/"bf16" halve the bytes
-    out = engine.step({"state": state}, generator)         # == policy.predict_action(obs, generator)
+    out = engine.step(obs, generator)                      # == policy.predict_action(obs, generator)
+    out = engine.step(obs, generator, mode="guided")       # the latent update at every step
     out = engine.step(obs, generator, prefix=committed)    # real-time chunking, as predict_action's
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
+from torch import nn
 
 from .policy import DPAGPolicy, draw_seed
 from .rtc import check_prefix
@@ -23,24 +32,48 @@ except ImportError as err:  # a source checkout that was never built
     raise ImportError("dpag_engine._C is not built: run `pip install -e .` (needs a C++17 compiler)") from err
 
 
+class TorchEncoder(nn.Module):
+    """A float32 snapshot of a policy's normaliser, observation encoder and posterior: obs -> (mu, log_var).
+
+    For the policies whose encoder the engine does not run (images, the "mlp" posterior). Encoding is
+    DPAGPolicy.encode itself (it only reads cfg, normalizer and encoder), so the two cannot drift.
+    """
+
+    def __init__(self, policy: DPAGPolicy):
+        super().__init__()
+        self.cfg = policy.cfg
+        self.normalizer = copy.deepcopy(policy.normalizer).float()
+        self.encoder = copy.deepcopy(policy.encoder).float()
+        self.posterior = copy.deepcopy(policy.posterior).float() if policy.posterior is not None else None
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None):
+        DPAGPolicy.check_obs(self, obs)
+        obs = {k: v.detach().to("cpu", torch.float32) for k, v in obs.items()}
+        features = DPAGPolicy.encode(self, obs, generator)
+        if self.posterior is None:
+            return features, None
+        return self.posterior(features)
+
+
 class CpuPolicy:
     """A C++ CPU engine built from a DPAGPolicy; the policy itself is not kept or modified."""
 
-    def __init__(self, engine: "_C.PolicyEngine", cfg, stochastic: bool, action_scale=None,
-                 action_offset=None, clip: float | None = None):
+    def __init__(self, engine: "_C.PolicyEngine", cfg, config: dict, encoder: TorchEncoder | None = None):
         self.engine = engine
         self.cfg = cfg
-        self._stochastic = stochastic
+        self._stochastic = config["stochastic"]
+        self._encoder = encoder  # None: the engine encodes raw state itself
+        self._dpag = cfg.method == "dpag"
         # For real-time chunking: the prefix is normalised (and clipped) here, as predict_action does.
-        self._action_scale = torch.as_tensor(action_scale if action_scale is not None else [1.0] * cfg.action_dim,
-                                             dtype=torch.float32)
-        self._action_offset = torch.as_tensor(action_offset if action_offset is not None else [0.0] * cfg.action_dim,
-                                              dtype=torch.float32)
-        self._clip = clip
+        self._action_scale = torch.as_tensor(config["action_scale"], dtype=torch.float32)
+        self._action_offset = torch.as_tensor(config["action_offset"], dtype=torch.float32)
+        self._clip = config["clip"]
 
     @classmethod
     def from_policy(cls, policy: DPAGPolicy, weights: str = "fp32", threads: int | None = None,
-                    max_batch: int = 8) -> "CpuPolicy":
+                    max_batch: int = 8, guided: bool | None = None) -> "CpuPolicy":
         """Export weights, normaliser and sampler table (a snapshot: later training is not seen).
 
         weights: storage of the convolution weights, "fp32", "bf16" or "fp16"; the 16-bit ones halve
@@ -48,11 +81,14 @@ class CpuPolicy:
         tests/test_cpu_runtime.py for the measured action differences.
         threads: worker threads (default: torch.get_num_threads()).
         max_batch: buffers are allocated once for up to this batch size.
+        guided: build the backward for mode="guided" (a transposed copy of every conv weight, so
+        twice the memory). Default: for DP-AG policies.
         """
-        config = engine_config(policy, weights, threads, max_batch)
+        guided = policy.posterior is not None if guided is None else guided
+        config = engine_config(policy, weights, threads, max_batch, guided)
         engine = _C.PolicyEngine(config, unet_weights(policy))
-        return cls(engine, policy.cfg, config["stochastic"], config["action_scale"], config["action_offset"],
-                   config["clip"])
+        encoder = None if engine_encodes_state(policy) else TorchEncoder(policy)
+        return cls(engine, policy.cfg, config, encoder)
 
     @property
     def weight_bytes_per_step(self) -> int:
@@ -66,11 +102,18 @@ class CpuPolicy:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (cfg.n_obs_steps, cfg.state_dim):
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"obs['state']: expected shape (B, {cfg.n_obs_steps}, {cfg.state_dim}), got {got}")
-        if not 1 <= x.shape[0] <= self.engine.max_batch:
-            raise ValueError(f"obs['state']: batch {x.shape[0]} outside [1, max_batch={self.engine.max_batch}] "
-                             "(build with a larger max_batch)")
         # NaN/inf are rejected by the engine itself (ValueError), before any work.
         return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+    def _condition(self, obs: dict, generator: torch.Generator | None, guided: bool) -> dict:
+        """The engine's conditioning inputs: the raw state, or (mu, log_var) from the torch encoder."""
+        if self._encoder is None:
+            return {"state": self._state(obs)}
+        mu, log_var = self._encoder(obs, generator)
+        cond = {"state": None, "mu": mu.contiguous().numpy()}
+        if guided:
+            cond["log_var"] = log_var.contiguous().numpy()
+        return cond
 
     def step(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
              mode: str | None = None, prefix: torch.Tensor | None = None,
@@ -82,18 +125,23 @@ class CpuPolicy:
         """
         cfg = self.cfg
         mode = mode or cfg.inference_mode
-        if mode == "guided":
-            raise NotImplementedError("CpuPolicy: guided mode is not implemented in the C++ engine yet (it needs an "
-                                      "activation-only U-Net backward per step); use mode='dp' or DPAGPolicy")
-        if mode != "dp":
-            raise ValueError(f"mode: must be 'dp' or 'guided', got {mode!r}")
-        state = self._state(obs)
-        b = state.shape[0]
+        if mode not in ("dp", "guided") or (mode == "guided" and not self._dpag):
+            raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
+        guided = mode == "guided"
+        if guided and not self.engine.guided:
+            raise ValueError("mode='guided': this engine was built without the backward; use "
+                             "CpuPolicy.from_policy(policy, guided=True)")
+        cond = self._condition(obs, generator, guided)
+        b = next(v for v in cond.values() if v is not None).shape[0]
+        if not 1 <= b <= self.engine.max_batch:
+            raise ValueError(f"obs: batch {b} outside [1, max_batch={self.engine.max_batch}] "
+                             "(build with a larger max_batch)")
         start = cfg.n_obs_steps - 1
         rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
         # The same draws, in the same order, as predict_action: the latent-update seed, the initial
-        # sample, [the prefix noise], then one noise tensor per step for stochastic samplers.
-        draw_seed(generator)
+        # sample, [the prefix noise], then one noise tensor per step for stochastic samplers. The
+        # latent update's Brownian draws come from generators seeded by the seed (ops.em_step).
+        seed = draw_seed(generator)
         shape = (b, cfg.horizon, cfg.action_dim)
         x = torch.randn(shape, generator=generator, dtype=torch.float32)
         inpaint = {}
@@ -105,9 +153,20 @@ class CpuPolicy:
         if self._stochastic:
             noise = torch.stack([torch.randn(shape, generator=generator, dtype=torch.float32)
                                  for _ in range(self.engine.num_steps)]).numpy()
+        latent = {}
+        if guided and cfg.latent.eta > 0:
+            latent["latent_noise"] = self._latent_noise(seed, (b, cfg.n_obs_steps, cfg.obs_feature_dim))
         action_pred = torch.empty(shape, dtype=torch.float32)
-        self.engine.plan(state, x.numpy(), noise, action_pred.numpy(), **inpaint)
+        state = cond.pop("state")
+        self.engine.plan(state, x.numpy(), noise, action_pred.numpy(), guided=guided, **cond, **latent, **inpaint)
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
+
+    def _latent_noise(self, seed: int, z_shape: tuple[int, ...]) -> np.ndarray:
+        """(K, S, B, To, Do): the xi that ops.em_step draws at step (i, s), from seed + i * S + s."""
+        steps = self.cfg.latent.steps
+        draws = [torch.randn(z_shape, generator=torch.Generator().manual_seed(seed + i * steps + s), dtype=torch.float32)
+                 for i in range(self.engine.num_steps) for s in range(steps)]
+        return torch.stack(draws).view(self.engine.num_steps, steps, *z_shape).numpy()
 
     def _inpaint_inputs(self, rtc, generator):
         """DPAGPolicy.inpaint_inputs on the engine's snapshot of the normaliser and clip."""
@@ -121,24 +180,28 @@ class CpuPolicy:
     __call__ = step
 
 
-def engine_config(policy: DPAGPolicy, weights: str = "fp32", threads: int | None = None,
-                  max_batch: int = 8) -> dict:
-    """The `_C.PolicyEngine` config dict of a low-dim policy (raises for what the engine lacks)."""
+def engine_encodes_state(policy: DPAGPolicy) -> bool:
+    """Whether the C++ engine encodes the observation itself: low-dim state through the identity
+    encoder (mu = normalised state; the identity posterior's log_var Linear for guided mode)."""
     cfg = policy.cfg
-    if cfg.image is not None:
-        raise NotImplementedError("CpuPolicy: image observations are not supported yet (the C++ engine "
-                                  "has no ResNet encoder); use DPAGPolicy.predict_action")
-    if cfg.method == "dpag" and cfg.posterior != "identity":
-        raise NotImplementedError("CpuPolicy: only the identity posterior (mu = state features) is "
-                                  f"supported, got posterior={cfg.posterior!r}")
+    return cfg.image is None and (policy.posterior is None or cfg.posterior == "identity")
+
+
+def engine_config(policy: DPAGPolicy, weights: str = "fp32", threads: int | None = None,
+                  max_batch: int = 8, guided: bool = False) -> dict:
+    """The `_C.PolicyEngine` config dict of a policy."""
+    cfg = policy.cfg
+    if guided and policy.posterior is None:
+        raise ValueError("guided: needs a DP-AG policy (method='dpag'); a plain Diffusion Policy has no latent")
     if not policy.normalizer.is_fitted:
         raise RuntimeError("policy.normalizer is not fitted: fit it (or load a checkpoint) first")
     sched = policy.schedule
     like = torch.zeros((), dtype=torch.float32)
-    s_scale, s_off = policy.normalizer._scale_offset("state", like)
+    s_scale, s_off = policy.normalizer._scale_offset("state", like) if cfg.state_dim > 0 else (like[:0], like[:0])
     a_scale, a_off = policy.normalizer._scale_offset("action", like)
-    return {
-        "action_dim": cfg.action_dim, "state_dim": cfg.state_dim, "n_obs_steps": cfg.n_obs_steps,
+    config = {
+        "action_dim": cfg.action_dim, "state_dim": cfg.state_dim, "cond_dim": cfg.obs_feature_dim,
+        "n_obs_steps": cfg.n_obs_steps,
         "horizon": cfg.horizon, "down_dims": list(cfg.unet.down_dims), "kernel_size": cfg.unet.kernel_size,
         "diffusion_step_embed_dim": cfg.unet.diffusion_step_embed_dim, "n_groups": cfg.unet.n_groups,
         "timesteps": [int(t) for t in sched.timesteps.tolist()],
@@ -151,7 +214,15 @@ def engine_config(policy: DPAGPolicy, weights: str = "fp32", threads: int | None
         "action_scale": a_scale.tolist(), "action_offset": a_off.tolist(),
         "max_batch": int(max_batch), "weights": weights,
         "threads": int(threads or torch.get_num_threads()),
+        "guided": bool(guided),
+        "latent": {"steps": cfg.latent.steps, "dt": cfg.latent.dt, "gamma": cfg.latent.gamma,
+                   "eta": cfg.latent.eta, "normalize": cfg.latent.normalize},
     }
+    if guided and engine_encodes_state(policy):
+        linear = policy.posterior.log_var
+        config["log_var_weight"] = linear.weight.detach().to("cpu", torch.float32).flatten().tolist()
+        config["log_var_bias"] = linear.bias.detach().to("cpu", torch.float32).tolist()
+    return config
 
 
 def unet_weights(policy: DPAGPolicy) -> dict:

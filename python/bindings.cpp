@@ -449,6 +449,7 @@ std::shared_ptr<dpag::PolicyEngine> make_engine(const py::dict& c, const py::dic
     };
     cfg.action_dim = get("action_dim").cast<int>();
     cfg.state_dim = get("state_dim").cast<int>();
+    cfg.cond_dim = get("cond_dim").cast<int>();
     cfg.n_obs_steps = get("n_obs_steps").cast<int>();
     cfg.horizon = get("horizon").cast<int>();
     cfg.down_dims = list_of<int>(c, "down_dims");
@@ -468,6 +469,19 @@ std::shared_ptr<dpag::PolicyEngine> make_engine(const py::dict& c, const py::dic
     cfg.max_batch = get("max_batch").cast<int>();
     cfg.weights = weight_type(get("weights").cast<std::string>());
     cfg.threads = get("threads").cast<int>();
+    cfg.guided = get("guided").cast<bool>();
+    if (cfg.guided) {
+        const py::dict latent = get("latent").cast<py::dict>();
+        cfg.latent_steps = latent["steps"].cast<int>();
+        cfg.latent_dt = latent["dt"].cast<float>();
+        cfg.latent_gamma = latent["gamma"].cast<float>();
+        cfg.latent_eta = latent["eta"].cast<float>();
+        cfg.latent_normalize = latent["normalize"].cast<bool>();
+        if (c.contains("log_var_weight")) {
+            cfg.log_var_weight = list_of<float>(c, "log_var_weight");
+            cfg.log_var_bias = list_of<float>(c, "log_var_bias");
+        }
+    }
 
     // Views into the caller's arrays; the engine copies what it keeps before returning.
     dpag::WeightMap map;
@@ -490,19 +504,27 @@ std::shared_ptr<dpag::PolicyEngine> make_engine(const py::dict& c, const py::dic
     }
 }
 
-void engine_plan(dpag::PolicyEngine& e, const py::array& state, const py::array& x_init,
+void engine_plan(dpag::PolicyEngine& e, const std::optional<py::array>& state, const py::array& x_init,
                  const std::optional<py::array>& step_noise, py::array action_pred,
-                 const std::optional<py::array>& prefix, const std::optional<py::array>& prefix_weight,
-                 const std::optional<py::array>& prefix_noise) {
+                 const std::optional<py::array>& mu, const std::optional<py::array>& log_var, bool guided,
+                 const std::optional<py::array>& latent_noise, const std::optional<py::array>& prefix,
+                 const std::optional<py::array>& prefix_weight, const std::optional<py::array>& prefix_noise) {
     const auto& c = e.config();
-    if (state.ndim() != 3) throw py::value_error("state: expected shape (B, To, Ds), got " + shape_of(state));
-    const py::ssize_t b = state.shape(0);
-    expect_f32(state, "state", {b, c.n_obs_steps, c.state_dim}, false);
+    if (!state == !mu) throw py::value_error("plan: give either state or mu");
+    const py::array& cond = state ? *state : *mu;
+    if (cond.ndim() != 3) throw py::value_error(std::string(state ? "state" : "mu") + ": expected a 3-d array, got " + shape_of(cond));
+    const py::ssize_t b = cond.shape(0);
+    auto ptr = [](const std::optional<py::array>& a) { return a ? static_cast<const float*>(a->data()) : nullptr; };
+    dpag::PlanArgs args;
+    args.batch = static_cast<int>(b);
+    if (state) expect_f32(*state, "state", {b, c.n_obs_steps, c.state_dim}, false);
+    if (mu) expect_f32(*mu, "mu", {b, c.n_obs_steps, c.cond_dim}, false);
+    if (log_var) expect_f32(*log_var, "log_var", {b, c.n_obs_steps, c.cond_dim}, false);
+    if (latent_noise) expect_f32(*latent_noise, "latent_noise", {e.num_steps(), c.latent_steps, b, c.n_obs_steps, c.cond_dim}, false);
     expect_f32(x_init, "x_init", {b, c.horizon, c.action_dim}, false);
     if (step_noise) expect_f32(*step_noise, "step_noise", {e.num_steps(), b, c.horizon, c.action_dim}, false);
     expect_f32(action_pred, "action_pred", {b, c.horizon, c.action_dim}, true);
     // Real-time chunking: prefix (B, W, Da) normalised, inpainted from row n_obs_steps - 1 on.
-    dpag::InpaintArgs inp;
     if (prefix) {
         if (!prefix_weight || !prefix_noise) throw py::value_error("prefix: needs prefix_weight and prefix_noise too");
         if (prefix->ndim() != 3) throw py::value_error("prefix: expected shape (B, W, Da), got " + shape_of(*prefix));
@@ -510,36 +532,43 @@ void engine_plan(dpag::PolicyEngine& e, const py::array& state, const py::array&
         expect_f32(*prefix, "prefix", {b, w, c.action_dim}, false);
         expect_f32(*prefix_weight, "prefix_weight", {w}, false);
         expect_f32(*prefix_noise, "prefix_noise", {e.num_steps(), b, w, c.action_dim}, false);
-        inp = {static_cast<const float*>(prefix->data()), static_cast<const float*>(prefix_weight->data()),
-               static_cast<const float*>(prefix_noise->data()), c.n_obs_steps - 1, static_cast<int>(w)};
+        args.inpaint = {ptr(prefix), ptr(prefix_weight), ptr(prefix_noise), c.n_obs_steps - 1, static_cast<int>(w)};
     }
-    const auto* s = static_cast<const float*>(state.data());
-    const auto* x = static_cast<const float*>(x_init.data());
-    const float* n = step_noise ? static_cast<const float*>(step_noise->data()) : nullptr;
-    auto* out = static_cast<float*>(action_pred.mutable_data());
+    args.state = ptr(state);
+    args.mu = ptr(mu);
+    args.log_var = ptr(log_var);
+    args.x_init = static_cast<const float*>(x_init.data());
+    args.step_noise = ptr(step_noise);
+    args.guided = guided;
+    args.latent_noise = ptr(latent_noise);
+    args.action_pred = static_cast<float*>(action_pred.mutable_data());
     py::gil_scoped_release release;
     try {
-        e.plan(s, static_cast<int>(b), x, n, out, &inp);
+        e.plan(args);
     } catch (const std::invalid_argument& err) {
         py::gil_scoped_acquire acquire;
         throw py::value_error(err.what());
     }
 }
 
+// out = eps (B, H, Da) = unet(sample, timesteps[step], global_cond), or with `force` the guided
+// mode's force (B, To*Do) = (d eps / d global_cond)^T eps at the same point.
 void engine_unet(dpag::PolicyEngine& e, const py::array& sample, int step, const py::array& global_cond,
-                 py::array eps) {
+                 py::array out, bool force) {
     const auto& c = e.config();
     if (sample.ndim() != 3) throw py::value_error("sample: expected shape (B, H, Da), got " + shape_of(sample));
-    const py::ssize_t b = sample.shape(0);
+    const py::ssize_t b = sample.shape(0), g = static_cast<py::ssize_t>(c.n_obs_steps) * c.cond_dim;
     expect_f32(sample, "sample", {b, c.horizon, c.action_dim}, false);
-    expect_f32(global_cond, "global_cond", {b, static_cast<py::ssize_t>(c.n_obs_steps) * c.state_dim}, false);
-    expect_f32(eps, "eps", {b, c.horizon, c.action_dim}, true);
+    expect_f32(global_cond, "global_cond", {b, g}, false);
+    if (force) expect_f32(out, "force", {b, g}, true);
+    else expect_f32(out, "eps", {b, c.horizon, c.action_dim}, true);
     const auto* x = static_cast<const float*>(sample.data());
-    const auto* g = static_cast<const float*>(global_cond.data());
-    auto* out = static_cast<float*>(eps.mutable_data());
+    const auto* cond = static_cast<const float*>(global_cond.data());
+    auto* dst = static_cast<float*>(out.mutable_data());
     py::gil_scoped_release release;
     try {
-        e.unet_forward(x, static_cast<int>(b), step, g, out);
+        if (force) e.unet_force(x, static_cast<int>(b), step, cond, dst);
+        else e.unet_forward(x, static_cast<int>(b), step, cond, dst);
     } catch (const std::invalid_argument& err) {
         py::gil_scoped_acquire acquire;
         throw py::value_error(err.what());
@@ -573,18 +602,30 @@ py::array_t<float> conv1d(const py::array& x, const py::array& weight, const py:
 void bind_engine(py::module_& m) {
     py::class_<dpag::PolicyEngine, std::shared_ptr<dpag::PolicyEngine>>(
         m, "PolicyEngine",
-        "The whole low-dim dp-mode sampler (normalise, K U-Net forwards + DDIM/DDPM steps,\n"
-        "un-normalise) in C++; see csrc/unet_runtime.h. Build it with dpag_engine.runtime_cpu.CpuPolicy.")
+        "The whole sampler in C++, dp or guided mode (normalise or take mu, K U-Net forwards [+ the latent\n"
+        "update's backward] + DDIM/DDPM steps, un-normalise); see csrc/unet_runtime.h. Build it with\n"
+        "dpag_engine.runtime_cpu.CpuPolicy.")
         .def(py::init(&make_engine), py::arg("config"), py::arg("weights"),
              "config: dict (see dpag_engine/runtime_cpu.py); weights: the U-Net state_dict as float32 numpy arrays.")
         .def("plan", &engine_plan, py::arg("state"), py::arg("x_init"), py::arg("step_noise"), py::arg("action_pred"),
+             py::kw_only(), py::arg("mu") = py::none(), py::arg("log_var") = py::none(), py::arg("guided") = false,
+             py::arg("latent_noise") = py::none(),
              py::arg("prefix") = py::none(), py::arg("prefix_weight") = py::none(), py::arg("prefix_noise") = py::none(),
-             "One plan into action_pred (B, H, Da): raw state (B, To, Ds), initial noise (B, H, Da), per-step\n"
-             "noise (K, B, H, Da) or None (deterministic samplers). Releases the GIL; allocates nothing.\n"
+             "One plan into action_pred (B, H, Da): raw state (B, To, Ds) or None with mu (B, To, Do) encoded by\n"
+             "the caller, initial noise (B, H, Da), per-step noise (K, B, H, Da) or None (deterministic samplers).\n"
+             "guided: the latent update at every step (log_var (B, To, Do) with mu; latent_noise (K, S, B, To, Do)\n"
+             "when the latent eta > 0). Releases the GIL; allocates nothing.\n"
              "Real-time chunking: prefix (B, W, Da) normalised committed actions for horizon rows from\n"
              "n_obs_steps - 1 on, prefix_weight (W,), prefix_noise (K, B, W, Da); see dpag_engine/rtc.py.")
-        .def("unet_forward", &engine_unet, py::arg("sample"), py::arg("step"), py::arg("global_cond"), py::arg("eps"),
-             "eps (B, H, Da) = unet(sample, timesteps[step], global_cond) with a normalised global_cond.")
+        .def("unet_forward", [](dpag::PolicyEngine& e, const py::array& sample, int step, const py::array& cond,
+                                py::array eps) { engine_unet(e, sample, step, cond, eps, false); },
+             py::arg("sample"), py::arg("step"), py::arg("global_cond"), py::arg("eps"),
+             "eps (B, H, Da) = unet(sample, timesteps[step], global_cond) with an encoded global_cond (mu).")
+        .def("unet_force", [](dpag::PolicyEngine& e, const py::array& sample, int step, const py::array& cond,
+                              py::array force) { engine_unet(e, sample, step, cond, force, true); },
+             py::arg("sample"), py::arg("step"), py::arg("global_cond"), py::arg("force"),
+             "force (B, G) = (d eps / d global_cond)^T eps, one forward + one activation-only backward (guided engines).")
+        .def_property_readonly("guided", [](const dpag::PolicyEngine& e) { return e.config().guided; })
         .def_property_readonly("num_steps", &dpag::PolicyEngine::num_steps)
         .def_property_readonly("num_params", &dpag::PolicyEngine::num_params)
         .def_property_readonly("weight_bytes_per_step", &dpag::PolicyEngine::weight_bytes_per_step,

@@ -1,4 +1,5 @@
-"""The C++ CPU engine (csrc/unet_runtime.h via dpag_engine.runtime_cpu) against the torch reference.
+"""The C++ CPU engine (csrc/unet_runtime.h via dpag_engine.runtime_cpu) against the torch reference,
+in dp and guided modes (guided: the engine's own activation-only U-Net backward at every step).
 
 Tolerances: the engine sums in a different order than oneDNN, so it cannot match bit for bit. The
 1e-5 of issue 5 is checked in normalised action units (the sampler's own space, independent of the
@@ -14,12 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from dpag_engine import _C
+from dpag_engine.config import LatentUpdateConfig, SchedulerConfig, UNetConfig
+from dpag_engine.guidance import latent_update
 from dpag_engine.ops import torch_ref
 from dpag_engine.runtime_cpu import CpuPolicy, engine_config, unet_weights
 
 from factories import make_obs, make_policy, SMALL_IMAGE
 
 ATOL = 1e-5
+# Three U-Net levels (the tiny recipe has two): a down-sampling, two up levels, skips at two scales.
+THREE_LEVELS = dict(recipe="custom", unet=UNetConfig(down_dims=(16, 32, 64), kernel_size=5, n_groups=4,
+                                                     diffusion_step_embed_dim=32))
 
 
 @pytest.fixture(autouse=True)
@@ -40,13 +46,13 @@ def normalised_error(policy, a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) * action_scale(policy)).abs().max())
 
 
-def check_matches_reference(policy, batch: int, seeds=(0,)) -> float:
+def check_matches_reference(policy, batch: int, seeds=(0,), mode: str = "dp") -> float:
     engine = CpuPolicy.from_policy(policy, max_batch=batch)
     worst = 0.0
     for seed in seeds:
         obs = make_obs(policy.cfg, batch, torch.Generator().manual_seed(100 + seed))
-        ref = policy.predict_action(obs, torch.Generator().manual_seed(seed), mode="dp")
-        out = engine.step(obs, torch.Generator().manual_seed(seed))
+        ref = policy.predict_action(obs, torch.Generator().manual_seed(seed), mode=mode)
+        out = engine.step(obs, torch.Generator().manual_seed(seed), mode=mode)
         assert out["action"].shape == ref["action"].shape and out["action_pred"].shape == ref["action_pred"].shape
         assert torch.equal(out["action"], out["action_pred"][:, policy.cfg.n_obs_steps - 1:][:, :policy.cfg.n_action_steps])
         err = normalised_error(policy, out["action_pred"], ref["action_pred"])
@@ -55,50 +61,90 @@ def check_matches_reference(policy, batch: int, seeds=(0,)) -> float:
     return worst
 
 
+@pytest.mark.parametrize("mode", ["dp", "guided"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_step_matches_predict_action_tiny(batch):
-    err = check_matches_reference(make_policy().eval(), batch, seeds=(0, 1))
-    print(f"tiny B={batch}: max normalised |engine - reference| = {err:.2e}")
+def test_step_matches_predict_action_tiny(batch, mode):
+    err = check_matches_reference(make_policy().eval(), batch, seeds=(0, 1), mode=mode)
+    print(f"tiny B={batch} {mode}: max normalised |engine - reference| = {err:.2e}")
 
 
+@pytest.mark.parametrize("mode", ["dp", "guided"])
 @pytest.mark.parametrize("overrides", [
     {"method": "dp"},                                                       # plain Diffusion Policy
     {"scheduler": {"sampler": "ddim", "num_inference_steps": 8, "eta": 1.0}},  # stochastic: per-step noise
     {"scheduler": {"sampler": "ddpm", "num_train_timesteps": 20}},          # DDPM, std > 0 rows
     {"scheduler": {"clip_sample": False, "num_inference_steps": 4}},
     {"n_obs_steps": 3, "horizon": 8, "n_action_steps": 4, "state_dim": 7, "action_dim": 1},
-], ids=["dp-method", "ddim-eta1", "ddpm", "no-clip", "odd-shapes"])
-def test_step_matches_predict_action_variants(overrides):
-    from dpag_engine.config import SchedulerConfig
+    # the latent update beyond the released defaults: S = 2, Brownian term, no normalisation
+    {"latent": LatentUpdateConfig(steps=2, dt=0.5, gamma=0.3, eta=0.7, normalize=False)},
+    {"posterior": "mlp"},                                                   # mu, log_var encoded by torch
+    SMALL_IMAGE,                                                            # two cameras + state, torch ResNet
+    THREE_LEVELS,
+], ids=["dp-method", "ddim-eta1", "ddpm", "no-clip", "odd-shapes", "latent-em", "mlp-posterior", "image", "3-levels"])
+def test_step_matches_predict_action_variants(overrides, mode):
+    if mode == "guided" and overrides.get("method") == "dp":
+        pytest.skip("a plain Diffusion Policy has no latent to guide")
     if "scheduler" in overrides:
         overrides = {**overrides, "scheduler": SchedulerConfig(**overrides["scheduler"])}
-    check_matches_reference(make_policy(**overrides).eval(), 2)
+    check_matches_reference(make_policy(**overrides).eval(), 2, mode=mode)
 
 
-def test_step_matches_predict_action_lowdim():
-    err = check_matches_reference(make_policy(recipe="lowdim").eval(), 1, seeds=(0,))
-    print(f"lowdim: max normalised |engine - reference| = {err:.2e}")
+@pytest.mark.parametrize("mode", ["dp", pytest.param("guided", marks=pytest.mark.slow)])
+def test_step_matches_predict_action_lowdim(mode):
+    err = check_matches_reference(make_policy(recipe="lowdim").eval(), 1, seeds=(0,), mode=mode)
+    print(f"lowdim {mode}: max normalised |engine - reference| = {err:.2e}")
 
 
-def test_engine_error_within_reference_float32_error():
-    """In raw units, the engine is no further from a float64 run than the float32 reference is."""
-    policy = make_policy().eval()
+def float64_plan(policy, obs, seed: int, mode: str) -> torch.Tensor:
+    """predict_action in float64 on the draws the float32 one makes (randn differs by dtype)."""
     p64 = copy.deepcopy(policy).double()
-    engine = CpuPolicy.from_policy(policy)
-    obs = make_obs(policy.cfg, 1, torch.Generator().manual_seed(7))
-    ref = policy.predict_action(obs, torch.Generator().manual_seed(3))["action_pred"]
-    out = engine.step(obs, torch.Generator().manual_seed(3))["action_pred"]
-    g = torch.Generator().manual_seed(3)
-    torch.randint(0, 2**31 - 1, (1,), generator=g)
-    x = torch.randn(ref.shape, generator=g).double()
-    mu = p64.encode({"state": obs["state"].double()})
+    cfg = p64.cfg
+    g = torch.Generator().manual_seed(seed)
+    latent_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    x = torch.randn(obs["state"].shape[0], cfg.horizon, cfg.action_dim, generator=g).double()
+    mu, log_var = p64.posterior(p64.encode({"state": obs["state"].double()}))
     with torch.no_grad():
         for i, t in enumerate(p64.schedule.timesteps):
-            x, _ = torch_ref.sampler_step(x, p64.predict_noise(x, t, mu), p64.schedule.coefs.double(), i, None,
+            z = mu
+            if mode == "guided":
+                z = latent_update(p64.unet, x, t, mu, log_var, cfg.latent, latent_seed + i * cfg.latent.steps)
+            x, _ = torch_ref.sampler_step(x, p64.predict_noise(x, t, z), p64.schedule.coefs.double(), i, None,
                                           p64.schedule.clip)
-    exact = p64.normalizer.unnormalize("action", x)
+    return p64.normalizer.unnormalize("action", x)
+
+
+@pytest.mark.parametrize("mode", ["dp", "guided"])
+def test_engine_error_within_reference_float32_error(mode):
+    """In raw units, the engine is no further from a float64 run than the float32 reference is."""
+    policy = make_policy().eval()
+    engine = CpuPolicy.from_policy(policy)
+    obs = make_obs(policy.cfg, 1, torch.Generator().manual_seed(7))
+    ref = policy.predict_action(obs, torch.Generator().manual_seed(3), mode=mode)["action_pred"]
+    out = engine.step(obs, torch.Generator().manual_seed(3), mode=mode)["action_pred"]
+    exact = float64_plan(policy, obs, 3, mode)
     ref_err, eng_err = (ref - exact).abs().max().item(), (out - exact).abs().max().item()
     assert eng_err <= 1.5 * ref_err + 1e-6, (eng_err, ref_err)
+
+
+@pytest.mark.parametrize("overrides", [{}, THREE_LEVELS], ids=["tiny", "3-levels"])
+def test_unet_force_matches_float64_autograd(overrides):
+    """The engine's backward (GroupNorm, Mish, every conv transposed, FiLM, the skips) against
+    torch.autograd in float64 on the same weights, at fresh random points and steps."""
+    policy = make_policy(**overrides).eval()
+    cfg = policy.cfg
+    engine = CpuPolicy.from_policy(policy, max_batch=3).engine
+    unet64 = copy.deepcopy(policy.unet).double()
+    g = torch.Generator().manual_seed(21)
+    for step in (0, 7, engine.num_steps - 1):
+        x = torch.randn(3, cfg.horizon, cfg.action_dim, generator=g)
+        cond = torch.randn(3, cfg.global_cond_dim, generator=g) * 2
+        force = torch.full_like(cond, float("nan"))  # poisoned
+        engine.unet_force(x.numpy(), step, cond.numpy(), force.numpy())
+        t = policy.schedule.timesteps[step].expand(3)
+        exact = torch_ref.unet_force(unet64, x.double(), t, cond.double())
+        assert torch.isfinite(force).all()
+        scale = exact.abs().max().item()
+        assert (force.double() - exact).abs().max().item() <= 1e-5 * scale, step
 
 
 def test_unet_forward_matches_torch():
@@ -150,7 +196,8 @@ def test_lower_isa_kernels_match_torch(isa):
         "import torch; from dpag_engine import _C; from tests.test_cpu_runtime import *\n"
         f"assert _C.cpu_kernel_isa() == {isa!r}, _C.cpu_kernel_isa()\n"
         "torch.set_num_threads(1)\n"
-        "test_step_matches_predict_action_tiny(2)\n"
+        "test_step_matches_predict_action_tiny(2, 'dp')\n"
+        "test_step_matches_predict_action_tiny(2, 'guided')\n"
         "for w in ('fp32', 'bf16', 'fp16'):\n"
         "    test_conv_layer_matches_torch(37, 20, 5, 1, 2, False, 9, w)\n"
         "    test_conv_layer_matches_torch(24, 16, 4, 2, 1, True, 7, w)\n")
@@ -273,19 +320,32 @@ def test_bad_weights_are_named():
     assert engine.num_params == sum(p.numel() for p in policy.unet.parameters())
 
 
-# ---- what is not implemented says so ----
-def test_guided_mode_not_implemented(tiny_engine):
-    policy, engine = tiny_engine
-    with pytest.raises(NotImplementedError, match="guided mode"):
-        engine.step(make_obs(policy.cfg, 1, torch.Generator().manual_seed(0)), mode="guided")
+def test_guided_needs_the_backward_and_a_latent(tiny_engine):
+    policy, _ = tiny_engine
+    obs = make_obs(policy.cfg, 1, torch.Generator().manual_seed(0))
+    dp_only = CpuPolicy.from_policy(policy, guided=False)
+    assert dp_only.engine.guided is False and CpuPolicy.from_policy(policy).engine.guided is True
+    with pytest.raises(ValueError, match="built without the backward"):
+        dp_only.step(obs, mode="guided")
+    with pytest.raises(ValueError, match="without guided mode"):
+        x = torch.zeros(1, policy.cfg.horizon, policy.cfg.action_dim).numpy()
+        dp_only.engine.unet_force(x, 0, torch.ones(1, policy.cfg.global_cond_dim).numpy(),
+                                  torch.zeros(1, policy.cfg.global_cond_dim).numpy())
+    plain = make_policy(method="dp").eval()
+    assert CpuPolicy.from_policy(plain).engine.guided is False
+    with pytest.raises(ValueError, match="guided needs method='dpag'"):
+        CpuPolicy.from_policy(plain).step(make_obs(plain.cfg, 1, torch.Generator().manual_seed(0)), mode="guided")
+    with pytest.raises(ValueError, match="needs a DP-AG policy"):
+        CpuPolicy.from_policy(plain, guided=True)
 
 
-def test_image_policy_not_implemented():
-    policy = make_policy(**SMALL_IMAGE)
-    with pytest.raises(NotImplementedError, match="image observations"):
-        CpuPolicy.from_policy(policy)
-
-
-def test_mlp_posterior_not_implemented():
-    with pytest.raises(NotImplementedError, match="identity posterior"):
-        CpuPolicy.from_policy(make_policy(posterior="mlp"))
+def test_image_policy_bad_input():
+    policy = make_policy(**SMALL_IMAGE).eval()
+    engine = CpuPolicy.from_policy(policy, max_batch=1)
+    obs = make_obs(policy.cfg, 1, torch.Generator().manual_seed(0))
+    with pytest.raises(KeyError, match="missing key 'wrist'"):
+        engine.step({k: v for k, v in obs.items() if k != "wrist"})
+    with pytest.raises(ValueError, match=r"obs\['front'\]: contains NaN"):
+        engine.step({**obs, "front": obs["front"].clone().fill_(float("nan"))})
+    with pytest.raises(ValueError, match="max_batch=1"):
+        engine.step(make_obs(policy.cfg, 2, torch.Generator().manual_seed(0)))
