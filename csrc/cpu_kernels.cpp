@@ -1,5 +1,6 @@
 #include "cpu_kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -204,6 +205,16 @@ DPAG_AVX512 void dense_avx512(const DenseArgs& a, const WeightT<kW>* w, int r0, 
     for (; r < r1; ++r) row_block512<kW, 1>(a, w, r);
 }
 
+void mish_backward_scalar(const float* u, const float* dy, float* du, std::size_t n) {
+    for (std::size_t i = 0; i < n; ++i) {
+        const float v = u[i];
+        const float e = std::exp(std::min(v, 20.0f));
+        const float m = e * (e + 2.0f), m2 = m + 2.0f;
+        const float g = m / m2 + v * (e / (e + 1.0f)) * ((4.0f * m + 4.0f) / (m2 * m2));
+        du[i] = dy[i] * (v > 20.0f ? 1.0f : g);
+    }
+}
+
 // exp for Mish: Cephes-style range reduction x = n ln2 + f, degree-6 polynomial on f (about 1-2
 // ulp on the range Mish needs), then 2^n by building the exponent bits.
 DPAG_AVX2 inline __m256 exp8(__m256 x) {
@@ -241,6 +252,27 @@ DPAG_AVX2 void mish_avx2(float* x, std::size_t n) {
         const float m = e * (e + 2.0f);
         x[i] = v > 20.0f ? v : v * (m / (m + 2.0f));
     }
+}
+
+// d Mish(u)/du = t + u sigmoid(u) (1 - t^2), t = tanh(softplus(u)) = m / (m + 2); with the same
+// m = e^u (e^u + 2): 1 - t^2 = (4m + 4) / (m + 2)^2 and sigmoid(u) = e^u / (1 + e^u). Above 20 it is 1.
+DPAG_AVX2 void mish_backward_avx2(const float* u, const float* dy, float* du, std::size_t n) {
+    std::size_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), four = _mm256_set1_ps(4.0f),
+                 big = _mm256_set1_ps(20.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(u + i);
+        const __m256 e = exp8(_mm256_min_ps(v, big));
+        const __m256 m = _mm256_mul_ps(e, _mm256_add_ps(e, two));
+        const __m256 m2 = _mm256_add_ps(m, two);
+        const __m256 t = _mm256_div_ps(m, m2);
+        const __m256 sig = _mm256_div_ps(e, _mm256_add_ps(e, one));
+        const __m256 one_m_t2 = _mm256_div_ps(_mm256_fmadd_ps(four, m, four), _mm256_mul_ps(m2, m2));
+        __m256 g = _mm256_fmadd_ps(_mm256_mul_ps(v, sig), one_m_t2, t);
+        g = _mm256_blendv_ps(g, one, _mm256_cmp_ps(v, big, _CMP_GT_OQ));
+        _mm256_storeu_ps(du + i, _mm256_mul_ps(_mm256_loadu_ps(dy + i), g));
+    }
+    mish_backward_scalar(u + i, dy + i, du + i, n - i);
 }
 
 // DPAG_CPU_ISA=avx2|scalar caps the kernels below what the CPU has, so every path can be tested on
@@ -309,6 +341,13 @@ void mish_inplace(float* x, std::size_t n) {
     if (kAvx2) return mish_avx2(x, n);
 #endif
     mish_scalar(x, n);
+}
+
+void mish_backward(const float* u, const float* dy, float* du, std::size_t n) {
+#if DPAG_X86
+    if (kAvx2) return mish_backward_avx2(u, dy, du, n);
+#endif
+    mish_backward_scalar(u, dy, du, n);
 }
 
 std::uint16_t to_bf16(float x) {

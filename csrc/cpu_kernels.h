@@ -44,6 +44,8 @@ void dense_rows(const DenseArgs& a, int r0, int r1);
 
 // x <- x * tanh(softplus(x)) in place (torch.nn.Mish).
 void mish_inplace(float* x, std::size_t n);
+// du = dy * Mish'(u), elementwise; du may alias u or dy.
+void mish_backward(const float* u, const float* dy, float* du, std::size_t n);
 
 // Round-to-nearest-even fp32 -> bf16 (NaN stays NaN).
 std::uint16_t to_bf16(float x);

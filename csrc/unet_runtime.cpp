@@ -204,13 +204,6 @@ struct Norm {
     std::vector<float> gamma, beta;
 };
 
-// d Mish(u) / du = tanh(softplus(u)) + u * sigmoid(u) * (1 - tanh(softplus(u))^2).
-float mish_grad(float u) {
-    const float sp = u > 20.0f ? u : std::log1p(std::exp(u));  // torch's softplus threshold
-    const float th = std::tanh(sp);
-    return th + u * (1.0f / (1.0f + std::exp(-u))) * (1.0f - th * th);
-}
-
 // What the backward needs of a GroupNorm+Mish forward: its input and per-(sample, group) statistics.
 struct NormTape {
     std::vector<float> pre, mean, rstd;
@@ -254,17 +247,29 @@ void group_norm_mish_backward(const float* dy, int batch, int C, int T, int grou
                               const NormTape& tape, float* dx) {
     const int cpg = C / groups;
     const std::size_t len = static_cast<std::size_t>(cpg) * T;
+    // dx <- the Mish input u = xhat * gamma + beta, then d(u) = dy * Mish'(u) (vectorised, in place).
+    for (int b = 0; b < batch; ++b)
+        for (int g = 0; g < groups; ++g) {
+            const std::size_t off = (static_cast<std::size_t>(b) * C + g * cpg) * T;
+            const float m = tape.mean[b * groups + g], rs = tape.rstd[b * groups + g];
+            for (int c = 0; c < cpg; ++c)
+                for (int t = 0; t < T; ++t) {
+                    const std::size_t i = off + static_cast<std::size_t>(c) * T + t;
+                    dx[i] = (tape.pre[i] - m) * rs * n.gamma[g * cpg + c] + n.beta[g * cpg + c];
+                }
+        }
+    cpu::mish_backward(dx, dy, dx, static_cast<std::size_t>(batch) * C * T);
     for (int b = 0; b < batch; ++b) {
         for (int g = 0; g < groups; ++g) {
             const std::size_t off = (static_cast<std::size_t>(b) * C + g * cpg) * T;
             const float m = tape.mean[b * groups + g], rs = tape.rstd[b * groups + g];
             double s1 = 0.0, s2 = 0.0;
             for (int c = 0; c < cpg; ++c) {
-                const float gamma = n.gamma[g * cpg + c], beta = n.beta[g * cpg + c];
+                const float gamma = n.gamma[g * cpg + c];
                 for (int t = 0; t < T; ++t) {
                     const std::size_t i = off + static_cast<std::size_t>(c) * T + t;
                     const float xhat = (tape.pre[i] - m) * rs;
-                    const float dxhat = dy[i] * mish_grad(xhat * gamma + beta) * gamma;
+                    const float dxhat = dx[i] * gamma;
                     dx[i] = dxhat;
                     s1 += dxhat;
                     s2 += static_cast<double>(dxhat) * xhat;
@@ -724,7 +729,7 @@ struct PolicyEngine::Impl {
         for (const auto& rb : down_res) site(rb);
         for (const auto& rb : mid_res) site(rb);
         for (const auto& rb : up_res) site(rb);
-        for (std::size_t i = 0; i < static_cast<std::size_t>(batch) * G; ++i) out[i] *= mish_grad(z_in[i]);
+        cpu::mish_backward(z_in, out, out, static_cast<std::size_t>(batch) * G);
     }
 
     // force (B, G) at latent z (B, G) for the sample x: a recording forward, then the backward.

@@ -57,19 +57,17 @@ class SafetyStop(Exception):
 class Planner:
     """The policy as `state history (To, Ds) -> joint targets (Na, Da)`, raw units, with its latencies.
 
-    dp mode on a low-dim policy runs the C++ engine (one call, GIL released, so the servo pump never
-    waits on it); guided mode and image policies run the PyTorch reference.
+    backend "cpp" (the default) runs the C++ engine in either mode (one call, GIL released, so the
+    servo pump never waits on it); "torch" runs the PyTorch reference.
     """
 
     def __init__(self, policy, mode: str, backend: str, seed: int, delay_s: float = 0.0, threads: int | None = None):
         self.policy, self.mode, self.delay_s = policy, mode, delay_s
         self.generator = torch.Generator().manual_seed(seed)
-        if backend == "auto":
-            backend = "cpp" if mode == "dp" and policy.cfg.image is None else "torch"
         self.engine = None
         if backend == "cpp":
             from .runtime_cpu import CpuPolicy
-            self.engine = CpuPolicy.from_policy(policy, threads=threads)
+            self.engine = CpuPolicy.from_policy(policy, threads=threads, guided=mode == "guided")
         self.backend = backend
         self.latencies_ms: list[float] = []
 
@@ -340,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plan-hz", type=float, default=5.0, help="how often to plan a new chunk")
     ap.add_argument("--inference-steps", type=int, default=None, help="DDIM steps (default: the checkpoint's)")
     ap.add_argument("--mode", choices=("dp", "guided"), default="dp", help="sampling mode")
-    ap.add_argument("--backend", choices=("auto", "cpp", "torch"), default="auto",
-                    help="auto: the C++ engine for dp mode on low-dim policies, else PyTorch")
+    ap.add_argument("--backend", choices=("cpp", "torch"), default="cpp",
+                    help="planner: the C++ engine (dpag_engine.runtime_cpu) or the PyTorch reference")
     ap.add_argument("--threads", type=int, default=None,
                     help="planner threads (default: torch's). Small policies plan as fast on 1, and a busy "
                          "core stalls a multi-threaded planner's barriers")
