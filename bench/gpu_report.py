@@ -41,7 +41,7 @@ from timing import median_ms, read_bandwidth_gbs  # noqa: E402
 from dpag_engine import ops  # noqa: E402
 from dpag_engine.config import ImageEncoderConfig, PolicyConfig, SchedulerConfig  # noqa: E402
 from dpag_engine.ops import use_backend  # noqa: E402
-from dpag_engine.policy import DPAGPolicy  # noqa: E402
+from dpag_engine.policy import DPAGPolicy, draw_plan_noise  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -175,11 +175,9 @@ class PlanBench:
         return run
 
     def initial_noise(self) -> torch.Tensor:
-        """The sample plan() starts from: predict_action draws the latent update's seed, then the noise."""
-        cfg, device = self.policy.cfg, self.r.device
-        gen = torch.Generator(device).manual_seed(0)
-        torch.randint(0, 2**31 - 1, (1,), generator=gen, device=device)
-        return torch.randn(1, cfg.horizon, cfg.action_dim, generator=gen, device=device, dtype=self.dtype)
+        """The sample plan() starts from (for runtimes that take it as an input)."""
+        gen = torch.Generator(self.r.device).manual_seed(0)
+        return draw_plan_noise(self.policy.cfg, self.k, 1, gen, device=self.r.device, dtype=self.dtype).x
 
     def row(self, mode: str, runtime: str, ms: float | None, got: torch.Tensor | None = None, dtype: str = "") -> None:
         forwards = self.k if mode == "dp" else 3 * self.k  # guided: force forward + VJP + forward per step
@@ -208,45 +206,16 @@ class PlanBench:
         finally:
             policy.unet = eager_unet
 
-    def cuda_graph(self) -> None:
-        """The whole dp plan (encode, K U-Net + sampler steps, un-normalise) captured in one CUDA graph.
+    def cuda_graph(self, mode: str) -> None:
+        """The whole plan captured once as a CUDA graph (dpag_engine.runtime_cuda), triton ops; a
+        replay is one launch, with the same draws as predict_action."""
+        from dpag_engine.runtime_cuda import CudaGraphPolicy
+        with use_backend("triton"):
+            graphed = CudaGraphPolicy(self.policy, batch=1, mode=mode)
 
-        predict_action itself cannot be captured (its input checks read values on the host), so this
-        is its dp body on static buffers. The triton sampler step reads the step index from a device
-        tensor, so nothing in the loop touches the host; a replay is one launch.
-        """
-        policy, sched = self.policy, self.policy.schedule
-        steps = torch.arange(sched.num_steps, device=self.r.device)
-        static_obs = {k: v.clone() for k, v in self.obs.items()}
-        noise = self.initial_noise()
-        static_x = noise.clone()
-
-        def body() -> torch.Tensor:
-            features = policy.encode(static_obs)
-            mu = policy.posterior(features)[0] if policy.posterior is not None else features
-            x = static_x
-            for i in range(sched.num_steps):
-                eps = policy.predict_noise(x, sched.timesteps[i], mu)
-                x, _ = ops.sampler_step(x, eps, sched.coefs, steps[i], None, sched.clip)
-            return policy.normalizer.unnormalize("action", x)
-
-        with torch.no_grad(), use_backend("triton"):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (Triton compiles, allocator settles) off the capture stream
-                for _ in range(2):
-                    body()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = body()
-
-        def run() -> torch.Tensor:
-            static_x.copy_(noise, non_blocking=True)  # a new plan = new noise in, replay
-            graph.replay()
-            return out
-        got = run().clone()
-        self.row("dp", "CUDA graph (whole plan, triton sampler)", self.r.time(run), got)
+        def run() -> dict:
+            return graphed.step(self.obs, torch.Generator(self.r.device).manual_seed(0))
+        self.row(mode, "CUDA graph (whole plan, triton ops)", self.r.time(run), run()["action_pred"])
 
     def exported(self, out: Path) -> None:
         """onnxruntime and, where installed, TensorRT, from one fp32 export of this policy."""
@@ -292,8 +261,8 @@ def plan_rows(r: Report, bench: PlanBench, export_dir: Path) -> None:
             continue
         if gpu or fp32:  # the Triton interpreter on CPU: fp32 only, to keep CI short
             r.cell(5, f"{what} triton", lambda mode=mode: bench.triton_eager(mode))
-        if mode == "dp" and gpu:
-            r.cell(10, f"{what} CUDA graph", bench.cuda_graph)
+        if gpu:
+            r.cell(10, f"{what} CUDA graph", lambda mode=mode: bench.cuda_graph(mode))
         if mode == "dp" and fp32:
             r.cell(20 if r.dry else 120, f"{what} onnxruntime", lambda: bench.exported(export_dir))
         elif mode == "dp":

@@ -6,6 +6,8 @@ takes and returns raw (un-normalised) values; normalisation statistics are buffe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -24,6 +26,37 @@ def draw_seed(generator: torch.Generator | None) -> int:
     """A 31-bit seed from the caller's generator, for the Brownian term of the latent update."""
     device = generator.device if generator is not None else "cpu"
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+
+
+@dataclass
+class PlanNoise:
+    """Every random number one plan uses. Every backend draws them with `draw_plan_noise`, so one
+    generator seed gives the same actions on all of them."""
+
+    seed: int                    # the latent update's Brownian draws are seeded from it (ops.em_step)
+    x: torch.Tensor              # (B, H, Da) the initial sample
+    prefix: torch.Tensor | None  # (K, B, P, Da) real-time chunking: the forward-noised prefix, P > 0 only
+    steps: torch.Tensor | None   # (K, B, H, Da) stochastic samplers (DDPM, DDIM eta > 0) only
+
+
+def draw_plan_noise(cfg: PolicyConfig, num_steps: int, batch: int, generator: torch.Generator | None,
+                    prefix_len: int = 0, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> PlanNoise:
+    """The draws of one plan, in a fixed order: the seed, the initial sample, the prefix noise (one
+    (K, B, P, Da) draw, only when P > 0, so the plain sampler's draws are untouched), then one draw
+    per step for stochastic samplers."""
+    seed = draw_seed(generator)
+    shape = (batch, cfg.horizon, cfg.action_dim)
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    prefix = None
+    if prefix_len > 0:
+        prefix = torch.randn((num_steps, batch, prefix_len, cfg.action_dim), generator=generator,
+                             device=device, dtype=dtype)
+    steps = None
+    if cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0:
+        steps = torch.stack([torch.randn(shape, generator=generator, device=device, dtype=dtype)
+                             for _ in range(num_steps)])
+    return PlanNoise(seed, x, prefix, steps)
 
 
 class DPAGPolicy(nn.Module):
@@ -145,54 +178,62 @@ class DPAGPolicy(nn.Module):
         """
         self._require_normalizer()
         cfg = self.cfg
-        mode = mode or cfg.inference_mode
-        if mode not in ("dp", "guided") or (mode == "guided" and self.posterior is None):
-            raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
+        mode = self.check_mode(mode)
         b = self.check_obs(obs)
         start = cfg.n_obs_steps - 1  # receding horizon: the first action is at the current step
         rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
         features = self.encode(obs, generator)
+        noise = draw_plan_noise(cfg, self.schedule.num_steps, b, generator, 0 if rtc is None else rtc[0].shape[1],
+                                features.device, features.dtype)
+        action_pred = self.denoise(features, noise, mode, rtc)
+        return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
+
+    def check_mode(self, mode: str | None) -> str:
+        mode = mode or self.cfg.inference_mode
+        if mode not in ("dp", "guided") or (mode == "guided" and self.posterior is None):
+            raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
+        return mode
+
+    def denoise(self, features: torch.Tensor, noise: PlanNoise, mode: str,
+                rtc: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The sampler from encoded features to raw actions (B, H, Da): no input checks, no draws and
+        no reads back to the host, so a CUDA graph can capture it (runtime_cuda.py). rtc: the
+        (prefix, weights) of `check_prefix`, or None."""
+        cfg, sched = self.cfg, self.schedule
         mu, log_var = self.posterior(features) if self.posterior is not None else (features, None)
-        device, dtype = features.device, features.dtype
-        seed = draw_seed(generator)  # drawn in both modes, so dp and guided see the same noise stream
-        x = torch.randn((b, cfg.horizon, cfg.action_dim), generator=generator, device=device, dtype=dtype)
-        sched = self.schedule
+        x = noise.x
         if rtc is not None:
-            pre, w, pre_noise = self.inpaint_inputs(rtc, generator, device, dtype)
-        stochastic = cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0
+            pre, w = self.normalized_prefix(rtc, x.dtype)
         for i, t in enumerate(sched.timesteps):
             z = mu
             if mode == "guided":
-                z = latent_update(self.unet, x, t, mu, log_var, cfg.latent, seed + i * cfg.latent.steps)
+                z = latent_update(self.unet, x, t, mu, log_var, cfg.latent, noise.seed + i * cfg.latent.steps)
             eps = self.predict_noise(x, t, z)
-            noise = torch.randn(x.shape, generator=generator, device=device, dtype=dtype) if stochastic else None
+            step_noise = noise.steps[i] if noise.steps is not None else None
             if rtc is None:
-                x, _ = ops.sampler_step(x, eps, sched.coefs, i, noise, sched.clip)
+                x, _ = ops.sampler_step(x, eps, sched.coefs, i, step_noise, sched.clip)
             else:
                 # Inpaint AFTER the step, at the level it landed on (t_{i+1}; clean after the last
                 # step): every U-Net call then sees a prefix noised exactly as the rest of its input,
                 # and the final sample's prefix IS the committed actions. Inpainting before the step
                 # at t_i instead would leave the last step's model-made x0 in the prefix.
-                x, _ = ops.sampler_step_inpaint(x, eps, sched.coefs, i, noise, sched.clip,
-                                                pre, pre_noise, w, sched.inpaint_coefs, start)
-        action_pred = self.normalizer.unnormalize("action", x)
-        return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
+                x, _ = ops.sampler_step_inpaint(x, eps, sched.coefs, i, step_noise, sched.clip,
+                                                pre, noise.prefix, w, sched.inpaint_coefs, cfg.n_obs_steps - 1)
+        return self.normalizer.unnormalize("action", x)
 
-    def inpaint_inputs(self, rtc: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator | None,
-                       device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalised prefix (B, P, Da), weights (P,), prefix noise (K, B, P, Da)) for the sampler.
+    def normalized_prefix(self, rtc: tuple[torch.Tensor, torch.Tensor],
+                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised prefix (B, P, Da), weights (P,)) for the sampler, on the policy's device.
 
         The prefix is clipped to the sampler's x0 range: the sampler never produces actions outside
-        it, and the model never saw any. The K noise tensors (one fresh draw per step, as RePaint does)
-        are drawn in one call right after the initial sample, and only when P > 0: the plain sampler's
-        draws are untouched, and a deterministic sampler (DDIM, eta = 0) starts from the same noise
-        with or without a prefix. The last step lands on the clean level (sqrt(a) = 1, sqrt(1-a) = 0),
-        so its noise draw is multiplied by zero: drawn anyway to keep one (K, ...) layout everywhere.
+        it, and the model never saw any. Its noise (PlanNoise.prefix) is one fresh draw per step, as
+        RePaint does; the last step lands on the clean level (sqrt(a) = 1, sqrt(1-a) = 0), so its
+        draw is multiplied by zero: drawn anyway to keep one (K, ...) layout everywhere.
         """
         prefix, weight = rtc
+        device = self.schedule.coefs.device
         pre = self.normalizer.normalize("action", prefix.to(device=device, dtype=dtype))
         clip = self.schedule.clip
         if clip is not None:
             pre = pre.clamp(-clip, clip)
-        pre_noise = torch.randn((self.schedule.num_steps, *pre.shape), generator=generator, device=device, dtype=dtype)
-        return pre, weight.to(device=device, dtype=dtype), pre_noise
+        return pre, weight.to(device=device, dtype=dtype)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .policy import DPAGPolicy, draw_seed
+from .policy import DPAGPolicy, draw_plan_noise
 from .rtc import check_prefix
 
 try:
@@ -63,7 +63,6 @@ class CpuPolicy:
     def __init__(self, engine: "_C.PolicyEngine", cfg, config: dict, encoder: TorchEncoder | None = None):
         self.engine = engine
         self.cfg = cfg
-        self._stochastic = config["stochastic"]
         self._encoder = encoder  # None: the engine encodes raw state itself
         self._dpag = cfg.method == "dpag"
         # For real-time chunking: the prefix is normalised (and clipped) here, as predict_action does.
@@ -138,27 +137,20 @@ class CpuPolicy:
                              "(build with a larger max_batch)")
         start = cfg.n_obs_steps - 1
         rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
-        # The same draws, in the same order, as predict_action: the latent-update seed, the initial
-        # sample, [the prefix noise], then one noise tensor per step for stochastic samplers. The
-        # latent update's Brownian draws come from generators seeded by the seed (ops.em_step).
-        seed = draw_seed(generator)
-        shape = (b, cfg.horizon, cfg.action_dim)
-        x = torch.randn(shape, generator=generator, dtype=torch.float32)
+        # The draws of predict_action; the latent update's Brownian draws come from generators
+        # seeded by noise.seed, as ops.em_step makes them.
+        noise = draw_plan_noise(cfg, self.engine.num_steps, b, generator, 0 if rtc is None else rtc[0].shape[1])
         inpaint = {}
         if rtc is not None:
-            pre, w, pre_noise = self._inpaint_inputs(rtc, generator)
-            inpaint = {"prefix": pre.contiguous().numpy(), "prefix_weight": w.contiguous().numpy(),
-                       "prefix_noise": pre_noise.numpy()}
-        noise = None
-        if self._stochastic:
-            noise = torch.stack([torch.randn(shape, generator=generator, dtype=torch.float32)
-                                 for _ in range(self.engine.num_steps)]).numpy()
+            inpaint = {"prefix": self._normalized_prefix(rtc[0]).numpy(), "prefix_weight": rtc[1].contiguous().numpy(),
+                       "prefix_noise": noise.prefix.numpy()}
         latent = {}
         if guided and cfg.latent.eta > 0:
-            latent["latent_noise"] = self._latent_noise(seed, (b, cfg.n_obs_steps, cfg.obs_feature_dim))
-        action_pred = torch.empty(shape, dtype=torch.float32)
+            latent["latent_noise"] = self._latent_noise(noise.seed, (b, cfg.n_obs_steps, cfg.obs_feature_dim))
+        action_pred = torch.empty_like(noise.x)
         state = cond.pop("state")
-        self.engine.plan(state, x.numpy(), noise, action_pred.numpy(), guided=guided, **cond, **latent, **inpaint)
+        steps = noise.steps.numpy() if noise.steps is not None else None
+        self.engine.plan(state, noise.x.numpy(), steps, action_pred.numpy(), guided=guided, **cond, **latent, **inpaint)
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
 
     def _latent_noise(self, seed: int, z_shape: tuple[int, ...]) -> np.ndarray:
@@ -168,14 +160,12 @@ class CpuPolicy:
                  for i in range(self.engine.num_steps) for s in range(steps)]
         return torch.stack(draws).view(self.engine.num_steps, steps, *z_shape).numpy()
 
-    def _inpaint_inputs(self, rtc, generator):
-        """DPAGPolicy.inpaint_inputs on the engine's snapshot of the normaliser and clip."""
-        prefix, weight = rtc
+    def _normalized_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
+        """DPAGPolicy.normalized_prefix on the engine's snapshot of the normaliser and clip."""
         pre = prefix.detach().to("cpu", torch.float32) * self._action_scale + self._action_offset
         if self._clip is not None:
             pre = pre.clamp(-self._clip, self._clip)
-        pre_noise = torch.randn((self.engine.num_steps, *pre.shape), generator=generator, dtype=torch.float32)
-        return pre, weight, pre_noise
+        return pre.contiguous()
 
     __call__ = step
 

@@ -19,7 +19,7 @@ import torch
 from .. import ops
 from ..config import PolicyConfig
 from ..export import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, TABLES
-from ..policy import draw_seed
+from ..policy import draw_plan_noise
 
 GUIDED_UNSUPPORTED = (
     "mode 'guided' is not supported by exported backends: it needs the vector-Jacobian product "
@@ -98,19 +98,18 @@ class ExportedPolicy(abc.ABC):
         arrays, b = self.check_obs(obs)
         mu = self._encode(arrays)[0]
         shape = (b, cfg.horizon, cfg.action_dim)
-        draw_seed(generator)  # the reference draws the latent update's seed in every mode; keep the stream aligned
-        if noise is None:
-            x = torch.randn(shape, generator=generator, device=self.device)
-        elif tuple(noise.shape) != shape:
-            raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
-        else:
+        timesteps = self._tables["timesteps"].tolist()
+        draws = draw_plan_noise(cfg, len(timesteps), b, generator, device=self.device)
+        x = draws.x
+        if noise is not None:
+            if tuple(noise.shape) != shape:
+                raise ValueError(f"noise: expected shape {shape}, got {tuple(noise.shape)}")
             x = noise.to(self.device, torch.float32)
         coefs, cond = self._table("coefs"), mu.flatten(1)
         clip = cfg.scheduler.clip_sample_range if cfg.scheduler.clip_sample else None
-        stochastic = cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0
-        for i, t in enumerate(self._tables["timesteps"].tolist()):
+        for i, t in enumerate(timesteps):
             eps = self.predict_noise(x, t, cond)
-            step_noise = torch.randn(shape, generator=generator, device=self.device) if stochastic else None
+            step_noise = draws.steps[i] if draws.steps is not None else None
             x, _ = ops.sampler_step(x, eps, coefs, i, step_noise, clip)
         action_pred = (x - self._table("action_offset")) / self._table("action_scale")
         start = cfg.n_obs_steps - 1
