@@ -1,4 +1,4 @@
-"""Honest timing shared by the benchmarks: warm up, synchronise, take the median of many runs."""
+"""Honest timing shared by the benchmarks: warm up, synchronise, time every run (or take their median)."""
 from __future__ import annotations
 
 import statistics
@@ -13,8 +13,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, iters: int = 7) -> float:
-    """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
+def times_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, iters: int = 7) -> list[float]:
+    """Wall time of each of `iters` calls of fn() in milliseconds, after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -24,7 +24,12 @@ def median_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, it
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, iters: int = 7) -> float:
+    """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
+    return statistics.median(times_ms(fn, device, warmup, iters))
 
 
 def read_bandwidth_gbs(device: str = "cpu", mib: int = 512) -> float:
