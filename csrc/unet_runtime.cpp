@@ -681,11 +681,9 @@ struct PolicyEngine::Impl {
         conv_backward(final_out, ga, batch, H, gb, false);
         conv_block_backward(final_block, gb, batch, H, ga);
         std::swap(ga, gb);  // gb: d(input of the final block)
-        std::vector<int> widths{Da};
-        widths.insert(widths.end(), cfg.down_dims.begin(), cfg.down_dims.end());
         for (int l = 0; l < levels; ++l) std::fill(dskips[l].begin(), dskips[l].end(), 0.0f);
         for (int u = levels - 2; u >= 0; --u) {
-            const int l = levels - 1 - u, T = H >> l, cx = widths[l + 1];
+            const int l = levels - 1 - u, T = H >> l, cx = cfg.down_dims[l];  // level l's width
             conv_backward(up_sample[u], gb, batch, T, ga, false);
             res_block_backward(up_res[2 * u + 1], ga, batch, T, step, gb);
             res_block_backward(up_res[2 * u], gb, batch, T, step, gc);
@@ -702,7 +700,7 @@ struct PolicyEngine::Impl {
         res_block_backward(mid_res[0], ga, batch, t_mid, step, gb);  // gb: d(last skip) via the mid blocks
         for (int l = levels - 1; l >= 0; --l) {
             const int T = H >> l;
-            const std::size_t n = static_cast<std::size_t>(batch) * widths[l + 1] * T;
+            const std::size_t n = static_cast<std::size_t>(batch) * cfg.down_dims[l] * T;
             if (l == levels - 1) std::copy_n(gb, n, ga);
             else conv_backward(down_sample[l], gb, batch, T, ga, false);  // gb: d(next level's input)
             for (std::size_t i = 0; i < n; ++i) ga[i] += dskips[l][i];

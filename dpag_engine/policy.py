@@ -28,6 +28,14 @@ def draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
 
 
+def resolve_mode(cfg: PolicyConfig, mode: str | None) -> str:
+    """The inference mode to run: `mode`, else the config's; raises for an unknown one."""
+    mode = mode or cfg.inference_mode
+    if mode not in ("dp", "guided") or (mode == "guided" and cfg.method != "dpag"):
+        raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
+    return mode
+
+
 @dataclass
 class PlanNoise:
     """Every random number one plan uses. Every backend draws them with `draw_plan_noise`, so one
@@ -178,7 +186,7 @@ class DPAGPolicy(nn.Module):
         """
         self._require_normalizer()
         cfg = self.cfg
-        mode = self.check_mode(mode)
+        mode = resolve_mode(cfg, mode)
         b = self.check_obs(obs)
         start = cfg.n_obs_steps - 1  # receding horizon: the first action is at the current step
         rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
@@ -187,12 +195,6 @@ class DPAGPolicy(nn.Module):
                                 features.device, features.dtype)
         action_pred = self.denoise(features, noise, mode, rtc)
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
-
-    def check_mode(self, mode: str | None) -> str:
-        mode = mode or self.cfg.inference_mode
-        if mode not in ("dp", "guided") or (mode == "guided" and self.posterior is None):
-            raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
-        return mode
 
     def denoise(self, features: torch.Tensor, noise: PlanNoise, mode: str,
                 rtc: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .policy import DPAGPolicy, draw_plan_noise
+from .policy import DPAGPolicy, draw_plan_noise, resolve_mode
 from .rtc import check_prefix
 
 try:
@@ -64,7 +64,6 @@ class CpuPolicy:
         self.engine = engine
         self.cfg = cfg
         self._encoder = encoder  # None: the engine encodes raw state itself
-        self._dpag = cfg.method == "dpag"
         # For real-time chunking: the prefix is normalised (and clipped) here, as predict_action does.
         self._action_scale = torch.as_tensor(config["action_scale"], dtype=torch.float32)
         self._action_offset = torch.as_tensor(config["action_offset"], dtype=torch.float32)
@@ -123,10 +122,7 @@ class CpuPolicy:
         draws); the engine inpaints after every step inside its C++ loop.
         """
         cfg = self.cfg
-        mode = mode or cfg.inference_mode
-        if mode not in ("dp", "guided") or (mode == "guided" and not self._dpag):
-            raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
-        guided = mode == "guided"
+        guided = resolve_mode(cfg, mode) == "guided"
         if guided and not self.engine.guided:
             raise ValueError("mode='guided': this engine was built without the backward; use "
                              "CpuPolicy.from_policy(policy, guided=True)")

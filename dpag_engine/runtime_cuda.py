@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy import DPAGPolicy, PlanNoise, draw_plan_noise
+from .policy import DPAGPolicy, PlanNoise, draw_plan_noise, resolve_mode
 from .rtc import check_prefix
 
 
@@ -34,7 +34,7 @@ class CudaGraphPolicy:
             raise ValueError(f"policy: move it to the GPU first (policy.cuda()), it is on {device}")
         policy._require_normalizer()
         self.policy, self.cfg = policy, policy.cfg
-        self.mode = policy.check_mode(mode)
+        self.mode = resolve_mode(policy.cfg, mode)
         if self.mode == "guided" and self.cfg.latent.eta > 0:
             raise ValueError("mode='guided' with latent eta > 0 cannot be graphed (its Brownian draws are seeded "
                              "per plan); use predict_action")
