@@ -100,6 +100,25 @@ def test_predict_action_chunk_matches_torch(exported, batch):
     assert torch.equal(seeded, got["action_pred"]) and not torch.equal(again, seeded)
 
 
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_real_time_chunking_matches_torch(tmp_path, eta):
+    """The inpainting sampler (dpag_engine/rtc.py) on the exported graphs: the reference's chunk, and
+    the committed rows come out as the prefix (clipped to the sampler's range)."""
+    policy = make_policy(scheduler=SchedulerConfig(num_inference_steps=8, eta=eta)).eval()
+    export_onnx(policy, tmp_path)
+    backend = OnnxPolicy(tmp_path)
+    obs = make_obs(policy.cfg, 2, torch.Generator().manual_seed(0))
+    prefix = policy.predict_action(obs, torch.Generator().manual_seed(9))["action"][:, :5]  # reachable actions
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.2])
+    want = policy.predict_action(obs, torch.Generator().manual_seed(1), prefix=prefix, prefix_weight=weight)
+    got = backend.predict_action(obs, torch.Generator().manual_seed(1), prefix=prefix, prefix_weight=weight)
+    err = max_err(normalised(policy, got["action_pred"]), normalised(policy, want["action_pred"]))
+    assert err <= TOL, f"RTC chunk max abs error {err:.2e}"
+    assert max_err(normalised(policy, got["action"][:, :3]), normalised(policy, prefix[:, :3])) <= TOL
+    with pytest.raises(ValueError, match="prefix_weight: weights must be finite"):
+        backend.predict_action(obs, prefix=prefix, prefix_weight=weight * 2)
+
+
 def test_stochastic_sampler_follows_the_reference_noise_stream(tmp_path):
     policy = make_policy(scheduler=SchedulerConfig(num_inference_steps=10, eta=0.7)).eval()
     export_onnx(policy, tmp_path)

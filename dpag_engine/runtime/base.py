@@ -18,13 +18,15 @@ import torch
 
 from .. import ops
 from ..config import PolicyConfig
+from ..diffusion import inpaint_coefficients
 from ..export import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, TABLES
 from ..policy import draw_plan_noise
+from ..rtc import check_prefix
 
 GUIDED_UNSUPPORTED = (
     "mode 'guided' is not supported by exported backends: it needs the vector-Jacobian product "
     "d eps / d z at every denoising step, and the exported graph has no backward pass. Serve guided "
-    "mode with DPAGPolicy (torch or triton backend), or use mode='dp'.")
+    "mode with DPAGPolicy or dpag_engine.runtime_cpu.CpuPolicy, or use mode='dp'.")
 
 
 class ExportedPolicy(abc.ABC):
@@ -44,6 +46,8 @@ class ExportedPolicy(abc.ABC):
         self.obs_shapes = {k: tuple(v) for k, v in self.manifest["encoder"]["inputs"].items()}
         with np.load(self.dir / TABLES) as t:
             self._tables = {k: torch.from_numpy(t[k]) for k in t.files}
+        # Real-time chunking's per-step noise levels: a function of the scheduler config alone.
+        self._tables["inpaint_coefs"] = inpaint_coefficients(self.cfg.scheduler).float()
 
     def _table(self, name: str) -> torch.Tensor:
         return self._tables[name].to(self.device)
@@ -83,11 +87,13 @@ class ExportedPolicy(abc.ABC):
 
     @torch.no_grad()
     def predict_action(self, obs: dict[str, Any], generator: torch.Generator | None = None,
-                       mode: str | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       mode: str | None = None, noise: torch.Tensor | None = None,
+                       prefix: torch.Tensor | None = None, prefix_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """DPAGPolicy.predict_action in dp mode: "action" (B, Na, Da) and "action_pred" (B, H, Da), raw units.
 
         The random draws are the reference's, in its order, from `generator`; `noise` (B, H, Da), if
         given, replaces the initial sample instead (e.g. to feed the same noise to two backends).
+        prefix / prefix_weight: real-time chunking, as in DPAGPolicy.predict_action.
         """
         cfg = self.cfg
         mode = mode or cfg.inference_mode
@@ -96,10 +102,12 @@ class ExportedPolicy(abc.ABC):
         if mode != "dp":
             raise ValueError(f"mode: must be 'dp' or 'guided', got {mode!r}")
         arrays, b = self.check_obs(obs)
+        start = cfg.n_obs_steps - 1
+        rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
         mu = self._encode(arrays)[0]
         shape = (b, cfg.horizon, cfg.action_dim)
         timesteps = self._tables["timesteps"].tolist()
-        draws = draw_plan_noise(cfg, len(timesteps), b, generator, device=self.device)
+        draws = draw_plan_noise(cfg, len(timesteps), b, generator, 0 if rtc is None else rtc[0].shape[1], self.device)
         x = draws.x
         if noise is not None:
             if tuple(noise.shape) != shape:
@@ -107,10 +115,17 @@ class ExportedPolicy(abc.ABC):
             x = noise.to(self.device, torch.float32)
         coefs, cond = self._table("coefs"), mu.flatten(1)
         clip = cfg.scheduler.clip_sample_range if cfg.scheduler.clip_sample else None
+        if rtc is not None:  # as DPAGPolicy.normalized_prefix
+            pre = rtc[0].to(self.device, torch.float32) * self._table("action_scale") + self._table("action_offset")
+            pre = pre.clamp(-clip, clip) if clip is not None else pre
+            weight = rtc[1].to(self.device)
         for i, t in enumerate(timesteps):
             eps = self.predict_noise(x, t, cond)
             step_noise = draws.steps[i] if draws.steps is not None else None
-            x, _ = ops.sampler_step(x, eps, coefs, i, step_noise, clip)
+            if rtc is None:
+                x, _ = ops.sampler_step(x, eps, coefs, i, step_noise, clip)
+            else:
+                x, _ = ops.sampler_step_inpaint(x, eps, coefs, i, step_noise, clip, pre, draws.prefix, weight,
+                                                self._table("inpaint_coefs"), start)
         action_pred = (x - self._table("action_offset")) / self._table("action_scale")
-        start = cfg.n_obs_steps - 1
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
