@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +35,71 @@ def resolve_mode(cfg: PolicyConfig, mode: str | None) -> str:
     if mode not in ("dp", "guided") or (mode == "guided" and cfg.method != "dpag"):
         raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
     return mode
+
+
+# Normalised observations span [-1, 1] over the training data. Far beyond it the U-Net's
+# GroupNorm statistics overflow float32 (1e30 in one state element gave all-NaN actions): a value
+# 10^4 training ranges out is a sensor or unit error, never something the policy can act on.
+MAX_NORMALIZED_OBS = 1e4
+
+
+def check_observation(obs: dict, shapes: dict[str, tuple[int, ...]],
+                      dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
+    """The observation rule every runtime applies: each key of `shapes` present as a (B, *shape)
+    tensor (or array), one batch size, real numbers (any float or integer dtype, cast to `dtype`;
+    bool, complex and others are refused), all finite. Returns (the cast dict, B)."""
+    if not isinstance(obs, dict):
+        raise TypeError(f"obs: expected a dict of tensors, got {type(obs).__name__}")
+    out, batch = {}, None
+    for key, tail in shapes.items():
+        if key not in obs:
+            raise KeyError(f"obs: missing key {key!r} (expected keys {sorted(shapes)})")
+        x = obs[key]
+        if not isinstance(x, torch.Tensor):
+            try:
+                x = torch.as_tensor(np.asarray(x))
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"obs[{key!r}]: expected a tensor or array, got {type(x).__name__}") from None
+        if x.dim() != len(tail) + 1 or tuple(x.shape[1:]) != tail:
+            raise ValueError(f"obs[{key!r}]: expected shape (B, {', '.join(map(str, tail))}), got {tuple(x.shape)}")
+        if batch is not None and x.shape[0] != batch:
+            raise ValueError(f"obs[{key!r}]: batch size {x.shape[0]} differs from the other keys ({batch})")
+        batch = x.shape[0]
+        if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or x.dtype in _INTEGER_DTYPES):
+            raise TypeError(f"obs[{key!r}]: expected real numbers (a float or integer dtype), got {x.dtype}")
+        x = x.to(dtype)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"obs[{key!r}]: contains NaN or inf")
+        out[key] = x
+    assert batch is not None  # the config guarantees at least one key
+    return out, batch
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def check_normalized(key: str, x: torch.Tensor) -> None:
+    """Refuse an observation, by name, that the network would turn into NaN (see MAX_NORMALIZED_OBS)."""
+    magnitude = x.detach().abs()
+    worst = float(magnitude.amax()) if x.numel() else 0.0
+    if worst > MAX_NORMALIZED_OBS:
+        where = tuple(int(i) for i in np.unravel_index(int(magnitude.argmax()), tuple(x.shape)))
+        raise ValueError(f"obs[{key!r}]: the value at index {where} lies {worst:.3g} training ranges from the data "
+                         f"the policy was trained on (limit {MAX_NORMALIZED_OBS:g}): a sensor or unit error?")
+
+
+def check_network_inputs(normalizer: Normalizer, obs: dict[str, torch.Tensor]) -> None:
+    """`check_normalized` on what the networks will see: the normalised state, the images as given."""
+    for key, x in obs.items():
+        check_normalized(key, normalizer.normalize("state", x) if key == "state" else x)
+
+
+def check_actions(action_pred: torch.Tensor) -> torch.Tensor:
+    """The last check of every plan: a plan never hands NaN or inf to the arm."""
+    if not bool(torch.isfinite(action_pred).all()):
+        raise FloatingPointError("the policy produced non-finite actions from a finite observation "
+                                 "(corrupt weights or normaliser?)")
+    return action_pred
 
 
 @dataclass
@@ -81,29 +147,19 @@ class DPAGPolicy(nn.Module):
         self.schedule = NoiseSchedule(cfg.scheduler)
 
     # ---- input checks: bad input fails here with a message, never deep inside a conv ----
-    def check_obs(self, obs: dict[str, torch.Tensor]) -> int:
-        """Validate keys, shapes and finiteness of an observation dict; returns the batch size."""
+    def obs_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every observation key with its per-sample shape (To, ...)."""
         cfg = self.cfg
-        expected: dict[str, tuple[int, ...]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         if cfg.state_dim > 0:
-            expected["state"] = (cfg.n_obs_steps, cfg.state_dim)
+            shapes["state"] = (cfg.n_obs_steps, cfg.state_dim)
         if cfg.image is not None:
-            expected.update({cam: (cfg.n_obs_steps, *cfg.image.image_shape) for cam in cfg.image.cameras})
-        batch = None
-        for key, tail in expected.items():
-            if key not in obs:
-                raise KeyError(f"obs: missing key {key!r} (expected keys {sorted(expected)})")
-            x = obs[key]
-            if not isinstance(x, torch.Tensor) or x.dim() != len(tail) + 1 or tuple(x.shape[1:]) != tail:
-                got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"obs[{key!r}]: expected shape (B, {', '.join(map(str, tail))}), got {got}")
-            if batch is not None and x.shape[0] != batch:
-                raise ValueError(f"obs[{key!r}]: batch size {x.shape[0]} differs from the other keys ({batch})")
-            batch = x.shape[0]
-            if not torch.isfinite(x).all():
-                raise ValueError(f"obs[{key!r}]: contains NaN or inf")
-        assert batch is not None  # the config guarantees at least one key
-        return batch
+            shapes.update({cam: (cfg.n_obs_steps, *cfg.image.image_shape) for cam in cfg.image.cameras})
+        return shapes
+
+    def check_obs(self, obs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """`check_observation` against this policy: (obs in the policy's dtype, batch size)."""
+        return check_observation(obs, self.obs_shapes(), self.schedule.coefs.dtype)
 
     def _require_normalizer(self) -> None:
         if not self.normalizer.is_fitted:
@@ -126,12 +182,12 @@ class DPAGPolicy(nn.Module):
         """The DP-AG (or DP) training loss for a raw batch {"obs": {...}, "action": (B, H, Da)}."""
         self._require_normalizer()
         cfg = self.cfg
-        b = self.check_obs(batch["obs"])
+        obs, b = self.check_obs(batch["obs"])
         action = batch["action"]
         if tuple(action.shape) != (b, cfg.horizon, cfg.action_dim):
             raise ValueError(f"action: expected shape ({b}, {cfg.horizon}, {cfg.action_dim}), got {tuple(action.shape)}")
         a_0 = self.normalizer.normalize("action", action)
-        features = self.encode(batch["obs"], generator)
+        features = self.encode(obs, generator)
         device = a_0.device
         t = torch.randint(0, cfg.scheduler.num_train_timesteps, (b,), generator=generator, device=device)
         noise = torch.randn(a_0.shape, generator=generator, device=device, dtype=a_0.dtype)
@@ -187,13 +243,14 @@ class DPAGPolicy(nn.Module):
         self._require_normalizer()
         cfg = self.cfg
         mode = resolve_mode(cfg, mode)
-        b = self.check_obs(obs)
+        obs, b = self.check_obs(obs)
+        check_network_inputs(self.normalizer, obs)
         start = cfg.n_obs_steps - 1  # receding horizon: the first action is at the current step
         rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
         features = self.encode(obs, generator)
         noise = draw_plan_noise(cfg, self.schedule.num_steps, b, generator, 0 if rtc is None else rtc[0].shape[1],
                                 features.device, features.dtype)
-        action_pred = self.denoise(features, noise, mode, rtc)
+        action_pred = check_actions(self.denoise(features, noise, mode, rtc))
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
 
     def denoise(self, features: torch.Tensor, noise: PlanNoise, mode: str,

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .policy import DPAGPolicy, draw_plan_noise, resolve_mode
+from .policy import (DPAGPolicy, check_actions, check_network_inputs, check_normalized, check_observation,
+                     draw_plan_noise, resolve_mode)
 from .rtc import check_prefix
 
 try:
@@ -42,6 +43,7 @@ class TorchEncoder(nn.Module):
     def __init__(self, policy: DPAGPolicy):
         super().__init__()
         self.cfg = policy.cfg
+        self.obs_shapes = policy.obs_shapes()
         self.normalizer = copy.deepcopy(policy.normalizer).float()
         self.encoder = copy.deepcopy(policy.encoder).float()
         self.posterior = copy.deepcopy(policy.posterior).float() if policy.posterior is not None else None
@@ -49,8 +51,9 @@ class TorchEncoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None):
-        DPAGPolicy.check_obs(self, obs)
-        obs = {k: v.detach().to("cpu", torch.float32) for k, v in obs.items()}
+        obs, _ = check_observation(obs, self.obs_shapes)
+        obs = {k: v.detach().cpu() for k, v in obs.items()}
+        check_network_inputs(self.normalizer, obs)
         features = DPAGPolicy.encode(self, obs, generator)
         if self.posterior is None:
             return features, None
@@ -67,6 +70,8 @@ class CpuPolicy:
         # For real-time chunking: the prefix is normalised (and clipped) here, as predict_action does.
         self._action_scale = torch.as_tensor(config["action_scale"], dtype=torch.float32)
         self._action_offset = torch.as_tensor(config["action_offset"], dtype=torch.float32)
+        self._state_scale = torch.as_tensor(config["state_scale"], dtype=torch.float32)
+        self._state_offset = torch.as_tensor(config["state_offset"], dtype=torch.float32)
         self._clip = config["clip"]
 
     @classmethod
@@ -93,15 +98,12 @@ class CpuPolicy:
         return self.engine.weight_bytes_per_step
 
     def _state(self, obs: dict) -> np.ndarray:
-        cfg = self.cfg
-        if not isinstance(obs, dict) or "state" not in obs:
-            raise KeyError("obs: missing key 'state' (expected keys ['state'])")
-        x = obs["state"]
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (cfg.n_obs_steps, cfg.state_dim):
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"obs['state']: expected shape (B, {cfg.n_obs_steps}, {cfg.state_dim}), got {got}")
-        # NaN/inf are rejected by the engine itself (ValueError), before any work.
-        return x.detach().to("cpu", torch.float32).contiguous().numpy()
+        """The raw state as the engine takes it, checked by the rules of every runtime (policy.py)."""
+        obs, _ = check_observation(obs, {"state": (self.cfg.n_obs_steps, self.cfg.state_dim)})
+        state = obs["state"].detach().cpu().contiguous()
+        # The engine normalises in C++; the same affine map here is the check of what it will see.
+        check_normalized("state", state * self._state_scale + self._state_offset)
+        return state.numpy()
 
     def _condition(self, obs: dict, generator: torch.Generator | None, guided: bool) -> dict:
         """The engine's conditioning inputs: the raw state, or (mu, log_var) from the torch encoder."""
@@ -147,6 +149,7 @@ class CpuPolicy:
         state = cond.pop("state")
         steps = noise.steps.numpy() if noise.steps is not None else None
         self.engine.plan(state, noise.x.numpy(), steps, action_pred.numpy(), guided=guided, **cond, **latent, **inpaint)
+        check_actions(action_pred)
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
 
     def _latent_noise(self, seed: int, z_shape: tuple[int, ...]) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .policy import DPAGPolicy, PlanNoise, draw_plan_noise, resolve_mode
+from .policy import DPAGPolicy, PlanNoise, check_actions, check_network_inputs, draw_plan_noise, resolve_mode
 from .rtc import check_prefix
 
 
@@ -73,7 +73,8 @@ class CudaGraphPolicy:
              prefix: torch.Tensor | None = None, prefix_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """As predict_action (same checks, same draws, same result); outputs are fresh tensors."""
         cfg = self.cfg
-        b = self.policy.check_obs(obs)
+        obs, b = self.policy.check_obs(obs)
+        check_network_inputs(self.policy.normalizer, obs)
         if b != self.batch:
             raise ValueError(f"obs: batch {b}, but this graph was captured for batch {self.batch}")
         start = cfg.n_obs_steps - 1
@@ -90,7 +91,7 @@ class CudaGraphPolicy:
         self._copy_noise(draw_plan_noise(cfg, self.policy.schedule.num_steps, b, generator, width, device,
                                          self.action_pred.dtype))
         self.graph.replay()
-        action_pred = self.action_pred.clone()
+        action_pred = check_actions(self.action_pred.clone())
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
 
     def _copy_noise(self, noise: PlanNoise) -> None:

@@ -20,7 +20,7 @@ from .. import ops
 from ..config import PolicyConfig
 from ..diffusion import inpaint_coefficients
 from ..export import EXPORT_FORMAT, EXPORT_VERSION, MANIFEST, TABLES
-from ..policy import draw_plan_noise
+from ..policy import check_actions, check_normalized, check_observation, draw_plan_noise
 from ..rtc import check_prefix
 
 GUIDED_UNSUPPORTED = (
@@ -61,25 +61,16 @@ class ExportedPolicy(abc.ABC):
     def predict_noise(self, sample: torch.Tensor, timestep: int | torch.Tensor, global_cond: torch.Tensor) -> torch.Tensor:
         """eps for sample (B, H, Da), an int (or (B,) ints) training timestep, global_cond (B, To*Do)."""
 
-    # ---- input checks: same rules and messages as DPAGPolicy.check_obs ----
+    # ---- input checks: the rules of every runtime (policy.check_observation / check_normalized) ----
     def check_obs(self, obs: dict[str, Any]) -> tuple[dict[str, np.ndarray], int]:
-        """Validate keys, shapes and finiteness; returns contiguous float32 arrays and the batch size."""
-        arrays, batch = {}, None
-        for key, tail in self.obs_shapes.items():
-            if key not in obs:
-                raise KeyError(f"obs: missing key {key!r} (expected keys {sorted(self.obs_shapes)})")
-            x = obs[key]
-            x = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-            if x.ndim != len(tail) + 1 or tuple(x.shape[1:]) != tail:
-                raise ValueError(f"obs[{key!r}]: expected shape (B, {', '.join(map(str, tail))}), got {tuple(x.shape)}")
-            if batch is not None and x.shape[0] != batch:
-                raise ValueError(f"obs[{key!r}]: batch size {x.shape[0]} differs from the other keys ({batch})")
-            batch = x.shape[0]
-            if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-                raise ValueError(f"obs[{key!r}]: contains NaN or inf (or is not numeric)")
-            arrays[key] = np.ascontiguousarray(x, dtype=np.float32)
-        assert batch is not None  # the config guarantees at least one key
-        return arrays, batch
+        """Validate keys, shapes, dtypes and finiteness; returns contiguous float32 arrays and the batch size."""
+        checked, batch = check_observation(obs, self.obs_shapes)
+        checked = {k: v.detach().cpu() for k, v in checked.items()}
+        if "state_scale" in self._tables:   # older exports lack it: there, only the actions are checked
+            for key, x in checked.items():
+                x = x * self._tables["state_scale"] + self._tables["state_offset"] if key == "state" else x
+                check_normalized(key, x)
+        return {k: np.ascontiguousarray(v.numpy()) for k, v in checked.items()}, batch
 
     def encode(self, obs: dict[str, Any]) -> list[torch.Tensor]:
         """Raw observations -> [mu, log_var] ([mu] for a plain-DP model), each (B, To, Do)."""
@@ -127,5 +118,5 @@ class ExportedPolicy(abc.ABC):
             else:
                 x, _ = ops.sampler_step_inpaint(x, eps, coefs, i, step_noise, clip, pre, draws.prefix, weight,
                                                 self._table("inpaint_coefs"), start)
-        action_pred = (x - self._table("action_offset")) / self._table("action_scale")
+        action_pred = check_actions((x - self._table("action_offset")) / self._table("action_scale"))
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
