@@ -24,21 +24,46 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
+import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from . import _C
+from .runlog import StreamLog
 from .ursim.kinematics import forward_kinematics
 
 UR5_DOF = 6
 RT_PRIORITY = 80   # SCHED_FIFO level of the servo loop
+DASHBOARD_PORT, RTDE_PORT = 29999, 30004
 # ur_rtde's SafetyMode values (RTDE safety_mode); only NORMAL allows motion.
 SAFETY_NORMAL = 1
 SAFETY_NAMES = {1: "normal", 2: "reduced", 3: "protective stop", 4: "recovery", 5: "safeguard stop",
                 6: "system emergency stop", 7: "robot emergency stop", 8: "violation", 9: "fault"}
+
+
+# What the arm itself allows; SafetyLimits may only be tighter. Joint speed: 180 deg/s on every
+# joint in the UR5 and UR5e data sheets. Joint acceleration is not in the data sheets: 40 rad/s^2 is
+# the bound ur_rtde itself enforces on joint accelerations (UR_JOINT_ACCELERATION_MAX). Joint range
+# +-360 deg. Servo rates: a CB3 controller runs at 125 Hz, an e-Series at 500 Hz (divisors allowed).
+UR5_JOINT_RANGE = 2 * math.pi
+UR5_JOINT_SPEED_MAX = math.pi
+UR5_JOINT_ACCEL_MAX = 40.0
+CONTROLLER_RATES_HZ = {3: (125.0,), 5: (125.0, 250.0, 500.0)}   # by controller major version
+# No fresh state for longer than this cannot be a safety stop any more: at 0.2 m/s it is 20 cm.
+STATE_TIMEOUT_MAX_S = 1.0
+
+
+class LimitError(ValueError):
+    """A SafetyLimits field the arm does not allow; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.reason = field, message
 
 
 @dataclass(frozen=True)
@@ -47,6 +72,7 @@ class SafetyLimits:
 
     Defaults are for a UR5: joint ranges +-2 pi, half the data sheet's 180 deg/s, an acceleration a
     servo trajectory can follow, and a tool box that keeps the TCP above the table and inside reach.
+    Every value is checked at construction: never above the arm's own limits (UR5_*), never <= 0.
     """
     q_min: tuple[float, ...] = (-2 * math.pi,) * UR5_DOF
     q_max: tuple[float, ...] = (2 * math.pi,) * UR5_DOF
@@ -60,11 +86,33 @@ class SafetyLimits:
     blend_window_s: float = 0.1
 
     def __post_init__(self):
-        for name in ("q_min", "q_max", "v_max", "a_max"):
-            if len(getattr(self, name)) != UR5_DOF:
-                raise ValueError(f"SafetyLimits.{name}: expected {UR5_DOF} values")
-        if not all(lo < hi for lo, hi in zip(self.workspace_lo, self.workspace_hi)):
-            raise ValueError("SafetyLimits: workspace_lo must be below workspace_hi on every axis")
+        def values(name, n):
+            v = getattr(self, name)
+            try:
+                ok = len(v) == n and all(math.isfinite(float(x)) for x in v)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise LimitError(name, f"expected {n} finite numbers, got {v!r}")
+            return v
+
+        q_min, q_max = values("q_min", UR5_DOF), values("q_max", UR5_DOF)
+        if not all(-UR5_JOINT_RANGE <= lo < hi <= UR5_JOINT_RANGE for lo, hi in zip(q_min, q_max)):
+            raise LimitError("q_min/q_max", f"need -{UR5_JOINT_RANGE:.4f} <= q_min < q_max <= {UR5_JOINT_RANGE:.4f} "
+                                            "rad on every joint (the UR5's range)")
+        for name, cap, unit, what in (("v_max", UR5_JOINT_SPEED_MAX, "rad/s", "joint speed"),
+                                      ("a_max", UR5_JOINT_ACCEL_MAX, "rad/s^2", "joint acceleration")):
+            worst = max(values(name, UR5_DOF))
+            if worst > cap or min(getattr(self, name)) <= 0:
+                raise LimitError(name, f"{worst:g} {unit}: must be > 0 and at most the UR5's {what} limit "
+                                       f"({cap:g} {unit})")
+        lo, hi = values("workspace_lo", 3), values("workspace_hi", 3)
+        if not all(a < b for a, b in zip(lo, hi)):
+            raise LimitError("workspace", "workspace_lo must be below workspace_hi on every axis")
+        if not 0 < self.state_timeout_s <= STATE_TIMEOUT_MAX_S:
+            raise LimitError("state_timeout_s", f"{self.state_timeout_s:g} s: must be in (0, {STATE_TIMEOUT_MAX_S:g}] s")
+        if not 0 < self.blend_window_s <= 1.0:
+            raise LimitError("blend_window_s", f"{self.blend_window_s:g} s: must be in (0, 1] s")
 
 
 def controller_major_version(host: str) -> int:
@@ -83,21 +131,25 @@ def controller_major_version(host: str) -> int:
     return int(match.group(1))
 
 
-@dataclass
 class CommandLog:
-    """What the pump sent and measured, appended from the pump thread only."""
-    t_sent: list = field(default_factory=list)     # monotonic s, after servoJ returned
-    t_slot: list = field(default_factory=list)     # the loop deadline the command was for
-    q_cmd: list = field(default_factory=list)
-    v_cmd: list = field(default_factory=list)
-    t_state: list = field(default_factory=list)
-    q_actual: list = field(default_factory=list)
+    """What the pump sent and measured, appended from the pump thread only, streamed to disk
+    (runlog.StreamLog) so that memory stays flat however long the arm runs."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.commands = StreamLog(Path(folder) / "commands.bin",
+                                  [("t_sent", "f8"), ("t_slot", "f8"), ("q", "f8", UR5_DOF), ("v", "f8", UR5_DOF)])
+        self.states = StreamLog(Path(folder) / "states.bin", [("t", "f8"), ("q", "f8", UR5_DOF)])
+
+    def close(self, remove: bool = False) -> None:
+        self.commands.close(remove)
+        self.states.close(remove)
 
 
 class UR5Robot:
     def __init__(self, host: str, limits: SafetyLimits = SafetyLimits(), frequency: float | None = None,
                  lookahead_time: float = 0.1, gain: float = 300.0, watchdog_hz: float = 5.0,
-                 rt_priority: bool = True, servo: str = "servoJ"):
+                 rt_priority: bool = True, servo: str = "servoJ", log_dir: str | os.PathLike | None = None):
+        """log_dir: where the command and state logs stream to (default: a fresh temporary folder)."""
         if not 0.03 <= lookahead_time <= 0.2:
             raise ValueError(f"lookahead_time: ur_rtde accepts [0.03, 0.2] s, got {lookahead_time}")
         if not 100 <= gain <= 2000:
@@ -108,7 +160,7 @@ class UR5Robot:
         self.lookahead_time, self.gain, self.watchdog_hz, self.rt_priority = lookahead_time, gain, watchdog_hz, rt_priority
         self.receive = self.control = None
         self.scheduler = self.sink = self.loop = None
-        self.log = CommandLog()
+        self.log = CommandLog(log_dir if log_dir is not None else tempfile.mkdtemp(prefix="ur5_log_"))
         self.stop_log: list[tuple[float, str]] = []   # (monotonic s, what) of the stop sequence
         self._pump_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -116,16 +168,31 @@ class UR5Robot:
 
     # ---- connection ----
     def connect(self) -> None:
+        """Connect; the servo rate comes from the controller version unless one was given (and then
+        it must be one that controller runs). Raises ConnectionError saying what failed, in words."""
         import rtde_control
         import rtde_receive
 
+        for port, what in ((DASHBOARD_PORT, "dashboard server"), (RTDE_PORT, "RTDE interface")):
+            check_reachable(self.host, port, what)
         major = controller_major_version(self.host)
+        rates = CONTROLLER_RATES_HZ[3 if major <= 3 else 5]
         if self.frequency is None:
-            self.frequency = 500.0 if major >= 5 else 125.0   # e-Series streams at 500 Hz, CB3 at 125 Hz
+            self.frequency = rates[-1]   # e-Series streams at 500 Hz, CB3 at 125 Hz
+        elif self.frequency not in rates:
+            raise LimitError("frequency", f"{self.frequency:g} Hz: a controller {major}.x servos at "
+                                          f"{' or '.join(f'{r:g}' for r in rates)} Hz")
+        if not 0 < self.watchdog_hz <= self.frequency:
+            raise LimitError("watchdog_hz", f"{self.watchdog_hz:g} Hz: must be in (0, {self.frequency:g}] "
+                                            "(commands are sent at the servo rate)")
         # ur_rtde's own rt_priority argument is left at 0: with it set, its constructor crashed (segfault)
         # in our fault tests after a frozen-stream run; the loop and the pump carry the real-time load.
-        self.receive = rtde_receive.RTDEReceiveInterface(self.host, self.frequency)
-        self.control = rtde_control.RTDEControlInterface(self.host, self.frequency)
+        try:
+            self.receive = rtde_receive.RTDEReceiveInterface(self.host, self.frequency)
+            self.control = rtde_control.RTDEControlInterface(self.host, self.frequency)
+        except RuntimeError as err:
+            raise ConnectionError(f"{self.host} answered, but ur_rtde could not set up its RTDE session "
+                                  f"({err}); is the arm powered on and in remote control?") from err
         self.controller_major = major
         problem = self.status_problem()
         if problem:
@@ -205,10 +272,7 @@ class UR5Robot:
                 self.sink.post_fault(f"{self.servo} refused by the controller")
                 return
             now = time.monotonic()
-            log.t_sent.append(now)
-            log.t_slot.append(t_slot_ns * 1e-9)
-            log.q_cmd.append(q)
-            log.v_cmd.append(v)
+            log.commands.append(now, t_slot_ns * 1e-9, q, v)
             # Post only states the controller has produced since the last one: a frozen stream then
             # ages out in the sink and stops the loop.
             stamp = self.receive.getTimestamp()
@@ -220,8 +284,7 @@ class UR5Robot:
                     return
                 self.sink.post_state(q_actual)
                 self._latest_q = q_actual
-                log.t_state.append(now)
-                log.q_actual.append(q_actual)
+                log.states.append(now, q_actual)
 
     def _stop_arm(self) -> None:
         """servoStop then stopScript, each only where the connection still allows it."""
@@ -232,9 +295,12 @@ class UR5Robot:
             self.stop_log.append((time.monotonic(), "not connected: nothing to send"))
             return
         for name in ("servoStop", "stopScript"):
-            outcome = bounded_call(getattr(self.control, name))
-            self.stop_log.append((time.monotonic(), name if outcome is None else f"{name} {outcome}"))
-            if outcome is not None and "did not return" in outcome:
+            returned, problem = bounded_call(getattr(self.control, name))
+            # What the call returned, not only that it was made: under a protective stop servoStop
+            # returns False (the controller did not execute it).
+            outcome = problem or ("done" if returned is None else f"returned {returned}")
+            self.stop_log.append((time.monotonic(), f"{name}: {outcome}"))
+            if problem is not None and "did not return" in problem:
                 # The call went out but its reply never comes (frozen stream). ur_rtde is not
                 # thread-safe: no further call may touch this interface while that one is blocked.
                 self._wedged = True
@@ -266,7 +332,7 @@ class UR5Robot:
         if self._wedged:
             _wedged.append(self.control)
         for iface in (self.receive, None if self._wedged else self.control):
-            if iface is not None and bounded_call(iface.disconnect) is not None:
+            if iface is not None and bounded_call(iface.disconnect)[1] is not None:
                 _wedged.append(iface)
 
 
@@ -283,14 +349,16 @@ def ur5_left_wedged() -> bool:
     return bool(_wedged) or any(w.is_alive() for w in _blocked)
 
 
-def bounded_call(fn, timeout: float = 2.0) -> str | None:
+def bounded_call(fn, timeout: float = 2.0) -> tuple[object, str | None]:
     """Call a ur_rtde function that may block on a dead connection (a frozen stream makes its
-    client reconnect in a loop and disconnect() wait for it); None when it returned in time."""
+    client reconnect in a loop and disconnect() wait for it): (what it returned, None) when it
+    returned in time, else (None, what went wrong)."""
+    result: list = []
     errors: list[str] = []
 
     def call():
         try:
-            fn()
+            result.append(fn())
         except RuntimeError as err:   # ur_rtde raises when the socket died mid-call
             errors.append(str(err))
     worker = threading.Thread(target=call, daemon=True, name=f"ur_rtde-{fn.__name__}")
@@ -298,5 +366,22 @@ def bounded_call(fn, timeout: float = 2.0) -> str | None:
     worker.join(timeout)
     if worker.is_alive():
         _blocked.append(worker)
-        return f"did not return within {timeout:.0f} s"
-    return f"failed: {errors[0]}" if errors else None
+        return None, f"did not return within {timeout:.0f} s"
+    if errors:
+        return None, f"failed: {errors[0]}"
+    return result[0], None
+
+
+def check_reachable(host: str, port: int, what: str, timeout: float = 2.0) -> None:
+    """Raise ConnectionError, in plain words, when nothing accepts a TCP connection at host:port
+    (ur_rtde reports a refused connection and a dead link alike, as a timeout)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except ConnectionRefusedError:
+        raise ConnectionError(f"{host}:{port} ({what}) refused the connection: nothing listens there. Is the "
+                              f"controller on and is {host} its address?") from None
+    except (socket.timeout, TimeoutError):
+        raise ConnectionError(f"no answer from {host}:{port} ({what}) within {timeout:g} s: wrong address, "
+                              "or the network or cable to the controller is down") from None
+    except OSError as err:
+        raise ConnectionError(f"cannot reach {host}:{port} ({what}): {err.strerror or err}") from None

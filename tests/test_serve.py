@@ -272,3 +272,154 @@ def test_bad_checkpoint_and_unreachable_controller_are_clear_errors(ckpt, tmp_pa
     code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", "127.0.0.29", "--log-dir", str(tmp_path / "s")])
     assert code == serve.EXIT_ROBOT_FAULT
     assert "cannot connect to the controller at 127.0.0.29" in json.loads((tmp_path / "s" / "summary.json").read_text())["message"]
+
+
+# ---- reliability: options, crashes, bad observations, memory (issue "Reliability") ----
+
+def strict_json(path):
+    """summary.json as a strict parser reads it: a bare NaN or Infinity is an error."""
+    def refuse(token):
+        raise ValueError(f"{path}: {token} is not JSON")
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("option", [
+    ["--v-max", "1e9"], ["--v-max", "0"], ["--v-max", "-1"], ["--v-max", "nan"], ["--a-max", "1e9"],
+    ["--a-max", "0"], ["--a-max", "inf"], ["--frequency", "10000"], ["--frequency", "100"],
+    ["--episodes", "0"], ["--episodes", "-2"], ["--inference-steps", "0"], ["--inference-steps", "1000"],
+    ["--hold-after", "0"], ["--hold-after", "100"], ["--watchdog-hz", "0"], ["--watchdog-hz", "1e6"],
+    ["--rtc-soft-steps", "-3"], ["--rtc-soft-steps", "1000"], ["--state-timeout", "0"],
+    ["--state-timeout", "100"], ["--duration", "0"], ["--duration", "-1"], ["--duration", "1e9"],
+    ["--plan-hz", "1000"], ["--plan-hz", "0"], ["--abort-after", "0"], ["--threads", "0"], ["--seed", "-1"],
+    ["--gain", "5"], ["--lookahead-time", "1"], ["--simulate-delay", "-5"],
+    ["--workspace", "0.5", "0", "0", "0", "1", "1"],
+])
+def test_every_option_outside_what_the_arm_allows_is_refused_before_connecting(ckpt, tmp_path, capsys, option):
+    """Nothing listens at this address: an option that got past the checks would end in a
+    connection failure (exit 2) and a log folder; a refused one exits 1 naming the option."""
+    out = tmp_path / "s"
+    code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", "127.0.0.29", "--log-dir", str(out), *option])
+    err = capsys.readouterr().err
+    assert code == serve.EXIT_USAGE, err
+    assert option[0] in err and not out.exists()
+
+
+def test_options_the_emulated_controller_does_not_allow(ckpt, tmp_path, capsys):
+    assert serve.main(["--ckpt", str(ckpt), "--robot", "sim", "--frequency", "500", "--log-dir", str(tmp_path)]) == 1
+    assert "--frequency 500.0: the controller servos at 125 Hz" in capsys.readouterr().err
+    assert serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--log-dir", str(tmp_path)]) == 1
+    assert "--robot ur5 needs the controller's address" in capsys.readouterr().err
+
+
+def test_a_rate_the_real_controller_does_not_run_is_refused_before_servoing(cb3, ckpt, tmp_path):
+    """A CB3 at --robot ur5 is only known to be a CB3 once its dashboard answers: 500 Hz is refused
+    then, before the RTDE session, and not one command reaches the arm."""
+    _fresh(cb3)
+    code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", cb3.host, "--frequency", "500",
+                       "--log-dir", str(tmp_path / "s")])
+    summary = strict_json(tmp_path / "s" / "summary.json")
+    assert code == serve.EXIT_USAGE and "--frequency: 500 Hz: a controller 3.x servos at 125 Hz" in summary["message"]
+    assert not [e for e in cb3.control.command_log() if e["name"] in ("servoJ", "servoL")]
+
+
+@pytest.mark.parametrize("bug", [LookupError, RuntimeError])
+def test_a_crash_while_the_arm_moves_is_recorded_as_a_crash_after_bringing_it_to_rest(cb3, ckpt, tmp_path,
+                                                                                        monkeypatch, bug):
+    """Before: an exception outside RuntimeError/OSError left summary.json saying exit 0, "done",
+    and a RuntimeError once servoing was re-raised the same way."""
+    calls = {"n": 0}
+    real = serve.Planner.__call__
+
+    def buggy(self, history, prefix=None):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise bug("injected bug")
+        return real(self, history, prefix)
+    monkeypatch.setattr(serve.Planner, "__call__", buggy)
+    run = ServeRun(cb3, ckpt, tmp_path)
+    assert run.join() == serve.EXIT_INTERNAL
+    summary = strict_json(run.out / "summary.json")
+    assert summary["exit_code"] == serve.EXIT_INTERNAL
+    assert summary["message"] == f"internal error: {bug.__name__}: injected bug"
+    assert "in buggy" in summary["traceback"]
+    check_commands_within_limits(run)
+    q = np.array([e["doubles"][:6] for e in run.servoj])
+    assert np.abs(q[-1] - q[-2]).max() * 125 < 1e-2        # brought to rest before stopping
+    assert run.ended_with_stop_commands()
+
+
+def test_a_huge_observation_is_refused_by_name_and_the_arm_brought_to_rest(cb3, ckpt, tmp_path, monkeypatch):
+    """1e30 in one state element used to give all-NaN actions from the reference planner."""
+    calls = {"n": 0}
+    real = serve.observe
+
+    def sensor_glitch(q, goal):
+        calls["n"] += 1
+        state = real(q, goal)
+        if calls["n"] == 12:
+            state[7] = 1e30
+        return state
+    monkeypatch.setattr(serve, "observe", sensor_glitch)
+    run = ServeRun(cb3, ckpt, tmp_path, "--backend", "torch", "--no-rtc", "--plan-hz", "10")
+    assert run.join() == serve.EXIT_BAD_VALUES
+    assert "obs['state']: the value at index (0, 1, 7)" in run.summary["message"]
+    q = np.array([e["doubles"][:6] for e in run.servoj])
+    assert np.abs(q[-1] - q[-2]).max() * 125 < 1e-2
+    assert run.ended_with_stop_commands()
+
+
+def test_the_stop_sequence_records_what_each_call_returned(cb3, ckpt, tmp_path):
+    """Under a protective stop ur_rtde's servoStop returns False: the log used to say it was done."""
+    run = ServeRun(cb3, ckpt, tmp_path)
+    assert run.join() == serve.EXIT_OK
+    assert [w for _, w in run.summary["stop_sequence"]] == ["stop", "servoStop: returned True", "stopScript: done"]
+    run = ServeRun(cb3, ckpt, tmp_path)
+    run.wait_servoing()
+    cb3.control.protective_stop()
+    assert run.join() == serve.EXIT_ROBOT_FAULT
+    said = [w for _, w in run.summary["stop_sequence"]]
+    assert said[0] == "stop" and said[1] in ("servoStop: returned False", "servoStop: returned True"), said
+
+
+def test_a_refused_connection_is_said_in_plain_words(ckpt, tmp_path, capsys):
+    code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", "127.0.0.29", "--log-dir", str(tmp_path / "s")])
+    assert code == serve.EXIT_ROBOT_FAULT
+    message = strict_json(tmp_path / "s" / "summary.json")["message"]
+    assert "127.0.0.29:29999 (dashboard server) refused the connection: nothing listens there" in message
+    assert "Timeout connecting" not in message
+    out = capsys.readouterr().out
+    assert "no plots (nothing ran)" in out and "joints.png" not in out
+
+
+@pytest.mark.slow
+def test_memory_stays_flat_at_500_hz(eseries, ckpt, tmp_path):
+    """A short soak: serve at 500 Hz for 40 s as a child process, its RSS sampled once a second.
+    Before the run log streamed to disk, memory grew ~20 MB a minute at 500 Hz (every command,
+    state and plan kept in Python lists)."""
+    _fresh(eseries)
+    out = tmp_path / "soak"
+    proc = subprocess.Popen([sys.executable, "-m", "dpag_engine.serve", "--ckpt", str(ckpt), "--robot", "ur5",
+                             "--host", eseries.host, "--episodes", "1", "--duration", "40", "--no-rt",
+                             "--v-max", str(V_MAX), "--a-max", str(A_MAX), "--log-dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = []   # (seconds since the arm started moving, RSS MB)
+    start = None
+    try:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            moving = sum(e["name"] == "servoJ" for e in eseries.control.command_log()[-5:]) > 0
+            if moving and start is None:
+                start = time.monotonic()
+            if start is not None:
+                with open(f"/proc/{proc.pid}/status") as f:
+                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+                samples.append((time.monotonic() - start, rss))
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == serve.EXIT_OK
+    t, rss = np.array(samples).T
+    late = t >= 10.0   # after warm-up: the planner's caches and the first chunk of every log exist
+    growth_mb_per_min = np.polyfit(t[late], rss[late], 1)[0] * 60
+    assert growth_mb_per_min < 3.0, f"RSS grew {growth_mb_per_min:.1f} MB/min: {samples}"
+    assert len(np.load(out / "run.npz")["cmd_q"]) > 0.9 * 500 * 40
+    assert not (out / "stream").exists() or not any((out / "stream").iterdir())
