@@ -11,21 +11,32 @@ refuses anything else (a pickle that would import and call a function is rejecte
     raw_state_dict  {str: Tensor}  the optimiser's weights (absent when trained without EMA)
     step            int            optimiser steps taken
     metadata        dict           free-form builtins: train config, data info, library version
+    checksum        dict           {"crc32": {key: CRC-32 of that value}} for every other key (added by atomic_save)
 
 Resuming training needs more (optimiser, scheduler, RNG); that lives next to it in
 `training_state.pt` (see dpag_engine.train), so a served `model.pt` stays small.
+
+Every file is written by `atomic_save` (temporary name, fsync, rename) and read by `safe_load`, which
+checks the checksum: torch.load does not verify the zip's own CRCs, so without it a flipped bit in
+the tensor data loads as a silently changed weight. A damaged or foreign file is a CheckpointError
+naming the file and what is wrong with it, never another exception.
 """
 from __future__ import annotations
 
 import os
 import pickle
-import zipfile
+import pickletools
+import re
+import shutil
+import warnings
+import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import torch
 
-from .config import ConfigError, PolicyConfig
+from .config import PolicyConfig
+from .normalize import inverted_ranges
 
 FORMAT_VERSION = 1
 KIND = "dpag_engine.policy"
@@ -60,14 +71,66 @@ def _plain(value: Any, where: str) -> Any:
     raise TypeError(f"{where}: cannot store a {type(value).__name__} in a weights-only checkpoint")
 
 
-def atomic_save(obj: dict[str, Any], path: str | os.PathLike) -> Path:
-    """torch.save to a temporary name, then rename: a crash never leaves a half-written file behind."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """write(f) into a temporary file, fsync it, then rename it over `path`: a crash or power loss at any
+    point leaves either the old file or the complete new one under the name, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # and the rename itself survives a power loss (POSIX)
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return path
+
+
+def _crc32(value: Any, crc: int = 0) -> int:
+    """CRC-32 of a loaded value: a tensor by dtype, shape and bytes; a container by its items in order;
+    anything else by type and repr. CRC-32 detects every single-bit and burst error (what disks and
+    copies do) at several GB/s; it is no defence against tampering, which is weights_only's job."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
+        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    if isinstance(value, dict):
+        crc = zlib.crc32(f"D{len(value)}".encode(), crc)
+        for k, v in value.items():
+            crc = _crc32(v, _crc32(k, crc))
+        return crc
+    if isinstance(value, (list, tuple)):
+        crc = zlib.crc32(f"L{len(value)}".encode(), crc)
+        for v in value:
+            crc = _crc32(v, crc)
+        return crc
+    text = f"{type(value).__name__}:{value!r}"
+    return zlib.crc32(f"{len(text)}:{text}".encode(), crc)
+
+
+def _checksums(obj: dict[str, Any]) -> dict[str, int]:
+    return {k: _crc32(v) for k, v in obj.items() if k != "checksum"}
+
+
+def atomic_save(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """torch.save `obj` plus a fresh checksum of its content, written atomically (see _atomic_write)."""
+    obj = {**obj, "checksum": {"crc32": _checksums(obj)}}
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy a file with the same guarantee as atomic_save (the final model.pt of a run)."""
+    with open(src, "rb") as s:
+        return _atomic_write(dst, lambda f: shutil.copyfileobj(s, f))
 
 
 def save_checkpoint(path: str | os.PathLike, policy: torch.nn.Module, ema_policy: torch.nn.Module | None = None,
@@ -89,23 +152,86 @@ def save_checkpoint(path: str | os.PathLike, policy: torch.nn.Module, ema_policy
 
 
 def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load(weights_only=True) with errors that say what is wrong with the file."""
+    """torch.load(weights_only=True), then the checksum; errors say what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # weights_only refuses any global it does not know (functions, classes, arbitrary objects)
-        # before calling it; say so plainly rather than suggesting weights_only=False.
-        lines = str(e).splitlines()
-        detail = next((ln.strip() for ln in lines if "Unsupported" in ln or "global" in ln.lower()), lines[0] if lines else "")
-        raise CheckpointError(f"{path}: refused - the file contains Python objects other than tensors and "
-                              f"plain containers, which could run code when loaded. Only weights-only "
-                              f"checkpoints are accepted. ({detail})") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]  # an empty file raises with no message
-        raise CheckpointError(f"{path}: unreadable (truncated or corrupted?): {first}") from e
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - damaged bytes make torch's parsers fail in any way at all
+        raise CheckpointError(_load_failure(path, e)) from e
+    if isinstance(obj, dict) and "checksum" in obj:
+        _verify_checksum(obj, path)
+    # Migration: files written before checksums were added have none, and are accepted unverified
+    # (format_version did not change: nothing else did). A damaged new file passes for an old one only
+    # if the damage hit the key "checksum" itself, and a single flip there leaves the rest intact.
+    return obj
+
+
+# weights_only's refusal of a GLOBAL that names a Python object, e.g. "os.system" (builtins lose their
+# module: "exec"); random bytes that happen to hold a GLOBAL opcode name no such identifier.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) (?:was not|whose module)")
+
+
+def _pickle_globals(f: IO[bytes]) -> list[str] | None:
+    """Python objects a pickle stream refers to, or None if `f` does not hold one complete pickle.
+    pickletools only decodes opcodes: nothing is imported or run."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decoding garbage as text opcodes warns about escapes
+            ops = list(pickletools.genops(f))
+    except Exception:  # noqa: BLE001 - not a pickle: unknown opcode, short read, bad text, ...
+        return None
+    names, strings = [], []
+    for op, arg, _ in ops:
+        if op.name in ("GLOBAL", "INST"):
+            names.append(arg.replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":  # module and name are the two strings pushed just before
+            names.append(".".join(strings[-2:]) if len(strings) >= 2 else "an object named from the memo")
+        if isinstance(arg, str):
+            strings.append(arg)
+        elif op.name != "MEMOIZE":
+            strings.clear()
+    return names
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    """Why torch.load failed, as truly as the file allows: a pickle that refers to Python objects (which
+    a full unpickler would import and call) is refused as such; anything else is damage."""
+    refused = _REFUSED_GLOBAL.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+    named = [refused.group(1)] if refused else None
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if named is None and head[:2] != b"PK":  # a raw pickle.dump: weights_only may fail before its globals
+            f.seek(0)
+            named = _pickle_globals(f)
+    if named:  # refused before anything was imported or called
+        return (f"{path}: refused - the file contains Python objects other than tensors and plain containers "
+                f"(it refers to {named[0]}), which could run code when loaded. Only weights-only "
+                f"checkpoints are accepted.")
+    if size == 0:
+        what = "empty file"
+    elif head == b"PK\x03\x04":
+        what = "damaged zip archive"
+    else:  # torch.save writes a zip archive; this is part of one, or something else entirely
+        what = f"not a torch.save zip archive ({size} B, starting {head.hex(' ')})"
+    # The parser's own complaint, without torch's advice to retry with weights_only=False.
+    lines = [ln.strip() for ln in str(e).split("WeightsUnpickler error:")[-1].splitlines() if ln.strip()]
+    detail = lines[0].split(". ")[0] if lines else ""
+    return f"{path}: unreadable - {what} (truncated or corrupted?): {type(e).__name__}{': ' * bool(detail)}{detail}"
+
+
+def _verify_checksum(obj: dict[str, Any], path: Path) -> None:
+    stored = obj.pop("checksum")
+    stored = stored.get("crc32") if isinstance(stored, dict) else None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{path}: the checksum entry is malformed (corrupted?)")
+    actual = _checksums(obj)
+    bad = sorted(str(k) for k in stored.keys() | actual.keys() if stored.get(k) != actual.get(k))
+    if bad:
+        raise CheckpointError(f"{path}: checksum mismatch in {', '.join(bad)} - the file changed after it was "
+                              f"written (disk or copy corruption); its contents cannot be trusted")
 
 
 def _migrate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -184,12 +310,18 @@ def _validated(ckpt: Any, path: Path,
         raise CheckpointError(f"{path}: config must be a dict")
     try:
         cfg = PolicyConfig.from_dict(ckpt["config"])
-    except (ConfigError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # ConfigError, or a value no field check could convert
         raise CheckpointError(f"{path}: config is invalid: {e}") from e
     expected = build_expected(cfg)
     for name in ("state_dict", "raw_state_dict"):
         if name in ckpt:
             check_state_dict(f"{path}: {name}", ckpt[name], expected)
+            inverted = inverted_ranges(ckpt[name])
+            if inverted:
+                key, dims = next(iter(inverted.items()))
+                raise CheckpointError(f"{path}: {name}[{key!r}]: min above max in dims {dims} - not a range "
+                                      f"fit() can produce; the normaliser would pass those dimensions through "
+                                      f"unscaled, so values would come out in the wrong units")
     fitted = ckpt["state_dict"].get("normalizer.fitted")
     if fitted is not None and not bool(fitted):
         raise CheckpointError(f"{path}: state_dict['normalizer.fitted'] is False - the normaliser was never "

@@ -59,3 +59,16 @@ class Normalizer(nn.Module):
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
         scale, offset = self._scale_offset(key, x)
         return (x - offset) / scale
+
+
+def inverted_ranges(state: dict[str, torch.Tensor], prefix: str = "normalizer.") -> dict[str, list[int]]:
+    """{"<prefix><key>_min": dims where min > max} over a state dict's normaliser buffers. `fit` never
+    produces such a range, and `_scale_offset` would treat it as a constant dimension (no scaling)."""
+    out = {}
+    for name, lo in state.items():
+        hi = state.get(name[:-len("_min")] + "_max")
+        if name.startswith(prefix) and name.endswith("_min") and isinstance(hi, torch.Tensor) and hi.shape == lo.shape:
+            dims = torch.nonzero(lo > hi).flatten().tolist()
+            if dims:
+                out[name] = dims
+    return out

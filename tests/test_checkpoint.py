@@ -71,9 +71,11 @@ def test_truncated_file(saved):
 
 
 def _rewrite(path, edit):
+    """Write an edited checkpoint as a buggy writer would: with a checksum of the edited content, so
+    the checks below see the bad content itself (a damaged file is refused earlier, by its checksum)."""
     ckpt = torch.load(path, weights_only=True)
     edit(ckpt)
-    torch.save(ckpt, path)
+    ck.atomic_save(ckpt, path)
 
 
 def test_wrong_shape_is_named(saved):
@@ -180,3 +182,58 @@ def test_format_versions(saved, monkeypatch):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_policy(tmp_path / "absent.pt")
+
+
+# ---------------------------------------------------------------- checksum, normaliser, durable writes
+def test_checksum_detects_a_changed_tensor(saved):
+    path = saved[0]
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt["checksum"]["crc32"]) == set(ckpt) - {"checksum"}  # every part of the file is covered
+    key = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and v.numel() > 3)
+    ckpt["state_dict"][key].view(-1)[1] *= 1.0001  # finite, right shape: only the checksum can tell
+    torch.save(ckpt, path)  # the stored checksum is the original one
+    with pytest.raises(CheckpointError, match=rf"{path}: checksum mismatch in state_dict"):
+        load_policy(path)
+
+
+def test_checkpoint_without_checksum_still_loads(saved):
+    """Files written before checksums existed (format 1 had none) load unverified."""
+    path, _, ema = saved
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["checksum"]
+    torch.save(ckpt, path)
+    loaded = load_policy(path)
+    for (k, a), b in zip(ema.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_normaliser_with_min_above_max_refused(saved):
+    path = saved[0]
+
+    def swap(c):
+        sd = c["state_dict"]
+        sd["normalizer.action_min"][1], sd["normalizer.action_max"][1] = (
+            float(sd["normalizer.action_max"][1]), float(sd["normalizer.action_min"][1]))
+    _rewrite(path, swap)
+    with pytest.raises(CheckpointError, match=r"state_dict\['normalizer.action_min'\]: .*above.* dims \[1\]"):
+        load_policy(path)
+
+
+def test_atomic_save_syncs_the_data_before_the_rename(tmp_path, monkeypatch):
+    """A crash (power loss) right after the rename must not leave a name pointing at unwritten data."""
+    import os
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def replace(src, dst):
+        renamed.append((os.stat(src).st_ino in synced, str(dst)))
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ck.atomic_save({"a": torch.ones(3)}, tmp_path / "x.pt")
+    assert renamed == [(True, str(tmp_path / "x.pt"))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]  # no temporary left behind
