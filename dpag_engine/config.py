@@ -6,6 +6,9 @@ field, so a typo in a YAML file is caught before any tensor is allocated.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -224,28 +227,47 @@ POLICY_SECTIONS = {"unet": UNetConfig, "image": ImageEncoderConfig, "scheduler":
 
 def checked_fields(cls: type, values: Any, where: str = "") -> dict[str, Any]:
     """Check a mapping against a config dataclass before constructing it: unknown fields fail with
-    their dotted name, and text-file spellings are coerced to the field's default type (YAML reads
-    `1e-4` as a string; TOML may give 1 for 1.0). PolicyConfig's sub-configs are checked too."""
+    their dotted name, and scalars are checked against the field's annotated type (see `_scalar`).
+    PolicyConfig's sub-configs are checked too. Ranges are the dataclasses' own __post_init__ checks."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where or cls.__name__}: must be a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     out = {}
     for k, v in values.items():
         name = f"{where}.{k}" if where else k
-        if k not in fields:
-            raise ConfigError(f"{name}: unknown field of {cls.__name__} (known: {', '.join(sorted(fields))})")
-        default = fields[k].default
-        if isinstance(default, float) and not isinstance(v, bool) and isinstance(v, (int, str)):
-            try:
-                v = float(v)
-            except ValueError as e:
-                raise ConfigError(f"{name}: expected a number, got {v!r}") from e
-        elif isinstance(default, bool) and not isinstance(v, bool):
-            raise ConfigError(f"{name}: expected true or false, got {v!r}")
-        elif isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float) and v.is_integer():
-            v = int(v)
+        if k not in hints:
+            raise ConfigError(f"{name}: unknown field of {cls.__name__} (known: {', '.join(sorted(hints))})")
+        v = _scalar(v, hints[k], name)
         sub = POLICY_SECTIONS.get(k) if cls is PolicyConfig else None
         if sub is not None and isinstance(v, dict):
             v = checked_fields(sub, v, name)
         out[k] = v
     return out
+
+
+def _scalar(value: Any, hint: Any, name: str) -> Any:
+    """A value for a field annotated bool, int, float or str (or Optional of one); others pass through.
+    Text-file spellings convert (YAML reads `1e-4` as a string, TOML may give 1 for 1.0); a bool is
+    never a number, a fractional number never an int, and a float must be finite (JSON reads 1e400
+    as inf, which would train on NaNs)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    kind = next((t for t in options if t in (bool, int, float, str)), None)
+    if kind is None:
+        return value
+    if kind is bool or kind is str:
+        require(isinstance(value, kind), name, f"expected {'true or false' if kind is bool else 'a string'}, got {value!r}")
+        return value
+    wanted = "an integer" if kind is int else "a number"
+    require(isinstance(value, (int, float, str)) and not isinstance(value, bool), name, f"expected {wanted}, got {value!r}")
+    if kind is int:
+        require(isinstance(value, int) or (isinstance(value, float) and value.is_integer()), name,
+                f"expected an integer, got {value!r}")
+        return int(value)
+    try:
+        value = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    require(math.isfinite(value), name, f"must be a finite number, got {value}")
+    return value

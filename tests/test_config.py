@@ -49,3 +49,17 @@ def test_dict_round_trip_and_unknown_keys():
         PolicyConfig.from_dict({**d, "horizn": 16})
     with pytest.raises(ConfigError, match="^latent.stepz: unknown"):
         PolicyConfig.from_dict({**d, "latent": {"stepz": 2}})
+
+
+@pytest.mark.parametrize("d, match", [
+    ({"horizon": 16.5}, "^horizon: expected an integer, got 16.5"),
+    ({"horizon": True}, "^horizon: expected an integer, got True"),
+    ({"method": 1}, "^method: expected a string, got 1"),
+    ({"latent": {"dt": float("inf")}}, "^latent.dt: must be a finite number, got inf"),
+    ({"loss": {"tau": float("nan")}}, "^loss.tau: must be a finite number, got nan"),
+    ({"scheduler": {"clip_sample": 1}}, "^scheduler.clip_sample: expected true or false, got 1"),
+])
+def test_from_dict_checks_scalar_types(d, match):
+    """Checkpoint configs and config files go through the same checks: wrong types name the field."""
+    with pytest.raises(ConfigError, match=match):
+        PolicyConfig.from_dict(d)
