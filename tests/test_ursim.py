@@ -438,3 +438,307 @@ def test_handshake_guard(kind, default_outputs, clients, request):
     assert [x["names"] for x in inputs] == _control_recipes()
     assert [x["recipe_id"] for x in inputs] == list(range(1, 24))
     assert c.isProgramRunning()
+
+
+# ------------------------------------------------------ robustness (issue #17)
+# In-process emulators on their own address, so these never share ports with the fixtures above.
+ROBUST_HOST = "127.0.0.14"
+
+
+def _rtde_stream(sock, names=b"timestamp,", freq=500.0):
+    """Set up an output recipe on a raw RTDE socket and start the stream."""
+    assert _rtde_request(sock, P.REQUEST_PROTOCOL_VERSION, struct.pack(">H", 2)) == (86, b"\x01")
+    _, rep = _rtde_request(sock, P.SETUP_OUTPUTS, struct.pack(">d", freq) + names)
+    assert rep[0] == 1, rep
+    assert _rtde_request(sock, P.START) == (83, b"\x01")
+
+
+def _stream_stamps(sock, seconds):
+    """Timestamps of the data packages (recipe starting with `timestamp`) read for `seconds`."""
+    stamps = []
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        mtype, payload = _rtde_read(sock)
+        if mtype == P.DATA_PACKAGE:
+            stamps.append(struct.unpack_from(">d", payload, 1)[0])
+    return stamps
+
+
+def _assert_streaming(sock, seconds=0.3):
+    """The stream is alive: packages keep arriving, with fresh timestamps, at the full rate."""
+    stamps = _stream_stamps(sock, seconds)
+    assert len(stamps) > 0.5 * 500 * seconds and stamps[-1] - stamps[0] > 0.5 * seconds, stamps[-3:]
+
+
+def _read_until_eof(sock, timeout):
+    """Everything the peer sends until it closes; fails if it is still open after `timeout`."""
+    data, deadline = b"", time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            raise AssertionError(f"still open after {timeout} s; got {data[:200]!r}")
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.fixture
+def robust():
+    """An in-process e-Series emulator (500 Hz) and a raw RTDE witness client that streams from it."""
+    with URControllerEmulator(ROBUST_HOST, "5.11") as emu:
+        w = socket.create_connection((ROBUST_HOST, 30004), timeout=3)
+        _rtde_stream(w)
+        try:
+            yield emu, w
+        finally:
+            w.close()
+
+
+def _events(emu, text):
+    return [e["event"] for e in emu.event_log() if text in e["event"]]
+
+
+def test_oversized_setup_outputs_gets_failure_reply_and_stream_survives(robust):
+    emu, w = robust
+    a = socket.create_connection((ROBUST_HOST, 30004), timeout=3)
+    try:
+        # 1400 x 48 bytes: its data package would be over the protocol's 65535-byte limit. Before the
+        # fix this recipe was accepted and the package's struct.error killed the timing thread.
+        mtype, rep = _rtde_request(a, P.SETUP_OUTPUTS, struct.pack(">d", 500) + b"actual_q," * 1400)
+        assert mtype == P.SETUP_OUTPUTS and rep[0] == 0 and b"NOT_FOUND" in rep
+        assert _rtde_request(a, P.START)[0] == P.START
+        _assert_streaming(w)
+        # A request whose reply (10 bytes of "NOT_FOUND," per 2-byte name) could not fit one package.
+        for mtype in (P.SETUP_OUTPUTS, P.SETUP_INPUTS):
+            payload = (struct.pack(">d", 125) if mtype == P.SETUP_OUTPUTS else b"") + b"x," * 30000
+            got, rep = _rtde_request(a, mtype, payload)
+            assert got == mtype and rep[0] == 0 and rep.startswith(b"\x00NOT_FOUND")
+        # The same limit for input recipes: a package a client could never send is refused.
+        _, rep = _rtde_request(a, P.SETUP_INPUTS, b"external_force_torque," * 1400)
+        assert rep[0] == 0 and b"NOT_FOUND" in rep
+        assert _rtde_request(a, P.GET_URCONTROL_VERSION)[0] == P.GET_URCONTROL_VERSION   # still served
+        _assert_streaming(w)
+    finally:
+        a.close()
+
+
+def test_malformed_rtde_requests_get_failure_replies(robust):
+    emu, w = robust
+    a = socket.create_connection((ROBUST_HOST, 30004), timeout=3)
+    try:
+        assert _rtde_request(a, P.REQUEST_PROTOCOL_VERSION, b"") == (86, b"\x00")        # no version
+        assert _rtde_request(a, P.REQUEST_PROTOCOL_VERSION, struct.pack(">H", 1)) == (86, b"\x00")
+        assert _rtde_request(a, P.SETUP_OUTPUTS, b"\x00\x01")[1] == b"\x00"             # no frequency
+        _, rep = _rtde_request(a, P.SETUP_OUTPUTS, struct.pack(">d", 125) + b"\xff\xfe,timestamp,")
+        assert rep == b"\x00NOT_FOUND,DOUBLE"                                          # not UTF-8
+        _, rep = _rtde_request(a, P.SETUP_INPUTS, b"\xff,input_int_register_0,")
+        assert rep == b"\x00NOT_FOUND,INT32"
+        _, rep = _rtde_request(a, P.SETUP_OUTPUTS, struct.pack(">d", float("nan")) + b"timestamp,")
+        assert rep[0] == 0                                                              # bad frequency
+        # Unknown message types, and data packages for no recipe, are ignored, not answered.
+        a.sendall(P.frame(0x7A, b"junk") + P.frame(P.DATA_PACKAGE, b"\x09abc") + P.frame(P.DATA_PACKAGE))
+        assert _rtde_request(a, P.GET_URCONTROL_VERSION)[0] == P.GET_URCONTROL_VERSION
+        _assert_streaming(w)
+        assert emu.snapshot()["handler_errors"] == 0
+    finally:
+        a.close()
+
+
+def _send_script(text):
+    with socket.create_connection((ROBUST_HOST, 30003), timeout=3) as s:
+        s.sendall(text.encode())
+
+
+def test_script_with_out_of_range_register_offset_is_refused(robust):
+    emu, w = robust
+    # Before the fix the offset indexed past the 48 registers: the script thread raised, and the
+    # next controller cycle raised too, which ended the timing thread (no more data for anyone).
+    for offset in ("100", "25", "9" * 5000):
+        _send_script(f"def rtde_control():\n  global reg_offset_int = # int register offset\n{offset}\n"
+                     "  textmsg(1)\nend\n")
+        assert wait_until(lambda: _events(emu, "register offset"), 2.0)
+        assert emu.snapshot()["runtime_state"] == 1                      # STOPPED: not started
+        _assert_streaming(w)
+        emu.clear_event_log()
+    _send_script("def rtde_control():\n  global reg_offset_int = 24\nend\n")  # upper range: fine
+    assert wait_until(lambda: emu.snapshot()["runtime_state"] == PLAYING, 2.0)
+    assert emu.snapshot()["reg_offset"] == 24
+    _assert_streaming(w)
+
+
+def test_dashboard_line_length_is_bounded(robust):
+    emu, _ = robust
+    with socket.create_connection((ROBUST_HOST, 29999), timeout=3) as d:
+        assert d.recv(4096).startswith(b"Connected")
+        # Before the fix the emulator kept buffering a line without newline forever (39 MB: +63 MB RSS).
+        d.sendall(b"x" * 8192)
+        reply = _read_until_eof(d, 3.0)
+        assert b"too long" in reply
+    with socket.create_connection((ROBUST_HOST, 29999), timeout=3) as d:     # others still served
+        f = d.makefile("rb")
+        f.readline()
+        d.sendall(b"robotmode\n")
+        assert f.readline() == b"Robotmode: RUNNING\n"
+
+
+def test_script_flood_is_bounded(robust):
+    import resource
+    emu, w = robust
+    cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+    s = socket.create_connection((ROBUST_HOST, 30003), timeout=5)
+    sent = 0
+    try:
+        line = b"  textmsg(\"no end in sight\")\n" * 2048
+        while sent < 16 << 20:                 # 16 MiB without a program end
+            s.sendall(line)
+            sent += len(line)
+    except OSError:
+        pass                                    # the emulator closed this connection: expected
+    _read_until_eof(s, 3.0)
+    s.close()
+    cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
+    assert sent <= 4 << 20, sent                # cut off after 1 MiB (plus what the kernel buffered)
+    assert _events(emu, "1 MiB")
+    assert cpu < 2.0, cpu                       # before the fix: ~10 s (each chunk rescanned it all)
+    _assert_streaming(w)
+
+
+def test_client_that_never_reads_does_not_stall_the_stream(robust):
+    emu, w = robust
+    a = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)    # fills within a few packages
+    a.settimeout(3)
+    a.connect((ROBUST_HOST, 30004))
+    try:
+        _rtde_stream(a, names=b"timestamp," + b"actual_q," * 60)   # ~2.9 kB at 500 Hz, never read
+        stamps = _stream_stamps(w, 2.0)
+        gaps = np.diff(stamps)
+        # Before the fix the timing thread blocked 0.5 s in the silent client's send: one 0.5 s gap.
+        assert len(stamps) > 600 and gaps.max() < 0.25, gaps.max()
+        assert wait_until(lambda: _events(emu, "not reading"), 3.0)
+        assert wait_until(lambda: emu.snapshot()["rtde_clients"] == 1, 2.0)
+    finally:
+        a.close()
+
+
+def test_non_finite_commands_raise_protective_stop(robust):
+    emu, w = robust
+    emu.set_joint_positions(HOME)
+    _send_script("def rtde_control():\n  global reg_offset_int = 0\nend\n")
+    assert wait_until(lambda: emu.snapshot()["runtime_state"] == PLAYING, 2.0)
+    a = socket.create_connection((ROBUST_HOST, 30004), timeout=3)
+    names = b"input_int_register_0," + b"".join(b"input_double_register_%d," % k for k in range(11))
+    try:
+        assert _rtde_request(a, P.SETUP_INPUTS, names)[1][0] == 1
+        nan = float("nan")
+        for cmd, doubles in ((11, [nan] * 6 + [0.5, 0.5, 0.002, 0.1, 300]),      # servoJ
+                             (24, [0.1, 0.2, 1e308, nan, 0, 0] + [0.5] * 5),     # servoL (IK)
+                             (9, [float("inf")] + [0] * 10)):                    # speedJ
+            emu.reset_faults()
+            emu.stop_program()
+            _send_script("def rtde_control():\n  global reg_offset_int = 0\nend\n")
+            assert wait_until(lambda: emu.snapshot()["runtime_state"] == PLAYING, 2.0)
+            a.sendall(P.frame(P.DATA_PACKAGE, struct.pack(">Bi11d", 1, cmd, *doubles)))
+            # Before the fix NaN reached the joints (servoJ) or raised in IK inside the timing thread.
+            assert wait_until(lambda: emu.snapshot()["safety_mode"] != 1, 2.0), cmd
+            assert np.all(np.isfinite(emu.snapshot()["q"])) and np.allclose(emu.snapshot()["q"], HOME)
+            a.sendall(P.frame(P.DATA_PACKAGE, struct.pack(">Bi11d", 1, 0, *[0.0] * 11)))   # clear
+            assert wait_until(lambda: emu.in_int[0] == 0, 2.0)
+        _assert_streaming(w)
+        assert emu.snapshot()["tick_errors"] == 0
+    finally:
+        a.close()
+
+
+def test_timing_thread_and_handlers_survive_unexpected_errors(robust, monkeypatch):
+    emu, w = robust
+    original = emu._update_values
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] % 50 == 0:
+            raise RuntimeError("injected cycle fault")
+        original()
+    monkeypatch.setattr(emu, "_update_values", flaky)
+    _assert_streaming(w, 0.5)               # before the fix the first fault ended the timing thread
+    assert _events(emu, "injected cycle fault") and emu.snapshot()["tick_errors"] >= 1
+    monkeypatch.setattr(emu, "_update_values", original)
+    # A handler's unexpected error closes that one connection, is logged, and nothing else stops.
+    monkeypatch.setattr(emu, "_data_package", lambda conn, payload: 1 / 0)
+    a = socket.create_connection((ROBUST_HOST, 30004), timeout=3)
+    a.sendall(P.frame(P.DATA_PACKAGE, b"\x01"))
+    assert _read_until_eof(a, 3.0) == b""
+    a.close()
+    assert wait_until(lambda: _events(emu, "ZeroDivisionError"), 2.0)
+    assert emu.snapshot()["handler_errors"] == 1
+    _assert_streaming(w)
+
+
+def test_command_log_is_a_bounded_ring_with_a_drop_counter():
+    with URControllerEmulator(ROBUST_HOST, "5.11", log_size=100) as emu:
+        a = socket.create_connection((ROBUST_HOST, 30004), timeout=3)
+        try:
+            names = b"input_int_register_0," + b"".join(b"input_double_register_%d," % k for k in range(11))
+            assert _rtde_request(a, P.SETUP_INPUTS, names)[1][0] == 1
+            a.sendall(b"".join(P.frame(P.DATA_PACKAGE, struct.pack(">Bi11d", 1, 1000 + k, *[k * 0.5] * 11))
+                               for k in range(250)))
+            assert wait_until(lambda: emu.snapshot()["log_dropped"] == 150, 3.0)
+            log = emu.command_log()
+            assert [e["id"] for e in log] == list(range(1150, 1250))      # the newest 100, in order
+            assert log[-1]["doubles"] == tuple([249 * 0.5] * 11) and log[-1]["ints"] == ()
+            assert log[-1]["name"] == "cmd1249"
+            emu.clear_command_log()
+            assert emu.command_log() == [] and emu.snapshot()["log_dropped"] == 0
+        finally:
+            a.close()
+
+
+def test_full_command_log_is_small():
+    """A long run's memory stays flat: the log is capped, and a full log costs a few MB."""
+    import tracemalloc
+    from dpag_engine.ursim.emulator import _Connection
+    emu = URControllerEmulator(ROBUST_HOST, "5.11")            # not started: no sockets needed
+    cap = emu.command_log_capacity
+    assert cap >= 30_000                                        # 60 s of servoJ at 500 Hz
+    conn = _Connection(None, None, 1)
+    names = ["input_int_register_0"] + [f"input_double_register_{k}" for k in range(11)]
+    conn.inputs.append(P.Recipe(1, names, [P.INPUT_TYPES[n] for n in names]))
+    tracemalloc.start()
+    try:
+        for k in range(cap + 1000):
+            emu._data_package(conn, struct.pack(">Bi11d", 1, 11, *[k * 1e-3] * 11))
+        size, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert emu.snapshot()["log_dropped"] == 1000
+    assert size < 300 * cap, f"{size / cap:.0f} bytes per logged command"
+
+
+def test_connections_leave_no_threads_behind(robust):
+    emu, w = robust
+    base = len(emu._threads)
+    for _ in range(30):
+        with socket.create_connection((ROBUST_HOST, 29999), timeout=3) as d:
+            d.recv(100)
+    assert wait_until(lambda: len([t for t in emu._threads if t.is_alive()]) <= base, 3.0)
+    with socket.create_connection((ROBUST_HOST, 29999), timeout=3) as d:   # pruned on the next accept
+        d.recv(100)
+        assert len(emu._threads) <= base + 1
+
+
+def test_setup_log_entries_are_bounded(robust):
+    emu, w = robust
+    a = socket.create_connection((ROBUST_HOST, 30004), timeout=3)
+    try:
+        _rtde_request(a, P.SETUP_OUTPUTS, struct.pack(">d", 125) + b"x," * 30000)
+        _rtde_request(a, P.SETUP_INPUTS, b"y" * 60000 + b",")
+    finally:
+        a.close()
+    big = emu.setup_log()[-2:]
+    assert big[0]["n_names"] == 30000 and len(big[0]["names"]) <= 64
+    assert big[1]["n_names"] == 1 and len(big[1]["names"][0]) <= 64

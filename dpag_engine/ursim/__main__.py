@@ -7,7 +7,7 @@ import sys
 import threading
 
 from .control import DEFAULT_CONTROL_PORT, ControlServer
-from .emulator import URControllerEmulator
+from .emulator import COMMAND_LOG_SIZE, URControllerEmulator
 
 
 def main(argv=None):
@@ -23,13 +23,16 @@ def main(argv=None):
                     help="protective stop if a servo target is farther than v_max * this from actual q")
     ap.add_argument("--preload", action="store_true",
                     help="start with the control script already running (clients that do not upload)")
+    ap.add_argument("--log-size", type=int, default=COMMAND_LOG_SIZE,
+                    help="commands the command log keeps (a ring: older ones are dropped and counted)")
     ap.add_argument("--parent-pid", type=int, default=None,
                     help="exit when this process is no longer our parent (EmulatorProcess passes it, so "
                          "an emulator never outlives a crashed test run and keeps its ports)")
     args = ap.parse_args(argv)
 
     emu = URControllerEmulator(args.host, args.version, q0=args.q0,
-                               servo_horizon_s=args.servo_horizon, preload=args.preload)
+                               servo_horizon_s=args.servo_horizon, preload=args.preload,
+                               log_size=args.log_size)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -21,7 +21,7 @@ DEFAULT_CONTROL_PORT = 30100
 # The emulator methods the control port exposes (everything else is refused).
 OPS = ("protective_stop", "emergency_stop", "stop_program", "freeze_stream", "unfreeze_stream",
        "drop_connections", "reset_faults", "set_joint_positions", "command_log",
-       "clear_command_log", "event_log", "setup_log", "snapshot", "now")
+       "clear_command_log", "event_log", "clear_event_log", "setup_log", "snapshot", "now")
 
 
 class ControlServer:

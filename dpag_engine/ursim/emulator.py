@@ -14,6 +14,7 @@ as this emulator deadlocks. Run the emulator in its own process (EmulatorProcess
 """
 import math
 import re
+import select
 import socket
 import struct
 import threading
@@ -50,11 +51,27 @@ COMMAND_NAMES = {
 # Commands the control script handles "in real time": processed every cycle, then ready (1).
 REALTIME_COMMANDS = {24, 11, 9, 10, 6, 25, 26, 27, 38, 58, 66, 67, 68, 69, 70, 71}
 SIGNAL_READY, SIGNAL_DONE = 1, 2
+# The script uses 24 registers from its offset (ur_rtde: 0, or 24 for the upper range); any other
+# offset would index past the 48 registers, which on a controller is a runtime error.
+MAX_REG_OFFSET = 24
+
+# Per-connection input limits: no client can grow the emulator's memory or CPU without bound.
+MAX_DASHBOARD_LINE = 4096           # a dashboard command is one short line
+MAX_PROGRAM = 1 << 20               # ur_rtde's control script is 38-42 kB
+SEND_BACKLOG = 64 * 1024            # RTDE bytes a client may leave unread beyond the kernel's buffer
+# Log capacities. The command log holds 60 s of servoJ at 500 Hz (4 min at 125 Hz; tests read a few
+# thousand entries at most) in about 7 MB; older entries are dropped and counted (log_dropped).
+COMMAND_LOG_SIZE = 30_000
+EVENT_LOG_SIZE = 10_000
+SETUP_LOG_SIZE = 4096
+SETUP_LOG_NAMES = 64                # names kept per setup-log entry (each cut to 64 characters)
 
 # The uploaded script has "global reg_offset_int = # int register offset\n24" (the offset
 # is injected after the comment), so allow a comment and a newline before the number.
-_OFFSET_RE = re.compile(r"global\s+reg_offset_int\s*=\s*(?:#[^\n]*\n)?\s*(\d+)")
-_PROGRAM_END_RE = re.compile(r"^end[ \t\r]*$", re.MULTILINE)
+_OFFSET_RE = re.compile(rb"global\s+reg_offset_int\s*=\s*(?:#[^\n]*\n)?\s*(-?\d+)")
+# A program ends with a top-level "end" line; its newline must have arrived too, so a chunk that
+# happens to end after "end" of "end_something()" is not taken for the end of the program.
+_PROGRAM_END_RE = re.compile(rb"^end[ \t\r]*\n", re.MULTILINE)
 
 
 def parse_version(text):
@@ -68,20 +85,53 @@ def parse_version(text):
 
 
 class _Connection:
-    """One RTDE client: its recipes and a send lock (reader and ticker both write)."""
+    """One RTDE client: its recipes and its outgoing bytes.
 
-    def __init__(self, sock, addr, number):
+    The socket is non-blocking, and the reader (setup replies) and the ticker (data) both write
+    through send(): what the kernel does not take at once waits in a backlog of at most
+    SEND_BACKLOG bytes. Past that the client is not reading and is dropped, so a silent client
+    can never block the ticker, and with it every other client's stream.
+    """
+
+    def __init__(self, sock, addr, number, on_drop=None):
         self.sock, self.addr, self.number = sock, addr, number
+        self.on_drop = on_drop
         self.send_lock = threading.Lock()
+        self.backlog = bytearray()
+        self.dropped = False
         self.output = None          # Recipe streamed to this client
         self.frequency = 0.0
         self.phase = 0.0
         self.inputs = []            # input recipes; id = index + 1 (ur_rtde hard-codes 1..23)
         self.started = False
 
-    def send(self, data):
+    def send(self, data=b""):
+        """Queue data and write what the socket takes now; never blocks. False once dropped."""
         with self.send_lock:
-            self.sock.sendall(data)
+            if self.dropped:
+                return False
+            self.backlog += data
+            try:
+                while self.backlog:
+                    del self.backlog[:self.sock.send(self.backlog)]
+            except (BlockingIOError, InterruptedError):
+                pass                # kernel buffer full: the rest goes out on a later call
+            except OSError as e:
+                return self._drop(f"send failed ({e})")
+            if len(self.backlog) > SEND_BACKLOG:
+                return self._drop(f"not reading ({len(self.backlog)} bytes waiting)")
+            return True
+
+    def _drop(self, reason):
+        self.dropped = True
+        self.backlog = bytearray()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)    # the reader thread sees EOF and cleans up
+        except OSError:
+            pass
+        if self.on_drop:
+            self.on_drop(f"rtde client {self.number} dropped: {reason}")
+        return False
 
 
 class URControllerEmulator:
@@ -94,7 +144,7 @@ class URControllerEmulator:
 
     def __init__(self, host="127.0.0.1", version="3.15", q0=None, limits=UR5_LIMITS,
                  servo_horizon_s=0.04, preload=False, serial_number="2017300000",
-                 log_size=200_000):
+                 log_size=COMMAND_LOG_SIZE):
         self.host = host
         self.version = parse_version(version)
         self.cb3 = self.version[0] < 5
@@ -113,10 +163,17 @@ class URControllerEmulator:
         self._refuse_until = 0.0
         self._frozen_until = 0.0
         self._t0 = time.monotonic()
+        # Command log entries are (t, id, n_ints, packed registers): one small bytes object and no
+        # containers, so the garbage collector stops tracking them (a log of 100k dicts once cost
+        # a 300 ms full collection, which stalled the stream for longer than a client tolerates).
+        self.command_log_capacity = log_size
         self._log = deque(maxlen=log_size)
-        self._events = deque(maxlen=10_000)
-        self._setup_log = deque(maxlen=10_000)
+        self._log_total = 0                             # appended since the last clear
+        self._events = deque(maxlen=EVENT_LOG_SIZE)
+        self._setup_log = deque(maxlen=SETUP_LOG_SIZE)
         self._conn_count = 0
+        self._tick_errors = self._handler_errors = 0
+        self._last_tick_error = None
         # Arm state.
         self.q = np.array(q0 if q0 is not None else [0.0, -1.57, 1.57, -1.57, -1.57, 0.0], float)
         self.qd = np.zeros(6)
@@ -141,6 +198,7 @@ class URControllerEmulator:
         self._values = {}
         self._prev_pose = None
         self._exec_time = 0.0
+        self._update_values()       # complete from the start, even if a later update fails
         if preload:
             self._start_program("rtde_control", 0)
 
@@ -178,7 +236,8 @@ class URControllerEmulator:
     def _spawn(self, fn, *args):
         t = threading.Thread(target=fn, args=args, daemon=True, name=f"ursim-{fn.__name__}")
         t.start()
-        self._threads.append(t)
+        with self._lock:    # forget finished client threads: a long run opens many connections
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
         return t
 
     def _bind(self, port):
@@ -209,7 +268,7 @@ class URControllerEmulator:
             except (socket.timeout, OSError, AttributeError):   # AttributeError: just closed
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(0.5)
+            sock.settimeout(0.5)    # dashboard replies; RTDE sockets are made non-blocking
             with self._lock:
                 self._client_socks.add(sock)
             self._spawn(self._client_wrapper, handler, sock, addr)
@@ -218,7 +277,12 @@ class URControllerEmulator:
         try:
             handler(sock, addr)
         except OSError:
-            pass
+            pass                    # the peer went away
+        except Exception as e:      # an input nobody foresaw: it closes this connection only
+            with self._lock:
+                self._handler_errors += 1
+            self._event(f"{handler.__name__.strip('_')} {addr[0]}:{addr[1]} closed after "
+                        f"{_describe_error(e)}")
         finally:
             with self._lock:
                 self._client_socks.discard(sock)
@@ -234,12 +298,16 @@ class URControllerEmulator:
                 pass
 
     def _chunks(self, sock):
-        """Data as it arrives, until the peer closes or the emulator stops (the socket's timeout
-        lets the loop check for stop)."""
+        """Data as it arrives, until the peer closes or the emulator stops (the poll timeout lets
+        the loop check for stop; it works for blocking and non-blocking sockets alike)."""
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
         while not self._stopping.is_set():
+            if not poller.poll(500):
+                continue
             try:
                 chunk = sock.recv(65536)
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError, InterruptedError):
                 continue
             if not chunk:
                 return
@@ -303,13 +371,26 @@ class URControllerEmulator:
             self.mode = "idle"
 
     def command_log(self, since=0.0):
-        """Commands received from clients: dicts with t (controller time), id, name, ints, doubles."""
+        """Commands received from clients: dicts with t (controller time), id, name, ints, doubles.
+
+        The newest command_log_capacity commands; snapshot()["log_dropped"] counts older ones."""
         with self._lock:
-            return [e for e in self._log if e["t"] >= since]
+            entries = [e for e in self._log if e[0] >= since]
+        out = []
+        for t, cmd, n_ints, packed in entries:
+            flat = struct.unpack(f">{n_ints}i{(len(packed) - 4 * n_ints) // 8}d", packed)
+            out.append({"t": t, "id": cmd, "name": COMMAND_NAMES.get(cmd, f"cmd{cmd}"),
+                        "ints": flat[:n_ints], "doubles": flat[n_ints:]})
+        return out
 
     def clear_command_log(self):
         with self._lock:
             self._log.clear()
+            self._log_total = 0
+
+    def clear_event_log(self):
+        with self._lock:
+            self._events.clear()
 
     def setup_log(self):
         """RTDE setup messages as received: dicts with conn (1, 2, ...), type ('V', 'v', 'O',
@@ -328,7 +409,9 @@ class URControllerEmulator:
                     "robot_mode": self.robot_mode, "safety_mode": self.safety_mode,
                     "program": self.program_name, "reg_offset": self.reg_off,
                     "rtde_clients": len(self._rtde_conns),
-                    "frozen": time.monotonic() < self._frozen_until}
+                    "frozen": time.monotonic() < self._frozen_until,
+                    "log_dropped": self._log_total - len(self._log),
+                    "tick_errors": self._tick_errors, "handler_errors": self._handler_errors}
 
     # ------------------------------------------------------------ controller tick
     def _ticker(self):
@@ -337,8 +420,11 @@ class URControllerEmulator:
             next_t += self.dt
             t_start = time.monotonic()
             with self._lock:
-                self._cycle()
-                self._update_values()
+                try:
+                    self._cycle()
+                    self._update_values()
+                except Exception as e:      # one bad cycle must not end the stream for everyone
+                    self._cycle_error(e)
                 conns = list(self._rtde_conns) if t_start >= self._frozen_until else []
             for c in conns:
                 self._stream(c)
@@ -349,25 +435,45 @@ class URControllerEmulator:
             elif delay < -0.1:
                 next_t = time.monotonic()   # fell far behind (machine stalled): do not burst
 
+    def _cycle_error(self, e):
+        """Log an unexpected error of a controller cycle (once per distinct error) and end the
+        program, as a controller's runtime error does; the next cycle and the stream go on."""
+        self._tick_errors += 1
+        text = _describe_error(e)
+        if text != self._last_tick_error:
+            self._last_tick_error = text
+            self._event(f"controller cycle error (#{self._tick_errors}): {text}")
+        try:
+            self._halt()
+            self._end_program("controller cycle error")
+        except Exception:
+            pass
+
     def _stream(self, c):
         if not c.started or c.output is None:
+            if c.backlog:
+                c.send()            # setup replies the kernel could not take yet
             return
         # Phase accumulator: a client at f Hz gets a package on f of every `rate` ticks.
         c.phase += c.frequency
         if c.phase < self.rate:
+            if c.backlog:
+                c.send()
             return
         c.phase -= self.rate
         try:
-            c.send(c.output.pack(self._values))
-        except OSError:
-            try:
-                c.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            package = c.output.pack(self._values)
+        except Exception as e:      # setup checked the recipe; a last resort, for this client only
+            with self._lock:
+                self._tick_errors += 1
+            c._drop(f"cannot pack its recipe: {_describe_error(e)}")
+            return
+        c.send(package)
 
     def _cycle(self):
+        # (elapsed * f > 1, not elapsed > 1 / f: any float the client sent is safe here)
         if (self.runtime_state == PLAYING and self._wd_freq > 0
-                and time.monotonic() - self._wd_last > 1.0 / self._wd_freq):
+                and (time.monotonic() - self._wd_last) * self._wd_freq > 1.0):
             self._end_program("RTDE watchdog expired")
         if self.runtime_state == PLAYING and self.program_name:
             self._script_pass()
@@ -492,6 +598,9 @@ class URControllerEmulator:
             self._servo(np.array(self._d(0, 6)))
         elif cmd == 24:                                 # servoL: IK near the current joints
             pose = tuple(self._d(0, 6))
+            if not np.all(np.isfinite(pose)):
+                self._protective_stop(f"servoL pose {pose} not finite")
+                return
             if self._servol_cache[0] != pose:
                 self._servol_cache = (pose, inverse_kinematics(np.array(pose), self.q))
             q = self._servol_cache[1]
@@ -501,7 +610,7 @@ class URControllerEmulator:
                 self._servo(q)
         elif cmd == 9:                                  # speedJ
             qd = np.array(self._d(0, 6))
-            if np.any(np.abs(qd) > lim.v_max):
+            if not np.all(np.abs(qd) <= lim.v_max):     # (also catches NaN)
                 self._protective_stop(f"speedJ {qd.round(3).tolist()} exceeds joint speed limit")
                 return
             acc = self._d(6)
@@ -513,7 +622,9 @@ class URControllerEmulator:
     def _servo(self, target):
         lim = self.limits
         reach = lim.v_max * self.servo_horizon_s
-        if np.any(target < lim.q_min) or np.any(target > lim.q_max):
+        if not np.all(np.isfinite(target)):
+            self._protective_stop(f"servo target {target.tolist()} not finite")
+        elif np.any(target < lim.q_min) or np.any(target > lim.q_max):
             self._protective_stop(f"servo target {target.round(4).tolist()} outside joint range")
         elif np.any(np.abs(target - self.q) > reach):
             dev = float(np.max(np.abs(target - self.q)))
@@ -528,7 +639,7 @@ class URControllerEmulator:
         if cmd in (1, 2):                               # moveJ, moveJ_IK
             target = np.array(self._d(0, 6))
             if cmd == 2:
-                target = inverse_kinematics(target, self.q)
+                target = inverse_kinematics(target, self.q) if np.all(np.isfinite(target)) else None
                 if target is None:
                     self._end_program("moveJ_IK: no inverse kinematics solution")
                     return
@@ -559,7 +670,7 @@ class URControllerEmulator:
 
     def _start_move(self, target, speed, acc):
         lim = self.limits
-        if np.any(target < lim.q_min) or np.any(target > lim.q_max):
+        if not np.all((target >= lim.q_min) & (target <= lim.q_max)):    # (also catches NaN)
             self._protective_stop("moveJ target outside joint range")
             return
         delta = np.abs(target - self.q)
@@ -577,9 +688,10 @@ class URControllerEmulator:
 
     # ----------------------------------------------------------------- RTDE 30004
     def _rtde_client(self, sock, addr):
+        sock.setblocking(False)     # see _Connection.send
         with self._lock:
             self._conn_count += 1
-            conn = _Connection(sock, addr, self._conn_count)
+            conn = _Connection(sock, addr, self._conn_count, on_drop=self._event)
             self._rtde_conns.add(conn)
         buf = bytearray()
         try:
@@ -607,25 +719,31 @@ class URControllerEmulator:
         entry = {"conn": conn.number, "type": chr(mtype)}
         with self._lock:
             self._setup_log.append(entry)
+        # Malformed requests get the failure reply (accepted 0, recipe id 0), never an exception.
         if mtype == P.REQUEST_PROTOCOL_VERSION:
-            (requested,) = struct.unpack_from(">H", payload)
-            conn.send(P.frame(mtype, struct.pack(">B", requested == 2)))   # only v2 framing
+            ok = len(payload) >= 2 and struct.unpack_from(">H", payload)[0] == 2   # only v2 framing
+            conn.send(P.frame(mtype, struct.pack(">B", ok)))
         elif mtype == P.GET_URCONTROL_VERSION:
             conn.send(P.frame(mtype, struct.pack(">IIII", *self.version)))
         elif mtype == P.SETUP_OUTPUTS:
+            if len(payload) < 8:                        # not even the frequency
+                entry.update(names=[], n_names=0, frequency=None, recipe_id=0)
+                conn.send(P.setup_reply(mtype, 0, []))
+                return
             (freq,) = struct.unpack_from(">d", payload)
-            names = [n for n in payload[8:].decode().split(",") if n]
-            types = [P.OUTPUT_TYPES[n] if P.output_available(n, self.version) else "NOT_FOUND"
-                     for n in names]
-            ok = names and "NOT_FOUND" not in types and freq > 0
+            names = P.parse_names(payload[8:])
+            types = P.fit_package([P.OUTPUT_TYPES[n] if P.output_available(n, self.version)
+                                   else "NOT_FOUND" for n in names])
+            ok = bool(names) and "NOT_FOUND" not in types and freq > 0     # (NaN fails too)
             if ok:
                 conn.output = P.Recipe(1, names, types)
                 # Stream at the requested rate, capped by the controller's limit.
                 conn.frequency, conn.phase = min(freq, self.rate), float(self.rate)
-            entry.update(names=names, frequency=freq, recipe_id=1 if ok else 0)
-            conn.send(P.frame(mtype, struct.pack(">B", 1 if ok else 0) + ",".join(types).encode()))
+            entry.update(names=_loggable(names), n_names=len(names), frequency=freq,
+                         recipe_id=1 if ok else 0)
+            conn.send(P.setup_reply(mtype, 1 if ok else 0, types))
         elif mtype == P.SETUP_INPUTS:
-            names = [n for n in payload.decode().split(",") if n]
+            names = P.parse_names(payload)
             with self._lock:
                 types = []
                 for n in names:
@@ -633,15 +751,17 @@ class URControllerEmulator:
                     types.append("NOT_FOUND" if n not in P.INPUT_TYPES
                                  else "IN_USE" if owner is not None and owner is not conn
                                  else P.INPUT_TYPES[n])
-                ok = names and not {"NOT_FOUND", "IN_USE"} & set(types)
+                types = P.fit_package(types)
+                # Recipe ids are one byte: a connection can configure at most 255 input recipes.
+                ok = names and not {"NOT_FOUND", "IN_USE"} & set(types) and len(conn.inputs) < 255
                 rid = 0
                 if ok:
                     rid = len(conn.inputs) + 1
                     conn.inputs.append(P.Recipe(rid, names, types))
                     for n in names:
                         self._input_owner[n] = conn
-                entry.update(names=names, recipe_id=rid)
-            conn.send(P.frame(mtype, struct.pack(">B", rid) + ",".join(types).encode()))
+                entry.update(names=_loggable(names), n_names=len(names), recipe_id=rid)
+            conn.send(P.setup_reply(mtype, rid, types))
         elif mtype == P.START:
             conn.send(P.frame(mtype, b"\x01"))   # reply before the first data package
             conn.started = True
@@ -675,31 +795,39 @@ class URControllerEmulator:
                 self._wd_last = time.monotonic()    # the watchdog watches this register
                 cmd = values[cmd_reg]
                 if cmd != 0:
-                    # Tuples of numbers, not lists: the garbage collector stops tracking such
-                    # entries, so a log of 100k commands does not cost a 300 ms full collection
-                    # (which stalled the RTDE stream of a loaded machine for longer than a client
-                    # tolerates).
-                    self._log.append({
-                        "t": self.now(), "id": cmd, "name": COMMAND_NAMES.get(cmd, f"cmd{cmd}"),
-                        "ints": tuple(v for n, v in values.items()
-                                      if n.startswith("input_int_register_") and n != cmd_reg),
-                        "doubles": tuple(v for n, v in values.items()
-                                         if n.startswith("input_double_register_"))})
+                    ints = [v for n, v in values.items()
+                            if n.startswith("input_int_register_") and n != cmd_reg]
+                    doubles = [v for n, v in values.items() if n.startswith("input_double_register_")]
+                    self._log.append((self.now(), cmd, len(ints),
+                                      struct.pack(f">{len(ints)}i{len(doubles)}d", *ints, *doubles)))
+                    self._log_total += 1
 
     # ------------------------------------------------------------- dashboard 29999
     def _dashboard_client(self, sock, addr):
         sock.sendall(b"Connected: Universal Robots Dashboard Server\n")
         buf = b""
         for chunk in self._chunks(sock):
-            buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
+            *lines, buf = (buf + chunk).split(b"\n")      # one pass per chunk, however many lines
+            replies, quit_, too_long = [], False, len(buf) > MAX_DASHBOARD_LINE
+            for line in lines:
+                if len(line) > MAX_DASHBOARD_LINE:
+                    too_long = True
+                    break
                 text = line.decode(errors="replace").strip()
                 with self._lock:
-                    reply = self._dashboard(text)
-                sock.sendall(reply.encode() + b"\n")
+                    replies.append(self._dashboard(text).encode() + b"\n")
                 if text == "quit":
-                    return
+                    quit_ = True
+                    break
+            if too_long and not quit_:
+                # No dashboard command is this long: say so and hang up rather than buffer it.
+                self._event(f"dashboard {addr[0]}:{addr[1]}: line over {MAX_DASHBOARD_LINE} bytes, closed")
+                replies.append(f"could not understand: line too long (over {MAX_DASHBOARD_LINE} "
+                               "bytes)\n".encode())
+            if replies:
+                sock.sendall(b"".join(replies))     # (times out after 0.5 s if the client never reads)
+            if quit_ or too_long:
+                return
 
     def _dashboard(self, cmd):
         """Reply text for one dashboard command (wording as on PolyScope)."""
@@ -797,25 +925,53 @@ class URControllerEmulator:
         ur_rtde never reads this socket, so nothing is sent back (a real controller
         would stream its realtime state here).
         """
-        buf = ""
+        buf = bytearray()
+        scan = 0        # the search for "end" resumes at the start of the last unfinished line
         for chunk in self._chunks(sock):
-            buf += chunk.decode(errors="replace")
-            while True:
-                m = _PROGRAM_END_RE.search(buf)
-                if not m:
-                    break
-                program, buf = buf[:m.end()], buf[m.end():].lstrip("\r\n")
-                self._run_script(program)
+            buf += chunk
+            done = 0
+            for m in _PROGRAM_END_RE.finditer(buf, scan):
+                self._run_script(bytes(buf[done:m.end()]))
+                done = m.end()
+            if done:
+                del buf[:done]
+                scan = 0
+            # Only the new bytes are searched for a newline: linear in the input, not quadratic.
+            newline = buf.rfind(b"\n", max(0, len(buf) - len(chunk)))
+            if newline >= 0:
+                scan = newline + 1
+            if len(buf) > MAX_PROGRAM:
+                self._event(f"script {addr[0]}:{addr[1]}: over 1 MiB without a program end, closed")
+                return
 
-    def _run_script(self, text):
-        head = re.match(r"\s*(?:def|sec)\s+(\w+)\s*\(", text)
-        name = head.group(1) if head else None
+    def _run_script(self, program):
+        head = re.match(rb"\s*(?:def|sec)\s+(\w+)\s*\(", program)
+        name = head.group(1).decode() if head else None
         with self._lock:
             if name != "rtde_control":
-                self._event(f"ignored script {name or text[:40]!r} ({len(text)} bytes)")
+                self._event(f"ignored script {name or program[:40]!r} ({len(program)} bytes)")
                 return
             if not self._can_run():
                 self._event("control script refused: robot not running or not in normal safety mode")
                 return
-            m = _OFFSET_RE.search(text)
-            self._start_program(name, int(m.group(1)) if m else 0)
+            m = _OFFSET_RE.search(program)
+            offset = m.group(1).decode() if m else "0"
+            if not (offset.isdigit() and len(offset) <= 2 and int(offset) <= MAX_REG_OFFSET):
+                self._event(f"control script refused: register offset {offset[:12]} outside "
+                            f"0..{MAX_REG_OFFSET} (48 registers, 24 used)")
+                return
+            self._start_program(name, int(offset))
+
+
+def _loggable(names):
+    """What the setup log keeps of a request's names: enough for the handshake guard, bounded."""
+    return [n[:64] for n in names[:SETUP_LOG_NAMES]]
+
+
+def _describe_error(e):
+    """'ValueError: ... (emulator.py:123)', short enough for the event log."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" ({tb.tb_frame.f_code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno})" if tb else ""
+    return f"{type(e).__name__}: {str(e)[:200]}{where}"

@@ -91,13 +91,24 @@ def inverse_kinematics(pose, q_near, iterations=50, tol=1e-7):
 
     Like URScript get_inverse_kin(pose, qnear) it returns the solution closest to
     q_near (the one a continuous servoL stream wants). Returns None if it does not
-    converge (unreachable pose or a singularity).
+    converge (unreachable pose or a singularity), or for a pose no arm can reach (NaN,
+    inf, or so far out that the iteration overflows: the emulator feeds it client data).
     """
-    t_target = np.eye(4)
-    t_target[:3, :3] = matrix_from_rotvec(pose[3:6])
-    t_target[:3, 3] = pose[:3]
-    q = np.array(q_near, dtype=float)
-    eps, damping = 1e-6, 1e-4
+    if not (np.all(np.isfinite(pose)) and np.all(np.isfinite(q_near))):
+        return None
+    try:
+        with np.errstate(all="ignore"):     # overflow just means "no solution" here
+            t_target = np.eye(4)
+            t_target[:3, :3] = matrix_from_rotvec(pose[3:6])
+            t_target[:3, 3] = pose[:3]
+            q = _dls_iterations(t_target, np.array(q_near, dtype=float), iterations, tol,
+                                eps=1e-6, damping=1e-4)
+    except (ValueError, OverflowError, np.linalg.LinAlgError):     # math.cos(inf), singular solve
+        return None
+    return q if q is not None and np.all(np.isfinite(q)) else None
+
+
+def _dls_iterations(t_target, q, iterations, tol, eps, damping):
     for _ in range(iterations):
         t = fk_matrix(q)
         err = _pose_error(t_target, t)

@@ -18,6 +18,8 @@ START = 83                      # 'S'
 PAUSE = 80                      # 'P'
 
 HEADER = struct.Struct(">HB")
+# The size field is a uint16 that counts the header: no message, in or out, can be larger.
+MAX_PACKAGE_SIZE = 65535
 
 # RTDE type name -> struct format (without byte order).
 TYPE_FORMATS = {
@@ -28,6 +30,37 @@ TYPE_FORMATS = {
 
 def frame(msg_type, payload=b""):
     return HEADER.pack(HEADER.size + len(payload), msg_type) + payload
+
+
+def parse_names(data):
+    """'name1,name2,' (setup request) -> names; bytes that are not UTF-8 become U+FFFD, so such a
+    name is simply unknown (NOT_FOUND) instead of an error."""
+    return [n for n in data.decode("utf-8", "replace").split(",") if n]
+
+
+def fit_package(types):
+    """types, with every field from the first one that would make a data package larger than
+    MAX_PACKAGE_SIZE on marked NOT_FOUND: such a recipe could never be sent, so the setup fails
+    (id 0) like one with an unknown name, and the reply says which fields did not fit."""
+    size, out = HEADER.size + 1, []     # header and recipe id
+    for t in types:
+        if t in TYPE_FORMATS:
+            size += struct.calcsize(">" + TYPE_FORMATS[t])
+            if size > MAX_PACKAGE_SIZE:
+                t = "NOT_FOUND"
+        out.append(t)
+    return out
+
+
+def setup_reply(msg_type, recipe_id, types):
+    """Reply to a setup request: uint8 recipe id + "TYPE1,TYPE2,...". A failed setup of tens of
+    thousands of names would not fit one package; its list is cut after the last whole type
+    that fits (a recipe that can succeed always fits: see fit_package)."""
+    text = ",".join(types).encode()
+    room = MAX_PACKAGE_SIZE - HEADER.size - 1
+    if len(text) > room:
+        recipe_id, text = 0, text[:text.rfind(b",", 0, room + 1)]
+    return frame(msg_type, struct.pack(">B", recipe_id) + text)
 
 
 def _output_types():
