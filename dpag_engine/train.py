@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_save, load_checkpoint, safe_load, save_checkpoint
+from .checkpoint import CheckpointError, atomic_copy, atomic_save, load_checkpoint, safe_load, save_checkpoint
 from .config import POLICY_SECTIONS, ConfigError, ImageEncoderConfig, PolicyConfig, checked_fields, require
 from .data import DataConfig, DataError, GlobalBatchSampler, collate_batch, load_datasets, write_synthetic
 from .progress import progress_bar
@@ -187,7 +187,17 @@ def build_configs(d: dict[str, Any]) -> tuple[dict[str, Any], DataConfig, TrainC
         train = TrainConfig(**checked_fields(TrainConfig, d.get("train") or {}, "train"))
     except TypeError as e:
         raise ConfigError(str(e)) from e
+    check_data_ranges(data)
     return policy, data, train
+
+
+def check_data_ranges(data: DataConfig) -> None:
+    """The ranges of the data section, checked with the others before anything is loaded (DataConfig
+    lives with the readers in dpag_engine.data and checks none itself; these failed deep in loading)."""
+    require(0 <= data.val_ratio < 1, "data.val_ratio", f"must be in [0, 1) (a fraction of the episodes), got {data.val_ratio}")
+    require(data.max_train_episodes is None or data.max_train_episodes >= 1, "data.max_train_episodes",
+            f"must be >= 1 or null, got {data.max_train_episodes}")
+    require(data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {data.num_workers}")
 
 
 def resolve_policy_config(policy: dict[str, Any], action_dim: int, state_dim: int) -> PolicyConfig:
@@ -371,21 +381,34 @@ def all_reduce_mean(values: list[float], d: Dist, device: torch.device) -> list[
 # Logging: CSV + loss curve
 # ----------------------------------------------------------------------------------------------
 class CsvLog:
-    """log.csv, one row per log interval (split=train) or evaluation (split=val). Appends on resume,
-    dropping rows past the resume step (they will be recomputed identically)."""
+    """log.csv, one row per log interval (split=train) or evaluation (split=val).
+
+    Only ever appended to, so a crash cannot lose what was logged. On resume the rows up to the resume
+    step stay byte for byte; rows after it (a run that went on past its last checkpoint) are cut off
+    the end, to be recomputed identically. A fresh run starts a new file.
+    """
 
     def __init__(self, path: Path, metric_names: list[str], resume_step: int | None, previous: Path | None = None):
         self.path = path
         self.columns = ["step", "split", "epoch", "lr", *metric_names, "grad_norm", "action_mse", "steps_per_s", "elapsed_s"]
-        kept: list[dict[str, str]] = []
         source = path if path.exists() else previous  # resuming into a new directory starts from the old log
-        if resume_step is not None and source is not None and source.exists():
-            with source.open() as f:
-                kept = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(kept)
+        if resume_step is None or source is None or not source.is_file() or source.stat().st_size == 0:
+            with path.open("w", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writeheader()
+            return
+        lines = source.read_bytes().splitlines(keepends=True)
+        self.columns = next(csv.reader([lines[0].decode()]))  # the file's own columns, so rows line up
+        end = len(lines[0])
+        for line in lines[1:]:  # rows are in step order; a torn last line (no newline) goes too
+            step = line.split(b",", 1)[0]
+            if not (line.endswith(b"\n") and step.isdigit() and int(step) <= resume_step):
+                break
+            end += len(line)
+        if source == path:
+            os.truncate(path, end)
+        else:
+            with path.open("xb") as f:
+                f.write(b"".join(lines)[:end])
 
     def write(self, row: dict[str, Any]) -> None:
         with self.path.open("a", newline="") as f:
@@ -445,15 +468,49 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name.split("_")[1]))
 
 
-def find_resume_dir(path: str | os.PathLike) -> Path:
+TRAIN_STATE_KEYS = ("step", "run_config", "optimizer", "lr_scheduler", "ema_step", "rng", "data_fingerprint")
+
+
+def load_training_state(ckpt_dir: Path) -> dict[str, Any]:
+    """training_state.pt of a checkpoint directory, checked enough to resume from."""
+    path = ckpt_dir / "training_state.pt"
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format_version") != TRAIN_STATE_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path}: format_version {version} is not {TRAIN_STATE_VERSION}; cannot resume from it")
+    missing = [k for k in TRAIN_STATE_KEYS if k not in state]
+    if missing or not isinstance(state["run_config"], dict) or not isinstance(state["run_config"].get("train"), dict):
+        raise CheckpointError(f"{path}: {f'missing {missing}' if missing else 'run_config is malformed'}; cannot resume")
+    return state
+
+
+def find_resume_dir(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(checkpoint dir, its training state) to resume from. A run directory resumes from its newest
+    intact checkpoint, saying which damaged ones it skipped; a checkpoint directory named directly is
+    used or refused, never substituted."""
     path = Path(path)
     if (path / "training_state.pt").is_file():
-        return path
+        load_checkpoint(path / "model.pt")
+        return path, load_training_state(path)
     dirs = checkpoint_dirs(path)
     if not dirs:
         raise CheckpointError(f"--resume: {path} holds neither training_state.pt nor checkpoints/step_*/ "
                               f"with model.pt + training_state.pt")
-    return dirs[-1]
+    skipped = []
+    for ckpt_dir in reversed(dirs):
+        try:
+            load_checkpoint(ckpt_dir / "model.pt")  # intact and loadable, not merely present
+            state = load_training_state(ckpt_dir)
+        except CheckpointError as e:
+            print(f"warning: --resume: skipping a damaged checkpoint: {e}", file=sys.stderr, flush=True)
+            skipped.append(ckpt_dir.name)
+            continue
+        if skipped:
+            print(f"warning: --resume: resuming from {ckpt_dir}, the newest intact checkpoint "
+                  f"(skipped {', '.join(skipped)})", file=sys.stderr, flush=True)
+        return ckpt_dir, state
+    raise CheckpointError(f"--resume: no intact checkpoint in {path / 'checkpoints'} (all of {', '.join(skipped)} "
+                          f"are damaged, see above)")
 
 
 class Trainer:
@@ -507,6 +564,7 @@ class Trainer:
                        train_cfg.ema_update_after_step) if train_cfg.ema else None
         self.step = 0
         self.resumed_from: Path | None = None  # the run directory we resumed from
+        self.resume_dir = resume_dir           # and the checkpoint in it
         if resume_dir is not None:
             self._load(resume_dir)
             self.resumed_from = resume_dir.parent.parent if resume_dir.parent.name == "checkpoints" else resume_dir
@@ -538,11 +596,7 @@ class Trainer:
         return path
 
     def _load(self, ckpt_dir: Path) -> None:
-        state = safe_load(ckpt_dir / "training_state.pt")
-        if not isinstance(state, dict) or state.get("format_version") != TRAIN_STATE_VERSION:
-            raise CheckpointError(f"{ckpt_dir / 'training_state.pt'}: format_version "
-                                  f"{state.get('format_version') if isinstance(state, dict) else None} "
-                                  f"is not {TRAIN_STATE_VERSION}; cannot resume from it")
+        state = load_training_state(ckpt_dir)
         if state["data_fingerprint"] != self.fingerprint:
             raise DataError("data.path: the training data differs from the data this run was trained on "
                             "(fingerprint mismatch); an exact resume needs the same data and split")
@@ -575,7 +629,7 @@ class Trainer:
         ema_model = self.ema.model if self.ema else None
         save_checkpoint(ckpt_dir / "model.pt", self.policy, ema_model, self.step, meta)
         if final:
-            shutil.copyfile(ckpt_dir / "model.pt", self.out_dir / "model.pt")
+            atomic_copy(ckpt_dir / "model.pt", self.out_dir / "model.pt")
         if self.cfg.keep_checkpoints > 0:
             for old in checkpoint_dirs(self.out_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -649,8 +703,10 @@ class Trainer:
             elif log_now:
                 grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
             if not math.isfinite(step_metrics.get("loss", 0.0)):
+                last = (checkpoint_dirs(self.out_dir) or [self.resume_dir])[-1]
                 raise FloatingPointError(f"step {self.step}: loss is {step_metrics.get('loss')}; stopping "
-                                         f"(last good checkpoint in {self.out_dir / 'checkpoints'})")
+                                         + (f"(last good checkpoint: {last})" if last else
+                                            f"(no checkpoint saved yet; train.save_every={cfg.save_every})"))
             lr = self.optimizer.param_groups[0]["lr"]
             self.optimizer.step()
             self.scheduler.step()
@@ -769,10 +825,7 @@ def resolve_cli(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None]:
     if args.resume:
         if args.config:
             raise ConfigError("--config: not allowed with --resume (the run's saved configuration is used)")
-        resume_dir = find_resume_dir(args.resume)
-        state = safe_load(resume_dir / "training_state.pt")
-        if not isinstance(state, dict) or "run_config" not in state:
-            raise CheckpointError(f"{resume_dir / 'training_state.pt'}: no run_config; cannot resume")
+        resume_dir, state = find_resume_dir(args.resume)
         d = copy.deepcopy(state["run_config"])
         d["train"]["out_dir"] = str(resume_dir.parent.parent) if resume_dir.parent.name == "checkpoints" else d["train"]["out_dir"]
     else:
@@ -811,7 +864,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.d.main:
             print(f"done: step {result['step']}, model {result['model']}, log {trainer.out_dir / 'log.csv'}, "
                   f"loss curve {result['loss_curve']}")
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
+import random
+import re
 import socket
 from pathlib import Path
 
@@ -57,6 +60,23 @@ def test_config_validation_names_fields(tmp_path):
         with pytest.raises(ConfigError, match=match):
             build_configs(bad)
 
+
+@pytest.mark.parametrize("override, match", [
+    ("train.lr=1e400", "train.lr: must be a finite number, got inf"),      # JSON reads 1e400 as inf
+    ("train.lr=true", "train.lr: expected a number, got True"),
+    ("train.steps=2.7", "train.steps: expected an integer, got 2.7"),
+    ("train.steps=true", "train.steps: expected an integer, got True"),
+    ("train.device=0", "train.device: expected a string, got 0"),
+    ("data.val_ratio=2", r"data.val_ratio: must be in \[0, 1\)"),
+    ("data.max_train_episodes=2.5", "data.max_train_episodes: expected an integer"),
+    ("policy.horizon=16.5", "policy.horizon: expected an integer"),
+    ("policy.latent.dt=-inf", "policy.latent.dt: must be a finite number"),
+])
+def test_numeric_fields_are_validated(override, match, capsys):
+    with pytest.raises(ConfigError, match=f"^{match}"):
+        build_configs(apply_overrides({}, [override]))
+    assert main(["--synthetic", override, "--print-config"]) == 2  # an error line, not a traceback
+    assert re.search(f"error: {match}", capsys.readouterr().err)
 
 def test_yaml_and_toml_configs_in_repo_parse():
     root = Path(__file__).resolve().parents[1] / "configs"
@@ -150,6 +170,88 @@ def test_resume_refuses_other_data(dataset, tmp_path):
     with pytest.raises(DataError, match="training data differs"):
         make_trainer(str(other), tmp_path / "b", steps=4, resume_dir=tmp_path / "a" / "checkpoints" / "step_0000002")
 
+
+
+def _opened_for_writing(monkeypatch, name: str) -> list[str]:
+    """Records every open() of a file called `name` in a mode that truncates it."""
+    seen: list[str] = []
+    real = io.open
+
+    def spy(file, mode="r", *args, **kwargs):
+        if os.path.basename(str(file)) == name and "w" in mode:
+            seen.append(str(file))
+        return real(file, mode, *args, **kwargs)
+    monkeypatch.setattr(io, "open", spy)
+    monkeypatch.setattr("builtins.open", spy)
+    return seen
+
+
+def test_log_csv_is_appended_across_a_resume(dataset, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    make_trainer(dataset, run, steps=16, save_every=8, keep_checkpoints=0, log_every=4).train()
+    lines = (run / "log.csv").read_bytes().splitlines(keepends=True)
+    kept = b"".join(ln for ln in lines if not ln[:1].isdigit() or int(ln.split(b",")[0]) <= 8)
+    truncating = _opened_for_writing(monkeypatch, "log.csv")
+    make_trainer(dataset, run, steps=16, log_every=4, resume_dir=run / "checkpoints" / "step_0000008").train()
+    after = (run / "log.csv").read_bytes()
+    assert after.startswith(kept)  # earlier rows byte-identical
+    steps = [ln.split(b",")[0] for ln in after.splitlines()[1:]]
+    assert steps == [b"4", b"8", b"12", b"16"]  # the rows after step 8 recomputed, not duplicated
+    assert truncating == []  # appended, never rewritten
+
+
+def test_final_model_pt_is_replaced_atomically(dataset, tmp_path, monkeypatch):
+    make_trainer(dataset, tmp_path, steps=2).train()
+    in_place = _opened_for_writing(monkeypatch, "model.pt")
+    make_trainer(dataset, tmp_path, steps=4).train()
+    assert in_place == [] and load_policy(tmp_path / "model.pt").checkpoint_step == 4
+
+
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    make_trainer(dataset, run, steps=12, save_every=4, keep_checkpoints=0).train()
+    ckpts = run / "checkpoints"
+    (ckpts / "step_0000012" / "training_state.pt").write_bytes(random.Random(0).randbytes(1000))
+    model = ckpts / "step_0000008" / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 4  # a flipped bit in the tensor data
+    model.write_bytes(bytes(data))
+    assert main(["--resume", str(run), "train.progress=false"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"step_0000012.*training_state.pt.*truncated or corrupted", err)
+    assert re.search(r"step_0000008.*model.pt.*checksum mismatch", err)
+    assert "resuming from " + str(ckpts / "step_0000004") in err
+    assert "resuming at step 4" in out and load_policy(run / "model.pt").checkpoint_step == 12
+    # Named explicitly, a damaged checkpoint is an error (not a silent substitute), and no traceback.
+    (ckpts / "step_0000004" / "training_state.pt").write_bytes(b"\x01")
+    assert main(["--resume", str(ckpts / "step_0000004")]) == 2
+    assert re.search(r"error: .*step_0000004.*training_state.pt.*truncated or corrupted", capsys.readouterr().err)
+
+
+def _nan_after(trainer, step: int) -> None:
+    """Make the loss NaN from optimiser step `step` on."""
+    real = trainer.policy.compute_loss
+
+    def compute_loss(batch, generator=None):
+        loss, metrics = real(batch, generator)
+        if trainer.step >= step:
+            loss, metrics = loss * float("nan"), {**metrics, "loss": float("nan")}
+        return loss, metrics
+    trainer.policy.compute_loss = compute_loss
+
+
+def test_nan_abort_names_only_a_checkpoint_that_exists(dataset, tmp_path):
+    trainer = make_trainer(dataset, tmp_path / "a", steps=10)
+    _nan_after(trainer, 0)
+    with pytest.raises(FloatingPointError, match="step 0: loss is nan") as e:
+        trainer.train()
+    assert "no checkpoint" in str(e.value) and "checkpoints" not in str(e.value), str(e.value)
+    trainer = make_trainer(dataset, tmp_path / "b", steps=10, save_every=3)
+    _nan_after(trainer, 7)
+    with pytest.raises(FloatingPointError, match="step 7: loss is nan") as e:
+        trainer.train()
+    named = Path(re.search(r"last good checkpoint: (\S+?)\)", str(e.value)).group(1))
+    assert named == tmp_path / "b" / "checkpoints" / "step_0000006" and named.is_dir()
 
 # ---------------------------------------------------------------- distributed
 def _free_port() -> int:
