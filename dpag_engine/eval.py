@@ -11,20 +11,24 @@ executed action sequence, px per step^3: lower is smoother). The first --videos 
 as DIR/rollout_<seed>.gif.
 
 Observations are built with the checkpoint's own data mapping (data.state_keys, data.cameras from
-its run config, e.g. ["keypoint", "state[:2]"]), so the policy sees what it was trained on.
+its run config, e.g. ["keypoint", "state[:2]"]), so the policy sees what it was trained on. A
+checkpoint that does not fit the task (other observation keys, sizes or action dimension, e.g. one
+trained on the UR5 reach task) is refused with the reason and the tasks it does fit.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, load_policy
+from .checkpoint import CheckpointError, load_checkpoint, load_policy
+from .config import PolicyConfig
 from .data.dataset import parse_key_spec
 from .envs.dynamic_pusht import make_task
 from .envs.pusht import MAX_STEPS, TEST_START_SEED
@@ -32,10 +36,47 @@ from .envs.pusht import MAX_STEPS, TEST_START_SEED
 _WORKER: dict = {}  # per-process policy and settings (set by _init)
 
 
-def observation_mapping(ckpt_path: str) -> tuple[list[str], dict[str, str]]:
-    """(state_keys, cameras) the checkpoint was trained with; DP's lowdim Push-T mapping if absent."""
-    data = load_checkpoint(ckpt_path)["metadata"].get("run_config", {}).get("data", {})
+TASKS = ("pusht", "dynamic_pusht")
+
+
+def observation_mapping(ckpt: str | dict) -> tuple[list[str], dict[str, str]]:
+    """(state_keys, cameras) a checkpoint (a model.pt path, or one loaded) was trained with; DP's lowdim
+    Push-T mapping if absent."""
+    ckpt = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
+    data = ckpt["metadata"].get("run_config", {}).get("data", {})
     return list(data.get("state_keys") or ["keypoint", "state[:2]"]), dict(data.get("cameras") or {})
+
+
+def task_problem(task: str, cfg: PolicyConfig, state_keys: list[str], cameras: dict[str, str]) -> str | None:
+    """Why a policy cannot run on `task` with this observation mapping, or None if it can: checked on the
+    task's first observation, so the answer is the environment's, not a table that could drift."""
+    env = make_task(task, render=bool(cameras))
+    obs = env.reset(TEST_START_SEED)
+    missing = [k for k in [parse_key_spec(s)[0] for s in state_keys] + list(cameras.values()) if k not in obs]
+    if missing:
+        return f"it reads observation keys {missing}, which {task} does not provide (it has {sorted(obs)})"
+    got = policy_obs([obs], state_keys, cameras)
+    if state_keys and got["state"].shape[-1] != cfg.state_dim:
+        return f"it takes {cfg.state_dim} state features, {task} gives {got['state'].shape[-1]} for {state_keys}"
+    for cam in cameras:
+        if cfg.image is None or tuple(got[cam].shape[2:]) != tuple(cfg.image.image_shape):
+            want = None if cfg.image is None else tuple(cfg.image.image_shape)
+            return f"camera {cam!r}: {task} renders {tuple(got[cam].shape[2:])} (C, H, W), the policy takes {want}"
+    action_dim = env.env.action_space.shape[0]
+    if cfg.action_dim != action_dim:
+        return f"it outputs {cfg.action_dim}-D actions, {task} takes {action_dim}-D ones"
+    return None
+
+
+def fitting_tasks(ckpt_path: str, cfg: PolicyConfig, state_keys: list[str], cameras: dict[str, str]) -> list[str]:
+    """The tasks (with the command that evaluates them) a checkpoint can be evaluated on."""
+    from .envs import ur5_reach
+
+    fits = [f"{t} (--task {t})" for t in TASKS if task_problem(t, cfg, state_keys, cameras) is None]
+    # The UR5 reach task has its own rollout; its state is ur5_reach.observe's concat(q, goal).
+    if (cfg.state_dim, cfg.action_dim, cfg.image) == (ur5_reach.STATE_DIM, ur5_reach.ACTION_DIM, None):
+        fits.append(f"ur5_reach (python -m dpag_engine.envs.ur5_reach --eval {ckpt_path})")
+    return fits
 
 
 def policy_obs(history: list[dict[str, np.ndarray]], state_keys: list[str], cameras: dict[str, str]) -> dict:
@@ -60,9 +101,9 @@ def action_jerk(actions: np.ndarray) -> float:
     return float(np.linalg.norm(np.diff(actions, n=3, axis=0), axis=1).mean())
 
 
-def _init(ckpt: str, task: str, mode: str | None, max_steps: int) -> None:
+def _init(ckpt: str, task: str, mode: str | None, max_steps: int, state_keys: list[str],
+          cameras: dict[str, str]) -> None:
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
-    state_keys, cameras = observation_mapping(ckpt)
     _WORKER.update(policy=load_policy(ckpt), task=make_task(task, render=bool(cameras)), mode=mode,
                    state_keys=state_keys, cameras=cameras, max_steps=max_steps)
 
@@ -108,11 +149,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", help="default: <checkpoint dir>/eval_<task>_<mode>")
     args = p.parse_args(argv)
     ckpt = Path(args.ckpt)
-    mode = args.mode or load_policy(ckpt).cfg.inference_mode
+    try:
+        loaded = load_checkpoint(ckpt)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cfg: PolicyConfig = loaded["policy_config"]
+    state_keys, cameras = observation_mapping(loaded)
+    problem = task_problem(args.task, cfg, state_keys, cameras)
+    if problem:
+        fits = fitting_tasks(str(ckpt), cfg, state_keys, cameras)
+        print(f"error: {ckpt}: cannot be evaluated on {args.task}: {problem}. It can be evaluated on: "
+              f"{'; '.join(fits) if fits else 'none of the tasks here'}", file=sys.stderr)
+        return 1
+    mode = args.mode or cfg.inference_mode
     out = Path(args.out_dir) if args.out_dir else (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval_{args.task}_{mode}"
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.start_seed + i, i < args.videos) for i in range(args.episodes)]
-    init = (str(ckpt), args.task, mode, args.max_steps)
+    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras)
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=init) as pool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -239,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"always write weights to <graph>.onnx.data (default: only above {EXTERNAL_DATA_BYTES >> 30} GiB)")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
     args = p.parse_args(argv)
-    from .checkpoint import load_policy
+    from .checkpoint import CheckpointError, load_policy
 
-    manifest = export_onnx(load_policy(args.ckpt, weights=args.weights), args.out, batch=args.batch,
+    try:
+        policy = load_policy(args.ckpt, weights=args.weights)
+    except CheckpointError as e:  # one line naming the file and what is wrong, as serve prints it
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    manifest = export_onnx(policy, args.out, batch=args.batch,
                            external_data=True if args.external_data else None, verify=not args.no_verify)
     print(f"wrote {args.out}: encoder.onnx, unet.onnx, {MANIFEST}, {TABLES}")
     for name, err in manifest.get("max_abs_error_vs_torch", {}).items():
