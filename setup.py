@@ -77,12 +77,17 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     # torch is deliberately not pinned here: a bare `torch` requirement would pull a multi-GB CUDA
     # build onto a CPU machine. The Makefile installs the CPU wheel first where torch is missing.
-    install_requires=["torch>=2.4", "numpy<2.4", "zarr>=3", "pyyaml", "tqdm", "matplotlib"],
+    # Data formats and logging: pyarrow (LeRobot parquet), av (LeRobot video; its wheels bundle
+    # FFmpeg with dav1d and SVT-AV1), h5py (robomimic), pillow (LeRobot image features),
+    # tensorboard (train's event logs, on by default).
+    install_requires=["torch>=2.4", "numpy<2.4", "zarr>=3", "pyyaml", "tqdm", "matplotlib",
+                      "pyarrow>=15", "av>=14", "h5py>=3", "pillow", "tensorboard>=2.14"],
     extras_require={
         # ur_rtde is pinned: the emulator's handshake guard test is written against this exact client.
         "robot": ["ur_rtde==1.6.5"],
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],
         "pusht": ["gym-pusht>=0.1.8"],
+        "wandb": ["wandb"],  # train.wandb=true (offline runs)
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "diffusers", "ur_rtde==1.6.5", "onnx>=1.16",
                  "onnxruntime>=1.18", "gym-pusht>=0.1.8",
                  "triton==3.6.0; platform_machine=='x86_64'"],

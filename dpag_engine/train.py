@@ -54,7 +54,8 @@ from torch import nn
 
 from .checkpoint import CheckpointError, atomic_copy, atomic_save, load_checkpoint, safe_load, save_checkpoint
 from .config import POLICY_SECTIONS, ConfigError, ImageEncoderConfig, PolicyConfig, checked_fields, require
-from .data import DataConfig, DataError, GlobalBatchSampler, collate_batch, load_datasets, write_synthetic
+from .data import (DataConfig, DataError, GlobalBatchSampler, collate_batch, load_datasets, prepare_data,
+                   write_synthetic)
 from .progress import progress_bar
 
 TRAIN_STATE_VERSION = 1
@@ -88,6 +89,8 @@ class TrainConfig:
     keep_checkpoints: int = 2              # most recent periodic checkpoints kept; 0 keeps all
     out_dir: str = "outputs/dpag"          # log.csv, loss_curve.png, model.pt, checkpoints/
     progress: bool = True                  # tqdm progress bar (rank 0)
+    tensorboard: bool = True               # the log.csv scalars as TensorBoard events in out_dir (tensorboard --logdir)
+    wandb: bool = False                    # also log to Weights & Biases, offline (out_dir/wandb; `wandb sync` to upload)
     find_unused_parameters: bool = False   # DDP option, only for policies with parameters a step may skip
 
     def __post_init__(self) -> None:
@@ -378,7 +381,7 @@ def all_reduce_mean(values: list[float], d: Dist, device: torch.device) -> list[
 
 
 # ----------------------------------------------------------------------------------------------
-# Logging: CSV + loss curve
+# Logging: CSV, TensorBoard / wandb, loss curve
 # ----------------------------------------------------------------------------------------------
 class CsvLog:
     """log.csv, one row per log interval (split=train) or evaluation (split=val).
@@ -414,6 +417,49 @@ class CsvLog:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+class EventLog:
+    """The rows of log.csv as TensorBoard scalars (train/<column>, val/<column>), and optionally in
+    Weights & Biases (offline: nothing leaves the machine until `wandb sync`).
+
+    On resume, `purge_step` makes TensorBoard drop what the previous run wrote from the resume step
+    on (those steps are recomputed identically), as CsvLog drops those rows.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool, use_wandb: bool, resume_step: int, config: dict):
+        self.tb = self.wandb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("train.tensorboard: needs the tensorboard package (pip install tensorboard), "
+                                  "or set train.tensorboard=false") from e
+            self.tb = SummaryWriter(str(out_dir), purge_step=resume_step or None)
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ConfigError("train.wandb: needs the wandb package (pip install wandb)") from e
+            self.wandb = wandb.init(project="dpag_engine", name=out_dir.name, dir=str(out_dir), mode="offline",
+                                    config=config)
+
+    def write(self, row: dict[str, Any]) -> None:
+        split = row.get("split", "train")
+        scalars = {f"{split}/{k}": float(v) for k, v in row.items()
+                   if k not in ("step", "split") and isinstance(v, (int, float)) and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, row["step"])
+            self.tb.flush()  # a few rows per minute: cheap, and a crash loses nothing
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def plot_losses(csv_path: Path, png_path: Path, title: str = "") -> Path | None:
@@ -533,21 +579,31 @@ class Trainer:
                               f"= {self.d.world} x {train_cfg.grad_accum}")
         self.micro_batch = train_cfg.batch_size // per_step
 
-        # ---- data ----
+        # ---- data: a zarr buffer, a LeRobot v3 directory or a robomimic hdf5, told apart by content ----
         image = policy_dict.get("image")
-        image_cfg = ImageEncoderConfig(**image) if isinstance(image, dict) else image
-        if image_cfg is not None and not data_cfg.cameras:
-            data_cfg.cameras = {cam: cam for cam in image_cfg.cameras}  # same names in the dataset
+        if isinstance(image, ImageEncoderConfig):
+            image = dataclasses.asdict(image)
         if data_cfg.synthetic:
+            image_cfg = ImageEncoderConfig(**image) if image is not None else None
+            if image_cfg is not None and not data_cfg.cameras:
+                data_cfg.cameras = {cam: cam for cam in image_cfg.cameras}  # same names in the dataset
             data_cfg.path = str(self._synthetic_data(policy_dict, image_cfg))
-        image_shape = image_cfg.image_shape if image_cfg is not None else None
+        # Keys resolve against the dataset (LeRobot/robomimic names need no config) and the camera
+        # spec (cameras, image_shape, crop) comes from the frames where the config leaves it out.
+        # Rank 0 goes first so a LeRobot video is decoded into the cache once, not once per rank.
+        if self.d.enabled and not self.d.main:
+            dist.barrier()
+        buffer, image = prepare_data(data_cfg, image, log=print if self.d.main else None)
+        if self.d.enabled and self.d.main:
+            dist.barrier()
+        if image is not None:
+            policy_dict = {**policy_dict, "image": image}
+        image_shape = tuple(ImageEncoderConfig(**image).image_shape) if image is not None else None
         n_obs, horizon, n_act = (policy_dict.get(k, getattr(PolicyConfig, k)) for k in
                                  ("n_obs_steps", "horizon", "n_action_steps"))
-        self.train_set, self.val_set = load_datasets(data_cfg, int(n_obs), int(horizon), int(n_act), image_shape)
+        self.train_set, self.val_set = load_datasets(data_cfg, int(n_obs), int(horizon), int(n_act), image_shape,
+                                                     buffer=buffer)
         self.policy_cfg = resolve_policy_config(policy_dict, self.train_set.action_dim, self.train_set.state_dim)
-        if image_cfg is not None and set(data_cfg.cameras) != set(self.policy_cfg.image.cameras):
-            raise ConfigError(f"data.cameras: names {sorted(data_cfg.cameras)} differ from policy.image.cameras "
-                              f"{sorted(self.policy_cfg.image.cameras)}")
         self.fingerprint = data_fingerprint(self.train_set)
 
         # ---- model, optimiser, schedule, EMA ----
@@ -675,7 +731,7 @@ class Trainer:
         batches = iter(loader)
         chunks = list(sampler.chunk_ids())
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        log = None
+        log = events = None
         window: dict[str, float] = {}
         window_n, t_window, t0 = 0, time.perf_counter(), time.perf_counter()
         start_step = self.step
@@ -718,6 +774,8 @@ class Trainer:
             if log is None and d.main:
                 log = CsvLog(self.out_dir / "log.csv", list(step_metrics), start_step if start_step > 0 else None,
                              previous=self.resumed_from / "log.csv" if self.resumed_from else None)
+                events = EventLog(self.out_dir, cfg.tensorboard, cfg.wandb, start_step,
+                                  run_config_dict(self.policy_cfg, self.data_cfg, cfg))
             for k, v in step_metrics.items():
                 window[k] = window.get(k, 0.0) + v
             window_n += 1
@@ -731,17 +789,21 @@ class Trainer:
                 history.append(row["loss"])
                 if d.main:
                     log.write(row)
+                    events.write(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
                 window, window_n, t_window = {}, 0, now
             if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps) and d.main:
                 t_eval = time.perf_counter()
                 metrics = self.evaluate()
                 log.write({"step": self.step, "split": "val", "epoch": sampler.epoch_of(self.step), **metrics})
+                events.write({"step": self.step, "split": "val", **metrics})
                 bar.write(f"step {self.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
                 t_window += time.perf_counter() - t_eval  # steps/s measures training only
             if self.step < cfg.steps and cfg.save_every and self.step % cfg.save_every == 0:
                 self._save()
         bar.close()
+        if events is not None:
+            events.close()
         final_dir = self._save(final=True)
         png = None
         if d.main and log is not None:
@@ -795,7 +857,8 @@ def describe_options() -> str:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dpag_engine.train",
-        description="Train a DP-AG or Diffusion Policy from a zarr replay buffer. Writes log.csv, "
+        description="Train a DP-AG or Diffusion Policy from a zarr replay buffer, a LeRobot v3 dataset or a "
+                    "robomimic hdf5 file. Writes log.csv, "
                     "loss_curve.png, model.pt and checkpoints/ into train.out_dir. Run under "
                     "`torchrun --nproc_per_node=N` for DDP (NCCL on GPU, gloo on CPU).",
         epilog=describe_options() + "\n\nexamples:\n"
@@ -808,7 +871,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "'policy.unet.down_dims=[64,128]' 'data.state_keys=[keypoint,\"state[:2]\"]'")
     p.add_argument("--config", help="YAML (.yaml/.yml), TOML (.toml) or JSON file with sections policy, data, train")
     p.add_argument("--method", choices=["dpag", "dp"], help="DP-AG, or plain Diffusion Policy (same as policy.method)")
-    p.add_argument("--data", metavar="PATH", help="replay buffer .zarr directory or .zarr.zip (same as data.path)")
+    p.add_argument("--data", metavar="PATH", help="a zarr replay buffer (.zarr directory or .zarr.zip), a LeRobot v3 "
+                        "dataset directory or a robomimic .hdf5 file, told apart by content (same as data.path)")
     p.add_argument("--synthetic", action="store_true",
                    help="train on a small generated dataset written to OUT_DIR/synthetic.zarr (data.synthetic=true)")
     p.add_argument("--out-dir", help="output directory (same as train.out_dir)")

@@ -7,7 +7,6 @@ never looks at later observations, and for images that is most of the memory tra
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .replay_buffer import DataError, ReplayBuffer, read_replay_buffer
+from .replay_buffer import DataError, ReplayBuffer
 from .sampler import sequence_windows, split_episodes, window_rows
 
 
@@ -23,18 +22,23 @@ from .sampler import sequence_windows, split_episodes, window_rows
 class DataConfig:
     """Where the demonstrations are and how dataset keys map to policy inputs."""
 
-    path: str | None = None                 # DP replay buffer: a .zarr directory or a .zarr.zip file
-    action_key: str = "action"              # dataset key (under data/) of the actions, (N, Da)
+    path: str | None = None                 # a zarr replay buffer (.zarr dir or .zarr.zip), a LeRobot v3 dataset dir or a robomimic .hdf5
+    action_key: str = "action"              # dataset key of the actions, (N, Da); "action" also finds robomimic's "actions"
     # Dataset keys concatenated in this order into the policy's `state`, each flattened per step;
     # "key[a:b]" takes a slice, e.g. DP's Push-T keypoints: ["keypoint", "state[:2]"].
+    # LeRobot's "observation.<key>" is found as "<key>"; with the default and no such key, every
+    # low-dim observation of a LeRobot or robomimic dataset is used.
     state_keys: list[str] = field(default_factory=lambda: ["state"])  # concatenated into state; "key[a:b]" slices
     # Policy camera name -> dataset key, e.g. {"image": "img"}. Frames may be HWC (DP) or CHW, uint8 or
     # float in [0, 1] or [0, 255]; they reach the policy as CHW floats in [0, 1].
+    # LeRobot's "observation.images.<cam>" is found as "<cam>". Empty with policy.image set: the
+    # cameras named in policy.image.cameras, or every camera of the dataset.
     cameras: dict[str, str] = field(default_factory=dict)  # policy camera -> dataset key, e.g. {image: img}
-    val_ratio: float = 0.02                 # fraction of episodes held out for validation (DP's default); 0: none
+    val_ratio: float = 0.02                 # fraction of episodes held out for validation (DP's default); 0: none. A robomimic mask/valid split wins
     split_seed: int = 42                    # seed of the episode split (and of max_train_episodes)
     max_train_episodes: int | None = None   # train on a random subset of this many episodes (DP); null: all
     num_workers: int = 0                    # DataLoader workers; batches are gathered vectorised, 0 is fine
+    cache_dir: str | None = "~/.cache/dpag_engine"  # LeRobot videos decode once into memory-mapped files here; null: into RAM every run
     synthetic: bool = False                 # ignore path: generate a small point-reaching dataset (demo/tests)
     synthetic_episodes: int = 64            # episodes in the synthetic dataset
     synthetic_episode_length: int = 80      # steps per synthetic episode
@@ -160,10 +164,11 @@ def load_datasets(cfg: DataConfig, n_obs_steps: int, horizon: int, n_action_step
                   buffer: ReplayBuffer | None = None) -> tuple[SequenceDataset, SequenceDataset | None]:
     """(train, val) datasets split by episode; val is None when data.val_ratio is 0."""
     if buffer is None:
-        if not cfg.path:
-            raise DataError("data.path: not set (give a .zarr directory or .zarr.zip, or use --synthetic)")
-        buffer = read_replay_buffer(os.path.expanduser(cfg.path), needed_keys(cfg))
-    train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.val_ratio, cfg.split_seed, cfg.max_train_episodes)
+        from .formats import prepare_data  # any format; resolves cfg's keys against the data in place
+        buffer, _ = prepare_data(cfg, {"image_shape": list(image_shape)} if image_shape and cfg.cameras else None)
+    given = buffer.split if cfg.val_ratio > 0 else None  # the dataset's own split, unless validation is off
+    train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.val_ratio, cfg.split_seed, cfg.max_train_episodes,
+                                          given)
     args = (cfg, n_obs_steps, horizon, n_action_steps)
     train = SequenceDataset(buffer, *args, episode_mask=train_mask, image_shape=image_shape)
     if len(train) == 0:

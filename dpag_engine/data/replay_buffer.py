@@ -53,11 +53,18 @@ def _open_root(path: str | os.PathLike):
 
 @dataclass
 class ReplayBuffer:
-    """Episodes in memory: `data[key]` is (N, ...) numpy, `episode_ends` (E,) int64."""
+    """Episodes in memory: `data[key]` is (N, ...) numpy, `episode_ends` (E,) int64.
+
+    Every format's reader (zarr, LeRobot, robomimic) produces one of these, so windows, splits and
+    batches are built the same way whatever the data came from.
+    """
 
     data: dict[str, np.ndarray]
     episode_ends: np.ndarray
     path: str = "<memory>"
+    # The dataset's own (train, val) episode masks (robomimic's mask/train, mask/valid), used
+    # instead of a random split; None: split at random (data.val_ratio).
+    split: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_steps(self) -> int:
@@ -77,6 +84,33 @@ class ReplayBuffer:
     def get_episode(self, i: int) -> dict[str, np.ndarray]:
         start, end = int(self.episode_starts[i]), int(self.episode_ends[i])
         return {k: v[start:end] for k, v in self.data.items()}
+
+
+@dataclass
+class Feature:
+    """One key of a dataset as stored, known before loading it: per-step shape, dtype, camera or not."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    image: bool
+
+
+def zarr_schema(path: str | os.PathLike) -> dict[str, Feature]:
+    """data/<key> arrays of a replay buffer; cameras are uint8 frames, (H, W, C) as DP or (C, H, W)."""
+    root, store = _open_root(path)
+    try:
+        if "data" not in root:
+            raise DataError(f"data: group missing in {path} (expected DP's layout data/<key>, meta/episode_ends)")
+        group = root["data"]
+        out = {}
+        for k in sorted(group.array_keys()):
+            shape, dtype = tuple(group[k].shape[1:]), np.dtype(group[k].dtype)
+            out[k] = Feature(shape, str(dtype), len(shape) == 3 and dtype == np.uint8
+                             and (shape[-1] in (1, 3, 4) or shape[0] in (1, 3, 4)))
+        return out
+    finally:
+        if store is not None:
+            store.close()
 
 
 def check_episode_ends(episode_ends: np.ndarray, key: str = EPISODE_ENDS) -> np.ndarray:

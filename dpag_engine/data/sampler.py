@@ -45,19 +45,24 @@ def window_rows(windows: np.ndarray, length: int) -> np.ndarray:
 
 
 def split_episodes(n_episodes: int, val_ratio: float = 0.0, seed: int = 42,
-                   max_train_episodes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   max_train_episodes: int | None = None,
+                   given: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train_mask, val_mask) over episodes, as DP's get_val_mask + downsample_mask.
 
     At least one validation episode when val_ratio > 0, and always at least one training episode.
+    `given` (a dataset's own train/val masks, e.g. robomimic's mask/) replaces the random draw.
     """
     if not 0.0 <= val_ratio < 1.0:
         raise ValueError(f"data.val_ratio: must be in [0, 1), got {val_ratio}")
     val_mask = np.zeros(n_episodes, dtype=bool)
-    if val_ratio > 0 and n_episodes > 1:
+    if given is not None:
+        train_mask, val_mask = np.array(given[0], dtype=bool), np.array(given[1], dtype=bool)
+    elif val_ratio > 0 and n_episodes > 1:
         n_val = min(max(1, round(n_episodes * val_ratio)), n_episodes - 1)
         rng = np.random.default_rng(seed=seed)
         val_mask[rng.choice(n_episodes, size=n_val, replace=False)] = True
-    train_mask = ~val_mask
+    if given is None:
+        train_mask = ~val_mask
     if max_train_episodes is not None and train_mask.sum() > max_train_episodes:
         keep = np.random.default_rng(seed=seed).choice(np.flatnonzero(train_mask), max_train_episodes, replace=False)
         train_mask = np.zeros(n_episodes, dtype=bool)
