@@ -23,11 +23,13 @@ naming the file and what is wrong with it, never another exception.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 import pickletools
 import re
 import shutil
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -40,6 +42,10 @@ from .normalize import inverted_ranges
 
 FORMAT_VERSION = 1
 KIND = "dpag_engine.policy"
+# Every top-level key of the current format (the checksum is checked and removed by safe_load). Any
+# other is refused: a newer writer would have raised format_version, so it is damage, e.g. a flip
+# that renamed "checksum" and so would skip the check.
+KEYS = {"format_version", "kind", "config", "state_dict", "raw_state_dict", "step", "metadata"}
 
 # Migrations upgrade a checkpoint dict from version v to v + 1, so any supported old file walks up
 # to FORMAT_VERSION. A version with no path up is refused with the reason stored here.
@@ -173,7 +179,7 @@ def safe_load(path: str | os.PathLike, map_location: str | torch.device = "cpu")
 _REFUSED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) (?:was not|whose module)")
 
 
-def _pickle_globals(f: IO[bytes]) -> list[str] | None:
+def _pickle_globals(f: IO[bytes]) -> list[str | None] | None:
     """Python objects a pickle stream refers to, or None if `f` does not hold one complete pickle.
     pickletools only decodes opcodes: nothing is imported or run."""
     try:
@@ -187,12 +193,25 @@ def _pickle_globals(f: IO[bytes]) -> list[str] | None:
         if op.name in ("GLOBAL", "INST"):
             names.append(arg.replace(" ", "."))
         elif op.name == "STACK_GLOBAL":  # module and name are the two strings pushed just before
-            names.append(".".join(strings[-2:]) if len(strings) >= 2 else "an object named from the memo")
+            names.append(".".join(strings[-2:]) if len(strings) >= 2 else None)  # None: named via the memo
         if isinstance(arg, str):
             strings.append(arg)
         elif op.name != "MEMOIZE":
             strings.clear()
     return names
+
+
+def _exists(name: str) -> bool:
+    """Whether a pickled global names something real (which a full unpickler would import and could
+    run), judged without importing anything: a damaged name such as "torch.FloapStorage" does not."""
+    module, _, attr = name.rpartition(".")
+    module = module or "builtins"  # torch reports builtins without their module
+    if module in sys.modules:
+        return hasattr(sys.modules[module], attr)
+    try:  # not imported yet: importing it would run its code, if it exists
+        return importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ValueError, ImportError):
+        return False
 
 
 def _load_failure(path: Path, e: Exception) -> str:
@@ -206,9 +225,9 @@ def _load_failure(path: Path, e: Exception) -> str:
         if named is None and head[:2] != b"PK":  # a raw pickle.dump: weights_only may fail before its globals
             f.seek(0)
             named = _pickle_globals(f)
-    if named:  # refused before anything was imported or called
+    if named and (named[0] is None or _exists(named[0])):  # refused before anything was imported or called
         return (f"{path}: refused - the file contains Python objects other than tensors and plain containers "
-                f"(it refers to {named[0]}), which could run code when loaded. Only weights-only "
+                f"(it refers to {named[0] or 'one'}), which could run code when loaded. Only weights-only "
                 f"checkpoints are accepted.")
     if size == 0:
         what = "empty file"
@@ -301,6 +320,10 @@ def _validated(ckpt: Any, path: Path,
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: expected a dict at the top level, got {type(ckpt).__name__}")
     ckpt = _migrate(ckpt, path)
+    unknown = sorted(set(map(str, ckpt)) - KEYS)
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected top-level keys {unknown} - not part of format {FORMAT_VERSION} "
+                              f"(corrupted?)")
     if ckpt.get("kind") != KIND:
         raise CheckpointError(f"{path}: kind is {ckpt.get('kind')!r}, expected {KIND!r}")
     for key in ("config", "state_dict", "step"):

@@ -110,3 +110,19 @@ def test_single_bit_flips_never_load_changed_weights(small_ckpt, tmp_path):
         else:
             counts["refused"] += 1
     assert counts["refused"] > 60, counts  # every flip in the tensor data is among these
+
+
+@pytest.mark.parametrize("old, new, reason", [
+    # Flips a wider fuzz found (3600 flips): a damaged name of a tensor class is damage, not "code";
+    (b"FloatStorage", b"FloapStorage", "truncated or corrupted"),
+    # and a renamed "checksum" must not turn a new file into an old, unverified one.
+    (b"checksum", b"c(ecksum", r"unexpected top-level keys \['c\(ecksum'\]"),
+])
+def test_damaged_names_in_the_pickle(small_ckpt, tmp_path, old, new, reason):
+    good, _ = small_ckpt
+    path = tmp_path / "model.pt"
+    assert good.count(old) == 1
+    path.write_bytes(good.replace(old, new))
+    with pytest.raises(CheckpointError, match=reason) as e:
+        load_checkpoint(path)
+    assert str(path) in str(e.value) and "run code" not in str(e.value)
