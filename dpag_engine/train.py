@@ -525,8 +525,11 @@ def load_training_state(ckpt_dir: Path) -> dict[str, Any]:
         version = state.get("format_version") if isinstance(state, dict) else None
         raise CheckpointError(f"{path}: format_version {version} is not {TRAIN_STATE_VERSION}; cannot resume from it")
     missing = [k for k in TRAIN_STATE_KEYS if k not in state]
-    if missing or not isinstance(state["run_config"], dict) or not isinstance(state["run_config"].get("train"), dict):
-        raise CheckpointError(f"{path}: {f'missing {missing}' if missing else 'run_config is malformed'}; cannot resume")
+    unknown = sorted(set(map(str, state)) - {"format_version", *TRAIN_STATE_KEYS})
+    if missing or unknown:
+        raise CheckpointError(f"{path}: keys missing {missing}, unexpected {unknown} (corrupted?); cannot resume")
+    if not isinstance(state["run_config"], dict) or not isinstance(state["run_config"].get("train"), dict):
+        raise CheckpointError(f"{path}: run_config is malformed (corrupted?); cannot resume")
     return state
 
 
