@@ -423,8 +423,8 @@ class EventLog:
     """The rows of log.csv as TensorBoard scalars (train/<column>, val/<column>), and optionally in
     Weights & Biases (offline: nothing leaves the machine until `wandb sync`).
 
-    On resume, `purge_step` makes TensorBoard drop what the previous run wrote from the resume step
-    on (those steps are recomputed identically), as CsvLog drops those rows.
+    On resume, `purge_step` makes TensorBoard drop what the previous run wrote after the resume step
+    (those steps are recomputed identically), as CsvLog drops those rows.
     """
 
     def __init__(self, out_dir: Path, tensorboard: bool, use_wandb: bool, resume_step: int, config: dict):
@@ -435,7 +435,7 @@ class EventLog:
             except ImportError as e:
                 raise ConfigError("train.tensorboard: needs the tensorboard package (pip install tensorboard), "
                                   "or set train.tensorboard=false") from e
-            self.tb = SummaryWriter(str(out_dir), purge_step=resume_step or None)
+            self.tb = SummaryWriter(str(out_dir), purge_step=resume_step + 1 if resume_step else None)
         if use_wandb:
             try:
                 import wandb
