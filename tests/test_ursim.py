@@ -704,7 +704,7 @@ def test_full_command_log_is_small():
     from dpag_engine.ursim.emulator import _Connection
     emu = URControllerEmulator(ROBUST_HOST, "5.11")            # not started: no sockets needed
     cap = emu.command_log_capacity
-    assert cap >= 30_000                                        # 60 s of servoJ at 500 Hz
+    assert cap >= 20_000                                        # 40 s of servoJ at 500 Hz
     conn = _Connection(None, None, 1)
     names = ["input_int_register_0"] + [f"input_double_register_{k}" for k in range(11)]
     conn.inputs.append(P.Recipe(1, names, [P.INPUT_TYPES[n] for n in names]))

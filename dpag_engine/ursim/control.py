@@ -17,6 +17,7 @@ import threading
 import time
 
 DEFAULT_CONTROL_PORT = 30100
+MAX_REQUEST = 1 << 20       # bytes of one JSON request line
 
 # The emulator methods the control port exposes (everything else is refused).
 OPS = ("protective_stop", "emergency_stop", "stop_program", "freeze_stream", "unfreeze_stream",
@@ -67,10 +68,11 @@ class ControlServer:
                     return
                 if not chunk:
                     return
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
+                *lines, buf = (buf + chunk).split(b"\n")
+                for line in lines:
                     conn.sendall(json.dumps(self._handle(line)).encode() + b"\n")
+                if len(buf) > MAX_REQUEST:      # no request is this long: hang up, do not buffer it
+                    return
 
     def _handle(self, line):
         try:

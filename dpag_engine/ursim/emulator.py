@@ -9,6 +9,13 @@ One controller thread ticks at the controller rate (125 Hz CB3, 500 Hz e-Series)
 one pass of the emulated script, moves the UR5 joints within their limits and streams
 RTDE data. Faults are injected through the public methods (see also control.py).
 
+No client can stop the stream for the others: a malformed or oversized request gets the
+protocol's failure reply, every connection's input is bounded (RTDE packages 64 KiB, dashboard
+lines 4 KiB, programs 1 MiB), a client that stops reading is dropped instead of blocking the
+timing thread, and an unexpected error closes only its own connection (or, in the timing
+thread, is logged and the next cycle goes on). The logs are bounded rings: memory stays flat
+in a long run (the command log keeps the newest COMMAND_LOG_SIZE commands and counts the rest).
+
 Note: ur_rtde's pybind constructors hold the GIL, so a client in the same Python process
 as this emulator deadlocks. Run the emulator in its own process (EmulatorProcess).
 """
@@ -59,9 +66,9 @@ MAX_REG_OFFSET = 24
 MAX_DASHBOARD_LINE = 4096           # a dashboard command is one short line
 MAX_PROGRAM = 1 << 20               # ur_rtde's control script is 38-42 kB
 SEND_BACKLOG = 64 * 1024            # RTDE bytes a client may leave unread beyond the kernel's buffer
-# Log capacities. The command log holds 60 s of servoJ at 500 Hz (4 min at 125 Hz; tests read a few
-# thousand entries at most) in about 7 MB; older entries are dropped and counted (log_dropped).
-COMMAND_LOG_SIZE = 30_000
+# Log capacities. The command log holds 40 s of servoJ at 500 Hz (160 s at 125 Hz; tests read a few
+# thousand entries at most) in about 5 MB; older entries are dropped and counted (log_dropped).
+COMMAND_LOG_SIZE = 20_000
 EVENT_LOG_SIZE = 10_000
 SETUP_LOG_SIZE = 4096
 SETUP_LOG_NAMES = 64                # names kept per setup-log entry (each cut to 64 characters)
@@ -927,40 +934,48 @@ class URControllerEmulator:
         """
         buf = bytearray()
         scan = 0        # the search for "end" resumes at the start of the last unfinished line
-        for chunk in self._chunks(sock):
-            buf += chunk
-            done = 0
-            for m in _PROGRAM_END_RE.finditer(buf, scan):
-                self._run_script(bytes(buf[done:m.end()]))
-                done = m.end()
-            if done:
-                del buf[:done]
-                scan = 0
-            # Only the new bytes are searched for a newline: linear in the input, not quadratic.
-            newline = buf.rfind(b"\n", max(0, len(buf) - len(chunk)))
-            if newline >= 0:
-                scan = newline + 1
-            if len(buf) > MAX_PROGRAM:
-                self._event(f"script {addr[0]}:{addr[1]}: over 1 MiB without a program end, closed")
-                return
+        ignored = 0     # programs that are not ur_rtde's: the first 3 are logged, then counted
+        try:
+            for chunk in self._chunks(sock):
+                buf += chunk
+                done = 0
+                for m in _PROGRAM_END_RE.finditer(buf, scan):
+                    ignored += not self._run_script(bytes(buf[done:m.end()]), log_ignored=ignored < 3)
+                    done = m.end()
+                if done:
+                    del buf[:done]
+                    scan = 0
+                # Only the new bytes are searched for a newline: linear in the input, not quadratic.
+                newline = buf.rfind(b"\n", max(0, len(buf) - len(chunk)))
+                if newline >= 0:
+                    scan = newline + 1
+                if len(buf) > MAX_PROGRAM:
+                    self._event(f"script {addr[0]}:{addr[1]}: over 1 MiB without a program end, closed")
+                    return
+        finally:
+            if ignored > 3:
+                self._event(f"script {addr[0]}:{addr[1]}: ignored {ignored - 3} more scripts")
 
-    def _run_script(self, program):
+    def _run_script(self, program, log_ignored=True):
+        """Start ur_rtde's control script (or log why not); False if it is some other script."""
         head = re.match(rb"\s*(?:def|sec)\s+(\w+)\s*\(", program)
         name = head.group(1).decode() if head else None
         with self._lock:
             if name != "rtde_control":
-                self._event(f"ignored script {name or program[:40]!r} ({len(program)} bytes)")
-                return
+                if log_ignored:
+                    self._event(f"ignored script {name or program[:40]!r} ({len(program)} bytes)")
+                return False
             if not self._can_run():
                 self._event("control script refused: robot not running or not in normal safety mode")
-                return
+                return True
             m = _OFFSET_RE.search(program)
             offset = m.group(1).decode() if m else "0"
             if not (offset.isdigit() and len(offset) <= 2 and int(offset) <= MAX_REG_OFFSET):
                 self._event(f"control script refused: register offset {offset[:12]} outside "
                             f"0..{MAX_REG_OFFSET} (48 registers, 24 used)")
-                return
+                return True
             self._start_program(name, int(offset))
+        return True
 
 
 def _loggable(names):
