@@ -15,12 +15,14 @@ setup:
 demo: setup
 	$(PYTHON) -m dpag_engine.demo
 
+# DPAG_REQUIRE_BUILT=1: the C++ module and Triton must import, so a broken build fails the run
+# instead of turning into skipped tests (tests/conftest.py).
 test: setup
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	DPAG_REQUIRE_BUILT=1 $(PYTHON) -m pytest $(PYTEST_ARGS)
 
 # The quick subset for the edit-test loop (a few minutes): everything not marked slow.
 test-quick: setup
-	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	DPAG_REQUIRE_BUILT=1 $(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
 	$(PYTHON) -m pytest bench --benchmark-only $(PYTEST_ARGS)

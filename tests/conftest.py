@@ -11,3 +11,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# CI sets DPAG_REQUIRE_BUILT=1: the C++ module and Triton (its interpreter here) must then import,
+# so a broken build fails the run at once instead of turning into skipped tests.
+if os.environ.get("DPAG_REQUIRE_BUILT") == "1":
+    import triton  # noqa: F401
+
+    from dpag_engine import _C  # noqa: F401
