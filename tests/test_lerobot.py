@@ -31,6 +31,12 @@ FEATURES = {  # exactly what make_fixture.py declared to lerobot
 }
 
 
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+    """data.cache_dir defaults to ~/.cache/dpag_engine: keep the tests' decoded frames out of it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
 def fixture_episodes():
     """The frames make_fixture.py fed lerobot, episode by episode."""
     for ep in range(4):
@@ -299,8 +305,10 @@ def _small(tmp_path, **kw) -> Path:
 
 
 def test_a_hub_id_or_an_old_version_is_a_clear_error(tmp_path):
-    with pytest.raises(DataError, match=r"^lerobot/pusht: looks like a Hugging Face Hub dataset id.*only local paths"):
+    with pytest.raises(DataError, match=r"^lerobot/pusht: no such directory; it looks like a Hugging Face Hub dataset id.*only local paths"):
         prepare_data(DataConfig(path="lerobot/pusht"))
+    with pytest.raises(DataError, match=r"no such file or directory"):  # a missing local file is just missing
+        prepare_data(DataConfig(path="data/pusht.zarr"))
     root = _small(tmp_path, use_videos=False)
     info = json.loads((root / "meta/info.json").read_text())
     (root / "meta/info.json").write_text(json.dumps({**info, "codebase_version": "v2.1"}))

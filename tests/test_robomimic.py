@@ -20,6 +20,12 @@ from dpag_engine.data.formats import detect_format
 LOWDIM = {"robot0_eef_pos": 3, "robot0_eef_quat": 4, "robot0_gripper_qpos": 2, "object": 10}
 
 
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+    """data.cache_dir defaults to ~/.cache/dpag_engine: keep the tests' decoded frames out of it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
 def make_demos(n=5, seed=0, image=None):
     rng = np.random.default_rng(seed)
     demos = []

@@ -23,6 +23,12 @@ STEPS = ["train.batch_size=8", "train.log_every=10", "train.eval_every=25", "tra
          "policy.n_action_steps=4", "data.val_ratio=0.2"]
 
 
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path, monkeypatch):
+    """data.cache_dir defaults to ~/.cache/dpag_engine: keep the tests' decoded frames out of it."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+
+
 def write_all_formats(root: Path) -> dict[str, Path]:
     """One set of episodes, as zarr, LeRobot and robomimic (state split into two obs keys there)."""
     eps = make_episodes(n_episodes=10, episode_length=30, action_dim=2, state_dim=6, seed=1)

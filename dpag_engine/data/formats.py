@@ -143,7 +143,7 @@ def resize_frames(frames: np.ndarray, hw: tuple[int, int], chunk: int = 256) -> 
     import torch.nn.functional as F
     out = np.empty((len(frames), *hw, frames.shape[-1]), dtype=np.uint8)
     for i in range(0, len(frames), chunk):
-        x = torch.from_numpy(np.ascontiguousarray(frames[i:i + chunk])).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.array(frames[i:i + chunk])).permute(0, 3, 1, 2).float()  # a copy: frames may be a read-only map
         y = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
         out[i:i + chunk] = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return out

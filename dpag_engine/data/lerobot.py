@@ -55,9 +55,10 @@ def is_lerobot(path: Path) -> bool:
 
 
 def hub_id_error(path: str) -> DataError | None:
-    """A missing path that looks like 'user/dataset' is most likely a Hugging Face Hub id."""
-    if not Path(path).exists() and _HUB_ID.match(path):
-        return DataError(f"{path}: looks like a Hugging Face Hub dataset id, but only local paths are read "
+    """A missing path that looks like 'user/dataset' (no file suffix) is most likely a Hugging Face Hub id."""
+    if not Path(os.path.expanduser(path)).exists() and _HUB_ID.match(path) \
+            and not path.endswith((".zarr", ".zip", ".hdf5", ".h5", ".json", ".parquet")):
+        return DataError(f"{path}: no such directory; it looks like a Hugging Face Hub dataset id, but only local paths are read "
                          f"(training needs no network). Download it first, e.g. `huggingface-cli download "
                          f"--repo-type dataset {path} --local-dir ~/data/{path.split('/')[-1]}`, and pass that "
                          f"directory")
@@ -171,10 +172,10 @@ def _column_to_numpy(column, key: str, shape: tuple[int, ...], n: int, where: Pa
     return values.reshape(n, *shape) if shape not in ((), (1,)) else values.reshape(n)
 
 
-def _decode_images(column, key: str, shape: tuple[int, int, int], where: Path) -> np.ndarray:
+def _decode_images(column, key: str, out: np.ndarray, where: Path) -> None:
     """`image` features: a struct<bytes, path> per frame holding an encoded image (PNG as LeRobot writes)."""
     from PIL import Image
-    out = np.empty((len(column), *shape), dtype=np.uint8)
+    shape = out.shape[1:]
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[shape[2]]
     for i, item in enumerate(column.to_pylist()):
         if not item or item.get("bytes") is None:
@@ -186,7 +187,6 @@ def _decode_images(column, key: str, shape: tuple[int, int, int], where: Path) -
             raise DataError(f"{where}: column '{key}' row {i} is an image of shape {img.shape}, "
                             f"meta/info.json says {shape} (H, W, C)")
         out[i] = img
-    return out
 
 
 def read_lerobot(root: str | os.PathLike, keys: Iterable[str] | None = None,
@@ -225,11 +225,10 @@ def read_lerobot(root: str | os.PathLike, keys: Iterable[str] | None = None,
     table = pa.concat_tables(tables)
     ep_col = table.column("episode_index").to_numpy()
     fi_col = table.column("frame_index").to_numpy()
-    rank = {int(e): i for i, e in enumerate(eps["episode_index"].tolist())}
-    try:
-        ep_rank = np.array([rank[int(e)] for e in ep_col], dtype=np.int64)
-    except KeyError as e:
-        raise DataError(f"{root / 'data'}: rows of episode {e.args[0]}, which meta/episodes does not list") from None
+    ep_rank = np.minimum(np.searchsorted(eps["episode_index"], ep_col), len(lengths) - 1)  # position in meta order
+    unknown = eps["episode_index"][ep_rank] != ep_col
+    if unknown.any():
+        raise DataError(f"{root / 'data'}: rows of episode {int(ep_col[unknown][0])}, which meta/episodes does not list")
     order = np.lexsort((fi_col, ep_rank))  # by episode (meta order), then frame
     counts = np.bincount(ep_rank, minlength=len(lengths))
     bad = np.flatnonzero(counts != lengths)
@@ -249,7 +248,9 @@ def read_lerobot(root: str | os.PathLike, keys: Iterable[str] | None = None,
     for k in wanted:
         ft = features[k]
         if ft["dtype"] == "image":
-            data[k] = _decode_images(table.column(k), k, available[k].shape, root / "data")
+            identity = [str(root.resolve()), k, *(f"{p.relative_to(root)}:{_stamp(p)}" for p in _sources(root, []))]
+            data[k] = cached_frames(cache_dir, identity, n, available[k].shape,
+                                    lambda out, col=table.column(k), k=k: _decode_images(col, k, out, root / "data"))
         elif ft["dtype"] == "video":
             data[k] = _video_frames(root, info, eps, k, available[k].shape, timestamps, cache_dir)
         else:
@@ -271,12 +272,15 @@ def _video_frames(root: Path, info: dict, eps: dict, key: str, shape: tuple[int,
     for c, f in dict.fromkeys(zip(chunk.tolist(), file.tolist())):
         rows = np.flatnonzero((chunk == c) & (file == f))
         files.append((root / info["video_path"].format(video_key=key, chunk_index=c, file_index=f), rows, query[rows]))
-    # The cache is valid while the files it came from are unchanged: size and mtime of each.
-    sources = [root / INFO, *_files(root, "meta/episodes/chunk-*/file-*.parquet"), *_files(root, "data/chunk-*/*.parquet"),
-               *(p for p, _, _ in files)]
-    identity = [str(root.resolve()), key, *(f"{p.relative_to(root)}:{_stamp(p)}" for p in sources)]
+    identity = [str(root.resolve()), key, *(f"{p.relative_to(root)}:{_stamp(p)}" for p in _sources(root, files))]
     return cached_frames(cache_dir, identity, len(timestamps), shape,
                          lambda out: decode_at(files, len(timestamps), shape, out=out))
+
+
+def _sources(root: Path, videos: list) -> list[Path]:
+    """The files decoded frames depend on: a cache entry is valid while each keeps its size and mtime."""
+    return [root / INFO, *_files(root, "meta/episodes/chunk-*/file-*.parquet"), *_files(root, "data/chunk-*/*.parquet"),
+            *(p for p, _, _ in videos)]
 
 
 def _stamp(path: Path) -> str:
