@@ -742,3 +742,26 @@ def test_setup_log_entries_are_bounded(robust):
     big = emu.setup_log()[-2:]
     assert big[0]["n_names"] == 30000 and len(big[0]["names"]) <= 64
     assert big[1]["n_names"] == 1 and len(big[1]["names"][0]) <= 64
+
+
+def test_connection_count_is_bounded(robust):
+    from dpag_engine.ursim.emulator import MAX_CLIENTS
+    emu, w = robust
+    socks, banners = [], []
+    try:
+        # One thread per connection: past MAX_CLIENTS (the witness is one) a new one is closed at once.
+        for _ in range(MAX_CLIENTS + 10):
+            socks.append(socket.create_connection((ROBUST_HOST, 29999), timeout=3))
+            banners.append(socks[-1].recv(100))
+        assert sum(b.startswith(b"Connected") for b in banners) == MAX_CLIENTS - 1
+        assert banners[-1] == b""
+        assert _events(emu, "too many connections")
+        _assert_streaming(w)
+    finally:
+        for s in socks:
+            s.close()
+
+    def banner():
+        with socket.create_connection((ROBUST_HOST, 29999), timeout=3) as d:
+            return d.recv(100).startswith(b"Connected")
+    assert wait_until(banner, 3.0)                  # served again once the others have closed

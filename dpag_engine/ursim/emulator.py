@@ -66,6 +66,7 @@ MAX_REG_OFFSET = 24
 MAX_DASHBOARD_LINE = 4096           # a dashboard command is one short line
 MAX_PROGRAM = 1 << 20               # ur_rtde's control script is 38-42 kB
 SEND_BACKLOG = 64 * 1024            # RTDE bytes a client may leave unread beyond the kernel's buffer
+MAX_CLIENTS = 64                    # open connections, all ports together (one thread each)
 # Log capacities. The command log holds 40 s of servoJ at 500 Hz (160 s at 125 Hz; tests read a few
 # thousand entries at most) in about 5 MB; older entries are dropped and counted (log_dropped).
 COMMAND_LOG_SIZE = 20_000
@@ -274,10 +275,16 @@ class URControllerEmulator:
                 sock, addr = self._listeners[port].accept()
             except (socket.timeout, OSError, AttributeError):   # AttributeError: just closed
                 continue
+            with self._lock:
+                full = len(self._client_socks) >= MAX_CLIENTS
+                if not full:
+                    self._client_socks.add(sock)
+            if full:    # a client leaking connections must not cost a thread each, without end
+                self._event(f"too many connections: {addr[0]}:{addr[1]} on {port} closed")
+                sock.close()
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(0.5)    # dashboard replies; RTDE sockets are made non-blocking
-            with self._lock:
-                self._client_socks.add(sock)
             self._spawn(self._client_wrapper, handler, sock, addr)
 
     def _client_wrapper(self, handler, sock, addr):
