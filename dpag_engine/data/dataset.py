@@ -28,17 +28,17 @@ class DataConfig:
     # "key[a:b]" takes a slice, e.g. DP's Push-T keypoints: ["keypoint", "state[:2]"].
     # LeRobot's "observation.<key>" is found as "<key>"; with the default and no such key, every
     # low-dim observation of a LeRobot or robomimic dataset is used.
-    state_keys: list[str] = field(default_factory=lambda: ["state"])  # concatenated into state; "key[a:b]" slices
+    state_keys: list[str] = field(default_factory=lambda: ["state"])  # concatenated into state; "key[a:b]" slices; "state" finds LeRobot's observation.state
     # Policy camera name -> dataset key, e.g. {"image": "img"}. Frames may be HWC (DP) or CHW, uint8 or
     # float in [0, 1] or [0, 255]; they reach the policy as CHW floats in [0, 1].
     # LeRobot's "observation.images.<cam>" is found as "<cam>". Empty with policy.image set: the
     # cameras named in policy.image.cameras, or every camera of the dataset.
-    cameras: dict[str, str] = field(default_factory=dict)  # policy camera -> dataset key, e.g. {image: img}
+    cameras: dict[str, str] = field(default_factory=dict)  # policy camera -> dataset key, e.g. {image: img}; empty: from policy.image or the data
     val_ratio: float = 0.02                 # fraction of episodes held out for validation (DP's default); 0: none. A robomimic mask/valid split wins
     split_seed: int = 42                    # seed of the episode split (and of max_train_episodes)
     max_train_episodes: int | None = None   # train on a random subset of this many episodes (DP); null: all
     num_workers: int = 0                    # DataLoader workers; batches are gathered vectorised, 0 is fine
-    cache_dir: str | None = "~/.cache/dpag_engine"  # LeRobot videos decode once into memory-mapped files here; null: into RAM every run
+    cache_dir: str | None = "~/.cache/dpag_engine"  # LeRobot frames decode once into memory-mapped files here; null: into RAM every run
     synthetic: bool = False                 # ignore path: generate a small point-reaching dataset (demo/tests)
     synthetic_episodes: int = 64            # episodes in the synthetic dataset
     synthetic_episode_length: int = 80      # steps per synthetic episode
