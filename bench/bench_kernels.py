@@ -65,12 +65,13 @@ def cases(device: str, small: bool = False) -> list[Case]:
         out.append(Case("q_sample", f"{B}x{H}x{Da}", lambda x=x, nz=noise, t=t: K.q_sample(x, nz, t, sa, s1),
                         lambda x=x, nz=noise, t=t: R.q_sample(x, nz, t, sa, s1), 3 * n))
         for D in ([66] if small else [40, 1024]):
-            z, g, lv = (torch.randn(B, 2, D, **f32) for _ in range(3))
+            z, g, lv, xi = (torch.randn(B, 2, D, **f32) for _ in range(4))
             m = z.numel() * 4
-            out.append(Case("em_step (eta=0)", f"{B}x2x{D}", lambda z=z, g=g, lv=lv: K.em_step(z, g, lv, 1, 1, 0, True, 0),
-                            lambda z=z, g=g, lv=lv: R.em_step(z, g, lv, 1, 1, 0, True, 0), 4 * m))
-            out.append(Case("em_step (eta=0.5)", f"{B}x2x{D}", lambda z=z, g=g, lv=lv: K.em_step(z, g, lv, 1, 1, .5, True, 0),
-                            lambda z=z, g=g, lv=lv: R.em_step(z, g, lv, 1, 1, .5, True, 0), 4 * m))
+            out.append(Case("em_step (eta=0)", f"{B}x2x{D}", lambda z=z, g=g, lv=lv: K.em_step(z, g, lv, 1, 1, 0, True),
+                            lambda z=z, g=g, lv=lv: R.em_step(z, g, lv, 1, 1, 0, True), 4 * m))
+            # With noise the step also reads the caller's Brownian draws xi: 5 tensors of traffic.
+            out.append(Case("em_step (eta=0.5)", f"{B}x2x{D}", lambda z=z, g=g, lv=lv, xi=xi: K.em_step(z, g, lv, 1, 1, .5, True, xi),
+                            lambda z=z, g=g, lv=lv, xi=xi: R.em_step(z, g, lv, 1, 1, .5, True, xi), 5 * m))
     # FiLM VJP at the U-Net's real site shapes (collected from the model with forward hooks).
     from dpag_engine.model.unet import ConditionalUnet1D
     recipe = UNET_RECIPES["tiny" if small else "lowdim"]

@@ -26,14 +26,25 @@ def force_at(unet: nn.Module, a_k: torch.Tensor, t: torch.Tensor, z: torch.Tenso
 
 
 def latent_update(unet: nn.Module, a_k: torch.Tensor, t: torch.Tensor, mu: torch.Tensor, log_var: torch.Tensor,
-                  cfg: LatentUpdateConfig, seed: int = 0, first_force: torch.Tensor | None = None) -> torch.Tensor:
+                  cfg: LatentUpdateConfig, xi: torch.Tensor | None = None,
+                  first_force: torch.Tensor | None = None) -> torch.Tensor:
     """Euler-Maruyama from z_0 = mu over cfg.steps steps; `first_force` reuses g(mu) if the caller has it.
 
-    The force is re-evaluated at every z_s. The result is differentiable w.r.t. mu and log_var (the
-    forces are constants, as in the method).
+    xi: the Brownian draws (S, *mu.shape), N(0, I), when cfg.eta > 0 (`draw_latent_noise`). The force
+    is re-evaluated at every z_s. The result is differentiable w.r.t. mu and log_var (the forces are
+    constants, as in the method).
     """
     z = mu
     for s in range(cfg.steps):
         g = first_force if (s == 0 and first_force is not None) else force_at(unet, a_k, t, z)
-        z = ops.em_step(z, g, log_var, cfg.gamma, cfg.dt, cfg.eta, cfg.normalize, seed + s)
+        z = ops.em_step(z, g, log_var, cfg.gamma, cfg.dt, cfg.eta, cfg.normalize, None if xi is None else xi[s])
     return z
+
+
+def draw_latent_noise(cfg: LatentUpdateConfig, z_shape: tuple[int, ...], generator: torch.Generator | None,
+                      steps: int = 1, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The Brownian draws of `steps` latent updates, (steps, S, *z_shape); None when eta = 0 (no draw,
+    so a deterministic update leaves the caller's generator untouched)."""
+    if cfg.eta <= 0:
+        return None
+    return torch.randn((steps, cfg.steps, *z_shape), generator=generator, device=device, dtype=dtype)

@@ -15,18 +15,12 @@ from torch import nn
 from . import ops
 from .config import PolicyConfig
 from .diffusion import NoiseSchedule
-from .guidance import latent_update, vjp_force
+from .guidance import draw_latent_noise, latent_update, vjp_force
 from .losses import diffusion_loss, info_nce, kl_to_standard_normal
 from .model.encoders import GaussianPosterior, ObservationEncoder
 from .model.unet import ConditionalUnet1D
 from .normalize import Normalizer
 from .rtc import check_prefix
-
-
-def draw_seed(generator: torch.Generator | None) -> int:
-    """A 31-bit seed from the caller's generator, for the Brownian term of the latent update."""
-    device = generator.device if generator is not None else "cpu"
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
 
 
 def resolve_mode(cfg: PolicyConfig, mode: str | None) -> str:
@@ -104,22 +98,23 @@ def check_actions(action_pred: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PlanNoise:
-    """Every random number one plan uses. Every backend draws them with `draw_plan_noise`, so one
-    generator seed gives the same actions on all of them."""
+    """Every random number one plan uses, drawn from the caller's generator by `draw_plan_noise`
+    (on its device: no read back to the host). Every runtime takes them from here, so one seed gives
+    the same actions on all of them."""
 
-    seed: int                    # the latent update's Brownian draws are seeded from it (ops.em_step)
     x: torch.Tensor              # (B, H, Da) the initial sample
     prefix: torch.Tensor | None  # (K, B, P, Da) real-time chunking: the forward-noised prefix, P > 0 only
     steps: torch.Tensor | None   # (K, B, H, Da) stochastic samplers (DDPM, DDIM eta > 0) only
+    latent: torch.Tensor | None  # (K, S, B, To, Do) the latent update's Brownian draws, latent eta > 0 only
 
 
 def draw_plan_noise(cfg: PolicyConfig, num_steps: int, batch: int, generator: torch.Generator | None,
                     prefix_len: int = 0, device: torch.device | str | None = None,
                     dtype: torch.dtype = torch.float32) -> PlanNoise:
-    """The draws of one plan, in a fixed order: the seed, the initial sample, the prefix noise (one
-    (K, B, P, Da) draw, only when P > 0, so the plain sampler's draws are untouched), then one draw
-    per step for stochastic samplers."""
-    seed = draw_seed(generator)
+    """The draws of one plan, in a fixed order: the initial sample, the prefix noise (one
+    (K, B, P, Da) draw, only when P > 0, so the plain sampler's draws are untouched), one draw per
+    step for stochastic samplers, then the latent update's Brownian draws (DP-AG with latent eta > 0;
+    drawn in dp mode too, so both modes consume the generator alike)."""
     shape = (batch, cfg.horizon, cfg.action_dim)
     x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     prefix = None
@@ -130,7 +125,11 @@ def draw_plan_noise(cfg: PolicyConfig, num_steps: int, batch: int, generator: to
     if cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0:
         steps = torch.stack([torch.randn(shape, generator=generator, device=device, dtype=dtype)
                              for _ in range(num_steps)])
-    return PlanNoise(seed, x, prefix, steps)
+    latent = None
+    if cfg.method == "dpag":
+        latent = draw_latent_noise(cfg.latent, (batch, cfg.n_obs_steps, cfg.obs_feature_dim), generator,
+                                   num_steps, device, dtype)
+    return PlanNoise(x, prefix, steps, latent)
 
 
 class DPAGPolicy(nn.Module):
@@ -211,7 +210,9 @@ class DPAGPolicy(nn.Module):
         # The guided branch is only a target: the released code runs it with gradients and then
         # detaches; the efficient path never records the graph. Same values, same gradients.
         with torch.set_grad_enabled(literal and torch.is_grad_enabled()):
-            z_guided = latent_update(self.unet, a_k, t, z_in, log_var, cfg.latent, draw_seed(generator), first_force=g)
+            xi = draw_latent_noise(cfg.latent, tuple(mu.shape), generator, device=device, dtype=mu.dtype)
+            z_guided = latent_update(self.unet, a_k, t, z_in, log_var, cfg.latent, None if xi is None else xi[0],
+                                     first_force=g)
             eps_guided = self.predict_noise(a_k, t, z_guided)
         eps_guided = eps_guided.detach()
 
@@ -266,7 +267,7 @@ class DPAGPolicy(nn.Module):
         for i, t in enumerate(sched.timesteps):
             z = mu
             if mode == "guided":
-                z = latent_update(self.unet, x, t, mu, log_var, cfg.latent, noise.seed + i * cfg.latent.steps)
+                z = latent_update(self.unet, x, t, mu, log_var, cfg.latent, None if noise.latent is None else noise.latent[i])
             eps = self.predict_noise(x, t, z)
             step_noise = noise.steps[i] if noise.steps is not None else None
             if rtc is None:

@@ -135,29 +135,21 @@ class CpuPolicy:
                              "(build with a larger max_batch)")
         start = cfg.n_obs_steps - 1
         rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
-        # The draws of predict_action; the latent update's Brownian draws come from generators
-        # seeded by noise.seed, as ops.em_step makes them.
+        # The draws of predict_action, the latent update's Brownian draws included.
         noise = draw_plan_noise(cfg, self.engine.num_steps, b, generator, 0 if rtc is None else rtc[0].shape[1])
         inpaint = {}
         if rtc is not None:
             inpaint = {"prefix": self._normalized_prefix(rtc[0]).numpy(), "prefix_weight": rtc[1].contiguous().numpy(),
                        "prefix_noise": noise.prefix.numpy()}
         latent = {}
-        if guided and cfg.latent.eta > 0:
-            latent["latent_noise"] = self._latent_noise(noise.seed, (b, cfg.n_obs_steps, cfg.obs_feature_dim))
+        if guided and noise.latent is not None:
+            latent["latent_noise"] = noise.latent.contiguous().numpy()
         action_pred = torch.empty_like(noise.x)
         state = cond.pop("state")
         steps = noise.steps.numpy() if noise.steps is not None else None
         self.engine.plan(state, noise.x.numpy(), steps, action_pred.numpy(), guided=guided, **cond, **latent, **inpaint)
         check_actions(action_pred)
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
-
-    def _latent_noise(self, seed: int, z_shape: tuple[int, ...]) -> np.ndarray:
-        """(K, S, B, To, Do): the xi that ops.em_step draws at step (i, s), from seed + i * S + s."""
-        steps = self.cfg.latent.steps
-        draws = [torch.randn(z_shape, generator=torch.Generator().manual_seed(seed + i * steps + s), dtype=torch.float32)
-                 for i in range(self.engine.num_steps) for s in range(steps)]
-        return torch.stack(draws).view(self.engine.num_steps, steps, *z_shape).numpy()
 
     def _normalized_prefix(self, prefix: torch.Tensor) -> torch.Tensor:
         """DPAGPolicy.normalized_prefix on the engine's snapshot of the normaliser and clip."""

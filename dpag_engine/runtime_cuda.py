@@ -11,8 +11,9 @@ replay, on the host, exactly as predict_action's.
     out = graphed.step(obs, generator)          # == policy.predict_action(obs, generator, mode="dp")
 
 Limits: batch and the real-time-chunking prefix length are fixed at capture (a graph has static
-shapes: build one per shape); guided mode only with the latent eta = 0 (the Brownian draws come from
-a generator seeded inside the plan, which a graph cannot replay with new seeds). Not yet run on a
+shapes: build one per shape). Every random number, the latent update's Brownian draws included, is
+drawn outside the graph into its static buffers (PlanNoise), so any sampler and latent eta replay.
+Not yet run on a
 GPU: this project has not been lent one (tests/test_runtime_cuda.py runs where CUDA is present).
 """
 from __future__ import annotations
@@ -35,9 +36,6 @@ class CudaGraphPolicy:
         policy._require_normalizer()
         self.policy, self.cfg = policy, policy.cfg
         self.mode = resolve_mode(policy.cfg, mode)
-        if self.mode == "guided" and self.cfg.latent.eta > 0:
-            raise ValueError("mode='guided' with latent eta > 0 cannot be graphed (its Brownian draws are seeded "
-                             "per plan); use predict_action")
         cfg, dtype = self.cfg, policy.schedule.coefs.dtype
         self.batch, self.prefix_len = batch, prefix_len
         # Static inputs: every replay reads these buffers, every plan refills them.
@@ -95,7 +93,7 @@ class CudaGraphPolicy:
         return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
 
     def _copy_noise(self, noise: PlanNoise) -> None:
-        for name in ("x", "prefix", "steps"):
+        for name in ("x", "prefix", "steps", "latent"):
             buf = getattr(self.noise, name)
             if buf is not None:
                 buf.copy_(getattr(noise, name), non_blocking=True)

@@ -5,7 +5,7 @@ Same functions, signatures and semantics as `dpag_engine.ops.torch_ref` (the ora
   - sampler_step_inpaint(sample, eps, coefs, step, noise, clip, prefix, prefix_noise, prefix_weight,
                          inpaint_coefs, start) -> (prev_sample, x0)   the step fused with the RTC inpaint
   - q_sample(x0, noise, t, sqrt_ac, sqrt_1m_ac) -> x_t                         differentiable in x0, noise
-  - em_step(z, g, log_var, gamma, dt, eta, normalize, seed) -> z               differentiable in z, log_var
+  - em_step(z, g, log_var, gamma, dt, eta, normalize, xi) -> z                 differentiable in z, log_var
 plus the batched FiLM vector-Jacobian product used for the action-guided force:
   - film_vjp(dys, hs, w_cat, cond) -> d cond                                   (FilmLayout, film_weight_cat)
   - unet_film_vjp(model, sample, k, global_cond) -> (eps, g)   g = grad of 0.5||eps||^2 w.r.t. global_cond

@@ -31,9 +31,10 @@ def specs() -> list[tuple[str, object, dict, dict]]:
              "s1ma_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", "M": "i32"}
     sig_qb = {"dy_ptr": "*fp32", "t_ptr": "*i64", "sa_ptr": "*fp32", "s1ma_ptr": "*fp32",
               "dx0_ptr": "*fp32", "dnoise_ptr": "*fp32", "N": "i32", "M": "i32"}
-    em_common = {"R": "i32", "D": "i32", "seed": "i32", "c_drift": "fp32", "c_noise": "fp32"}
-    sig_em = {"z_ptr": "*fp32", "g_ptr": "*fp32", "lv_ptr": "*fp32", "out_ptr": "*fp32", **em_common}
-    sig_emb = {"dy_ptr": "*fp32", "g_ptr": "*fp32", "lv_ptr": "*fp32", "dlv_ptr": "*fp32", **em_common}
+    em_common = {"R": "i32", "D": "i32", "c_drift": "fp32", "c_noise": "fp32"}
+    sig_em = {"z_ptr": "*fp32", "g_ptr": "*fp32", "lv_ptr": "*fp32", "xi_ptr": "*fp32", "out_ptr": "*fp32", **em_common}
+    sig_emb = {"dy_ptr": "*fp32", "g_ptr": "*fp32", "lv_ptr": "*fp32", "xi_ptr": "*fp32", "dlv_ptr": "*fp32",
+               **em_common}
     em_cx = dict(NORMALIZE=True, HAS_NOISE=True, CDT=f32, BLOCK_R=16, BLOCK_D=256)
     sig_red = {"dy_ptr": "*bf16", "h_ptr": "*bf16", "row_off_ptr": "*i32", "row_len_ptr": "*i32",
                "out_col_ptr": "*i32", "row_c_ptr": "*i32", "dsb_ptr": "*fp32",

@@ -22,8 +22,7 @@ SAMPLERS = {"ddim-eta0": SchedulerConfig(num_inference_steps=6),
 CAPABILITY = {
     "cpp": lambda mode, latent_eta: None,
     "onnxruntime": lambda mode, latent_eta: "exported graphs have no backward: dp mode only" if mode == "guided" else None,
-    "cuda-graph": lambda mode, latent_eta: ("the Brownian draws of guided mode with latent eta > 0 are seeded "
-                                            "per plan, outside the graph") if mode == "guided" and latent_eta > 0 else None,
+    "cuda-graph": lambda mode, latent_eta: None,
     "tensorrt": lambda mode, latent_eta: "exported graphs have no backward: dp mode only" if mode == "guided" else None,
 }
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from dpag_engine import _C
 from dpag_engine.config import LatentUpdateConfig, SchedulerConfig, UNetConfig
 from dpag_engine.guidance import latent_update
+from dpag_engine.policy import draw_plan_noise
 from dpag_engine.ops import torch_ref
 from dpag_engine.runtime_cpu import CpuPolicy, engine_config, unet_weights
 
@@ -99,15 +100,15 @@ def float64_plan(policy, obs, seed: int, mode: str) -> torch.Tensor:
     """predict_action in float64 on the draws the float32 one makes (randn differs by dtype)."""
     p64 = copy.deepcopy(policy).double()
     cfg = p64.cfg
-    g = torch.Generator().manual_seed(seed)
-    latent_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-    x = torch.randn(obs["state"].shape[0], cfg.horizon, cfg.action_dim, generator=g).double()
+    noise = draw_plan_noise(cfg, p64.schedule.num_steps, obs["state"].shape[0], torch.Generator().manual_seed(seed))
+    x = noise.x.double()
+    xi = noise.latent.double() if noise.latent is not None else None
     mu, log_var = p64.posterior(p64.encode({"state": obs["state"].double()}))
     with torch.no_grad():
         for i, t in enumerate(p64.schedule.timesteps):
             z = mu
             if mode == "guided":
-                z = latent_update(p64.unet, x, t, mu, log_var, cfg.latent, latent_seed + i * cfg.latent.steps)
+                z = latent_update(p64.unet, x, t, mu, log_var, cfg.latent, None if xi is None else xi[i])
             x, _ = torch_ref.sampler_step(x, p64.predict_noise(x, t, z), p64.schedule.coefs.double(), i, None,
                                           p64.schedule.clip)
     return p64.normalizer.unnormalize("action", x)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dpag_engine.config import LatentUpdateConfig
-from dpag_engine.guidance import force_at, latent_update
+from dpag_engine.guidance import draw_latent_noise, force_at, latent_update
 from dpag_engine.ops import torch_ref
 from factories import make_policy
 
@@ -72,21 +72,29 @@ def test_multi_step_reevaluates_the_force(setup):
     torch.testing.assert_close(z, expected, rtol=1e-6, atol=1e-8)
 
 
-def test_brownian_term_statistics_and_seeding():
+def test_brownian_term_is_the_callers_draws():
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(256, 2, 137, generator=gen, dtype=torch.float64)
     g = torch.randn(z.shape, generator=gen, dtype=torch.float64)
     log_var = torch.randn(z.shape, generator=gen, dtype=torch.float64).clamp(-3, 1)
+    xi = torch.randn(z.shape, generator=gen, dtype=torch.float64)
     dt, gamma, eta = 0.3, 0.5, 0.8
-    out = torch_ref.em_step(z, g, log_var, gamma, dt, eta, True, seed=11)
+    out = torch_ref.em_step(z, g, log_var, gamma, dt, eta, True, xi)
     sigma = torch.exp(0.5 * log_var)
     drift = gamma * dt * sigma * g / (g.norm(dim=-1, keepdim=True) + 1e-6)
-    xi = (out - z - drift) / (eta * dt ** 0.5 * sigma)
-    n = xi.numel()
-    assert abs(xi.mean().item()) < 5 / n ** 0.5
-    assert abs(xi.var().item() - 1) < 5 * (2 / n) ** 0.5
-    assert torch.equal(out, torch_ref.em_step(z, g, log_var, gamma, dt, eta, True, seed=11))
-    assert not torch.equal(out, torch_ref.em_step(z, g, log_var, gamma, dt, eta, True, seed=12))
+    torch.testing.assert_close(out, z + drift + eta * dt ** 0.5 * sigma * xi, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="eta > 0 needs xi"):
+        torch_ref.em_step(z, g, log_var, gamma, dt, eta, True)
+
+
+def test_latent_noise_is_drawn_only_when_used():
+    """eta = 0 draws nothing (the caller's generator is untouched); eta > 0 draws (K, S, *z_shape)."""
+    g = torch.Generator().manual_seed(3)
+    state = g.get_state()
+    assert draw_latent_noise(LatentUpdateConfig(eta=0.0), (2, 2, 5), g, steps=4) is None
+    assert torch.equal(g.get_state(), state)
+    xi = draw_latent_noise(LatentUpdateConfig(steps=3, eta=0.2), (2, 2, 5), g, steps=4)
+    assert xi.shape == (4, 3, 2, 2, 5) and xi.std() > 0.5
 
 
 def test_em_step_gradients():
@@ -94,4 +102,5 @@ def test_em_step_gradients():
     z = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     log_var = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda z, lv: torch_ref.em_step(z, g, lv, 0.9, 0.5, 0.3, True, seed=1), (z, log_var))
+    xi = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z, lv: torch_ref.em_step(z, g, lv, 0.9, 0.5, 0.3, True, xi), (z, log_var))

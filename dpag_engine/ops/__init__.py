@@ -7,7 +7,8 @@ backend is tested against):
 - `sampler_step_inpaint(sample, eps, coefs, step, noise, clip, prefix, prefix_noise, prefix_weight,
    inpaint_coefs, start) -> (prev_sample, x0_clipped)`              (a step + real-time-chunking inpaint)
 - `q_sample(x0, noise, t, sqrt_ac, sqrt_1m_ac) -> x_t`            (differentiable in x0 and noise)
-- `em_step(z, g, log_var, gamma, dt, eta, normalize, seed) -> z`  (differentiable in z and log_var)
+- `em_step(z, g, log_var, gamma, dt, eta, normalize, xi) -> z`  (differentiable in z and log_var; xi:
+   the Brownian draws, shaped like z, when eta > 0)
 - `unet_force(unet, sample, t, global_cond) -> g`                  (the VJP force of spec section 5)
 
 Backends: "torch" (plain PyTorch, the reference), "cpp" (the `dpag_engine._C` CPU runtime),

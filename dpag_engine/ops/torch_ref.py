@@ -72,18 +72,22 @@ def normalized_force(g: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def em_step(z: torch.Tensor, g: torch.Tensor, log_var: torch.Tensor, gamma: float, dt: float,
-            eta: float, normalize: bool, seed: int | None = None) -> torch.Tensor:
+            eta: float, normalize: bool, xi: torch.Tensor | None = None) -> torch.Tensor:
     """One Euler-Maruyama step z + gamma sigma n(g) dt + eta sigma sqrt(dt) xi (spec section 5).
 
-    `g` is treated as a constant (detached), as in the method. The Brownian term is drawn from a
-    generator seeded with `seed` on z's device, so a run is reproducible per backend.
+    `g` is treated as a constant (detached), as in the method. `xi` are the Brownian draws, N(0, I)
+    shaped like z, needed only when eta > 0: the caller draws them (one generator owns every random
+    number of a plan), so every backend steps with the same numbers.
     """
+    check_brownian(z, eta, xi)
     sigma = torch.exp(0.5 * log_var)
     z = z + gamma * dt * sigma * normalized_force(g.detach(), normalize)
     if eta > 0:
-        gen = torch.Generator(device=z.device)
-        if seed is not None:
-            gen.manual_seed(seed)
-        xi = torch.randn(z.shape, generator=gen, device=z.device, dtype=z.dtype)
-        z = z + eta * (dt ** 0.5) * sigma * xi
+        z = z + eta * (dt ** 0.5) * sigma * xi.to(z.dtype)
     return z
+
+
+def check_brownian(z: torch.Tensor, eta: float, xi: torch.Tensor | None) -> None:
+    if eta > 0 and (xi is None or tuple(xi.shape) != tuple(z.shape)):
+        got = None if xi is None else tuple(xi.shape)
+        raise ValueError(f"em_step: eta > 0 needs xi, the Brownian draws shaped like z {tuple(z.shape)}, got {got}")
