@@ -177,8 +177,9 @@ class DPAGPolicy(nn.Module):
         return self.unet(a_k, t, z.flatten(1))
 
     # ---- training ----
-    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """The DP-AG (or DP) training loss for a raw batch {"obs": {...}, "action": (B, H, Da)}."""
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The DP-AG (or DP) training loss for a raw batch {"obs": {...}, "action": (B, H, Da)}, and its
+        terms as detached 0-d tensors."""
         self._require_normalizer()
         cfg = self.cfg
         obs, b = self.check_obs(batch["obs"])
@@ -194,7 +195,7 @@ class DPAGPolicy(nn.Module):
 
         if self.posterior is None:  # plain Diffusion Policy
             loss = diffusion_loss(self.unet(a_k, t, features.flatten(1)), noise, cfg.loss.target_scale)
-            return loss, {"loss": loss.item(), "loss_diff": loss.item()}
+            return loss, {"loss": loss.detach(), "loss_diff": loss.detach()}
 
         mu, log_var = self.posterior(features)
         # The force needs d eps / d mu. When mu carries no graph (identity posterior on low-dim
@@ -220,8 +221,10 @@ class DPAGPolicy(nn.Module):
         loss_cont = info_nce(eps_static, eps_guided, cfg.loss.tau)
         loss_kl = kl_to_standard_normal(mu, log_var)
         loss = loss_diff + cfg.loss.lambda_cont * loss_cont + cfg.loss.lambda_kl * loss_kl
-        return loss, {"loss": loss.item(), "loss_diff": loss_diff.item(),
-                      "loss_cont": loss_cont.item(), "loss_kl": loss_kl.item()}
+        # Detached tensors, not floats: reading each back to the host here would sync a GPU four
+        # times per micro-batch; the trainer reads them once per step.
+        return loss, {"loss": loss.detach(), "loss_diff": loss_diff.detach(),
+                      "loss_cont": loss_cont.detach(), "loss_kl": loss_kl.detach()}
 
     # ---- inference ----
     @torch.no_grad()

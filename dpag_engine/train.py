@@ -714,7 +714,7 @@ class Trainer:
                     _, metrics = model.compute_loss(batch, chunk_generator(self.cfg.seed, 0, i, self.device, EVAL_LOSS_STREAM))
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v / len(chunks)
-            out.update(sums)
+            out.update({k: float(v) for k, v in sums.items()})
         batch = to_device(dataset[chunks[0].tolist()], self.device)
         pred = model.predict_action(batch["obs"], generator=chunk_generator(self.cfg.seed, 0, 0, self.device, EVAL_SAMPLE_STREAM))
         # In normalised units ([-1, 1] per dimension), so the number reads the same for any dataset.
@@ -744,7 +744,7 @@ class Trainer:
         self.policy.train()
         while self.step < cfg.steps:
             self.optimizer.zero_grad(set_to_none=True)
-            step_metrics: dict[str, float] = {}
+            step_terms: dict[str, torch.Tensor] = {}   # on the device until read once below
             for a, chunk in enumerate(chunks):
                 batch = to_device(next(batches), self.device)
                 gen = chunk_generator(cfg.seed, self.step, chunk, self.device)
@@ -754,7 +754,9 @@ class Trainer:
                     loss, metrics = self.loss_module(batch, gen)
                     (loss / len(chunks)).backward()
                 for k, v in metrics.items():
-                    step_metrics[k] = step_metrics.get(k, 0.0) + v / len(chunks)
+                    step_terms[k] = step_terms.get(k, 0.0) + v / len(chunks)
+            terms = torch.stack([torch.as_tensor(v, device=self.device, dtype=torch.float32) for v in step_terms.values()])
+            step_metrics = dict(zip(step_terms, terms.tolist()))   # one read back to the host per step
             log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
             grad_norm = None
             if cfg.grad_clip_norm > 0:
