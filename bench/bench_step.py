@@ -1,4 +1,4 @@
-"""Policy.step latency on the CPU: eager PyTorch vs torch.compile vs the C++ engine (issue 5, item 2).
+"""Policy.step latency on the CPU: eager PyTorch vs torch.compile vs the C++ engine.
 
     python bench/bench_step.py [--recipes tiny lowdim image] [--modes dp guided] [--rounds 3] [--steps N]
     pytest bench/bench_step.py --benchmark-only      # pytest-benchmark, tiny recipe, dp and guided

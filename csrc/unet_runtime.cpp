@@ -966,7 +966,7 @@ void PolicyEngine::plan(const PlanArgs& a) {
     std::copy_n(a.x_init, n, m.x.data());
     for (int k = 0; k < num_steps(); ++k) {
         if (a.guided) {
-            // The latent update at the current sample, always from mu (spec section 7, "guided").
+            // The latent update at the current sample, always from mu (docs/method.md §7, "guided").
             std::copy_n(mu, n_cond, m.z.data());
             for (int s = 0; s < S; ++s) {
                 m.compute_force(m.x.data(), batch, k, m.z.data(), m.force.data());

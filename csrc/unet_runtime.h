@@ -4,7 +4,7 @@
 //   state (B, To, Ds) --normalise--> mu (B, To*Ds)     (low-dim: the identity encoder, in C++), or
 //   mu, log_var given                                  (image policies: the ResNet runs in torch)
 //   x = x_init (B, H, Da); for k < K:
-//       z = mu                                          (dp mode), or in guided mode (spec section 5)
+//       z = mu                                          (dp mode), or in guided mode (docs/method.md §5)
 //       z = mu; S times: g = (d eps / d z)^T eps at (x, t_k, z); z += gamma dt sigma n(g) + eta sqrt(dt) sigma xi
 //       eps = unet(x, t_k, z); x = sampler_step(x, eps, coefs[k], noise_k)
 //   action_pred = unnormalise(x)
@@ -20,7 +20,7 @@
 // [start, start + W) of x become w_j * (sa_k * prefix + s1ma_k * prefix_noise_k) + (1 - w_j) * x, with
 // (sa_k, s1ma_k) = inpaint_coefs[k] the level step k landed on; in place, nothing allocated.
 //
-// Design (spec section 3 and issue 5):
+// Design (docs/method.md §3; targets in bench/RESULTS.md):
 // - Every convolution (k=5/3 same padding, the stride-2 down conv, the ConvTranspose1d up conv, the
 //   1x1 residual and output convs) is an im2col into a small (B*T, C_in*k) matrix followed by one
 //   weight-streaming product (cpu_kernels.h): at batch 1 the U-Net is weight-bandwidth bound, so
@@ -79,7 +79,7 @@ struct PolicyEngineConfig {
     std::vector<std::array<float, 2>> inpaint_coefs;
     // Normaliser: normalised = raw * scale + offset (dpag_engine/normalize.py).
     std::vector<float> state_scale, state_offset, action_scale, action_offset;
-    // Guided mode (spec section 5): build the backward (transposed conv weights, a tape of the
+    // Guided mode (docs/method.md §5): build the backward (transposed conv weights, a tape of the
     // forward); the latent update's parameters; the identity posterior's log_var Linear (Do x Do
     // row-major, then Do biases; clamped to [-10, 2]) for plans from raw state.
     bool guided = false;

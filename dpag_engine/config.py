@@ -25,7 +25,7 @@ def require(ok: bool, name: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """Conditional 1-D temporal U-Net (Diffusion Policy's ConditionalUnet1D), spec section 3."""
+    """Conditional 1-D temporal U-Net (Diffusion Policy's ConditionalUnet1D), docs/method.md §3."""
 
     down_dims: tuple[int, ...] = (256, 512, 1024)
     kernel_size: int = 5
@@ -54,7 +54,7 @@ UNET_RECIPES: dict[str, UNetConfig] = {
 
 @dataclass(frozen=True)
 class ImageEncoderConfig:
-    """Per-camera ResNet-18 trunk (GroupNorm) + spatial softmax + Linear (spec section 2)."""
+    """Per-camera ResNet-18 trunk (GroupNorm) + spatial softmax + Linear (docs/method.md §2)."""
 
     cameras: tuple[str, ...] = ("image",)
     image_shape: tuple[int, int, int] = (3, 96, 96)  # C, H, W of the stored images, values in [0, 1]
@@ -80,7 +80,7 @@ class ImageEncoderConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """DDPM training schedule and the inference sampler (spec section 4)."""
+    """DDPM training schedule and the inference sampler (docs/method.md §4)."""
 
     num_train_timesteps: int = 100
     beta_schedule: str = "squaredcos_cap_v2"  # or "linear"
@@ -110,7 +110,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class LatentUpdateConfig:
-    """Euler-Maruyama action-guided latent update (spec section 5). Defaults = released code."""
+    """Euler-Maruyama action-guided latent update (docs/method.md §5). Defaults = released code."""
 
     steps: int = 1         # S
     dt: float = 1.0
@@ -126,7 +126,7 @@ class LatentUpdateConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Training loss weights (spec section 6)."""
+    """Training loss weights (docs/method.md §6)."""
 
     target_scale: float = 1.0   # released code: 1/0.4
     tau: float = 0.8            # InfoNCE temperature

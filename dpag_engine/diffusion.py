@@ -1,4 +1,4 @@
-"""DDPM / DDIM noise schedules and samplers (spec section 4), in plain PyTorch.
+"""DDPM / DDIM noise schedules and samplers (docs/method.md §4), in plain PyTorch.
 
 Every sampler step, DDPM or DDIM, with or without re-derived epsilon, is the same affine map
 
@@ -124,7 +124,3 @@ class NoiseSchedule(torch.nn.Module):
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.numel())
-
-    def sample_training_timesteps(self, batch: int, device: torch.device,
-                                  generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.randint(0, self.cfg.num_train_timesteps, (batch,), device=device, generator=generator)

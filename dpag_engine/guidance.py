@@ -1,4 +1,4 @@
-"""The action-guided latent update (spec section 5).
+"""The action-guided latent update (docs/method.md §5).
 
 The force on the latent is the vector-Jacobian product g = (d eps / d z)^T eps, i.e. the gradient of
 0.5 ||eps||^2 w.r.t. z. Only activation gradients are needed: `torch.autograd.grad` w.r.t. z alone

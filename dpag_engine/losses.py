@@ -1,4 +1,4 @@
-"""DP-AG training losses (spec section 6)."""
+"""DP-AG training losses (docs/method.md §6)."""
 from __future__ import annotations
 
 import torch

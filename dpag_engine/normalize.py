@@ -1,4 +1,4 @@
-"""Min/max normalisation of actions and low-dim observations to [-1, 1] (spec section 1).
+"""Min/max normalisation of actions and low-dim observations to [-1, 1] (docs/method.md §1).
 
 The statistics are buffers of the policy, so they travel inside every checkpoint and the model
 always sees exactly the scaling it was trained with.

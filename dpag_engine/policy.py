@@ -1,7 +1,7 @@
 """DPAGPolicy: the plain-PyTorch reference DP-AG (and Diffusion Policy) every fast path is checked against.
 
-Read top to bottom: construction, input checks, encoding, the training loss (spec section 6), and
-inference in `dp` and `guided` modes with receding-horizon slicing (spec section 7). The policy
+Read top to bottom: construction, input checks, encoding, the training loss (docs/method.md §6), and
+inference in `dp` and `guided` modes with receding-horizon slicing (docs/method.md §7). The policy
 takes and returns raw (un-normalised) values; normalisation statistics are buffers of the policy.
 """
 from __future__ import annotations

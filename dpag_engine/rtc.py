@@ -8,7 +8,7 @@ noisy sample are replaced by the committed actions forward-noised to the level t
 so the rest of the chunk is denoised around them and continues them instead of jumping.
 
 Grid convention. The new chunk's action grid has index 0 at the first action the plan would execute,
-horizon index n_obs_steps - 1 of the prediction (the action at the current step, see spec section 7),
+horizon index n_obs_steps - 1 of the prediction (the action at the current step, see docs/method.md §7),
 with one action per dt. A prefix row j is inpainted into horizon index n_obs_steps - 1 + j.
 Horizon indices before n_obs_steps - 1 (the "past" actions DP predicts alongside) are never
 inpainted: they are never executed, and the caller would need the executed history to fill them

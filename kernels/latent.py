@@ -1,4 +1,4 @@
-"""The Euler-Maruyama step of the action-guided latent update (spec section 5), fused.
+"""The Euler-Maruyama step of the action-guided latent update (docs/method.md §5), fused.
 
     z' = z + gamma * dt * sigma * n(g) + eta * sqrt(dt) * sigma * xi,   sigma = exp(log_var / 2)
 
@@ -113,7 +113,7 @@ class EMStepFunction(torch.autograd.Function):
 
 def em_step(z: torch.Tensor, g: torch.Tensor, log_var: torch.Tensor, gamma: float, dt: float,
             eta: float, normalize: bool, xi: torch.Tensor | None = None) -> torch.Tensor:
-    """One Euler-Maruyama step z + gamma sigma n(g) dt + eta sigma sqrt(dt) xi (spec section 5).
+    """One Euler-Maruyama step z + gamma sigma n(g) dt + eta sigma sqrt(dt) xi (docs/method.md §5).
 
     Same signature and semantics as `dpag_engine.ops.torch_ref.em_step`: `g` is detached, gradients
     flow to `z` and `log_var` (which may broadcast against z); `xi`, the Brownian draws shaped like

@@ -34,7 +34,7 @@ def unet_film_vjp(model, sample: torch.Tensor, timestep, global_cond: torch.Tens
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (eps, g): eps = model(sample, timestep, global_cond) (detached) and
     g = (d eps / d global_cond)^T v with v = `cotangent` (default: eps itself, i.e. the gradient of
-    0.5 ||eps||^2, the DP-AG force of spec section 5). g has global_cond's shape and dtype."""
+    0.5 ||eps||^2, the DP-AG force of docs/method.md §5). g has global_cond's shape and dtype."""
     sites = film_sites(model)
     hs: list[torch.Tensor] = []
     ys: list[torch.Tensor] = []

@@ -2,7 +2,7 @@
 in dp and guided modes (guided: the engine's own activation-only U-Net backward at every step).
 
 Tolerances: the engine sums in a different order than oneDNN, so it cannot match bit for bit. The
-1e-5 of issue 5 is checked in normalised action units (the sampler's own space, independent of the
+bound of 1e-5 is checked in normalised action units (the sampler's own space, independent of the
 dataset's units); in raw units the difference is that times the action half-range, and it is no
 larger than the reference's own float32 error against a float64 run (checked below, tiny recipe).
 """

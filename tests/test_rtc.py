@@ -2,7 +2,7 @@
 
 Backends: "torch" (DPAGPolicy.predict_action on the reference ops), "triton" (the same, with the
 fused sampler_step_inpaint kernel; TRITON_INTERPRET=1 on a CPU machine) and "cpp" (CpuPolicy.step,
-the C++ engine's own loop; dp mode only, the engine has no guided mode). Errors are compared in
+the C++ engine's own loop, dp and guided modes). Errors are compared in
 normalised action units, as in test_cpu_runtime.py.
 """
 from __future__ import annotations
@@ -81,6 +81,7 @@ BACKEND_MODES = [
     pytest.param("triton", "dp", id="triton-dp", marks=needs_triton),
     pytest.param("triton", "guided", id="triton-guided", marks=needs_triton),
     pytest.param("cpp", "dp", id="cpp-dp", marks=needs_cpp),
+    pytest.param("cpp", "guided", id="cpp-guided", marks=needs_cpp),
 ]
 
 
@@ -135,7 +136,7 @@ def test_backends_agree_with_a_prefix(mode, sched):
     prefix = random_prefix(policy, 2, 5, gen)
     rtc = {"prefix": prefix, "prefix_weight": prefix_weights(2, 3)}
     ref = plan(policy, "torch", obs, 5, mode, **rtc)
-    others = ["triton"] * (K is not None) + ["cpp"] * (CpuPolicy is not None and mode == "dp")
+    others = ["triton"] * (K is not None) + ["cpp"] * (CpuPolicy is not None)
     if not others:
         pytest.skip("no other backend available")
     for backend in others:

@@ -29,11 +29,6 @@ def observe(pos: np.ndarray, goal: np.ndarray, vel: np.ndarray, state_map: np.nd
     return ((np.concatenate([pos, goal, vel * 5], axis=-1) @ state_map) * 50 + 10).astype(np.float32)
 
 
-def action_to_position(action: np.ndarray) -> np.ndarray:
-    """Inverse of the action encoding: the commanded next position in [-1, 1]^2."""
-    return (np.asarray(action)[..., :2] - 256) / 200
-
-
 def make_episodes(n_episodes: int = 64, episode_length: int = 80, action_dim: int = 2, state_dim: int = 20,
                   cameras: dict[str, str] | None = None, image_shape: tuple[int, int, int] = (3, 96, 96),
                   seed: int = 0) -> list[dict[str, np.ndarray]]:

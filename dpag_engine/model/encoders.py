@@ -1,4 +1,4 @@
-"""Observation encoders and the Gaussian posterior q(z | o) (spec section 2)."""
+"""Observation encoders and the Gaussian posterior q(z | o) (docs/method.md §2)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The noise predictor: Diffusion Policy's conditional 1-D temporal U-Net with FiLM (spec section 3)."""
+"""The noise predictor: Diffusion Policy's conditional 1-D temporal U-Net with FiLM (docs/method.md §3)."""
 from __future__ import annotations
 
 import math

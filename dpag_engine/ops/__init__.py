@@ -9,7 +9,7 @@ backend is tested against):
 - `q_sample(x0, noise, t, sqrt_ac, sqrt_1m_ac) -> x_t`            (differentiable in x0 and noise)
 - `em_step(z, g, log_var, gamma, dt, eta, normalize, xi) -> z`  (differentiable in z and log_var; xi:
    the Brownian draws, shaped like z, when eta > 0)
-- `unet_force(unet, sample, t, global_cond) -> g`                  (the VJP force of spec section 5)
+- `unet_force(unet, sample, t, global_cond) -> g`                  (the VJP force of docs/method.md §5)
 
 Backends: "torch" (plain PyTorch, the reference), "cpp" (the `dpag_engine._C` CPU runtime),
 "triton" (fused kernels in `dpag_engine.kernels`; on a CPU machine only under TRITON_INTERPRET=1).

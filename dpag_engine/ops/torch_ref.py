@@ -73,7 +73,7 @@ def normalized_force(g: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 def em_step(z: torch.Tensor, g: torch.Tensor, log_var: torch.Tensor, gamma: float, dt: float,
             eta: float, normalize: bool, xi: torch.Tensor | None = None) -> torch.Tensor:
-    """One Euler-Maruyama step z + gamma sigma n(g) dt + eta sigma sqrt(dt) xi (spec section 5).
+    """One Euler-Maruyama step z + gamma sigma n(g) dt + eta sigma sqrt(dt) xi (docs/method.md §5).
 
     `g` is treated as a constant (detached), as in the method. `xi` are the Brownian draws, N(0, I)
     shaped like z, needed only when eta > 0: the caller draws them (one generator owns every random
