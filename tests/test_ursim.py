@@ -765,3 +765,45 @@ def test_connection_count_is_bounded(robust):
         with socket.create_connection((ROBUST_HOST, 29999), timeout=3) as d:
             return d.recv(100).startswith(b"Connected")
     assert wait_until(banner, 3.0)                  # served again once the others have closed
+
+
+def test_reading_a_full_command_log_does_not_stall_the_stream(eseries):
+    """json.dumps holds the GIL for its whole call: one call on a 20k-entry command log stopped the
+    timing thread for ~100 ms (more on a loaded machine, past serve's 200 ms staleness limit)."""
+    _reset(eseries)
+    host = eseries.host
+    a = socket.create_connection((host, 30004), timeout=3)
+    w = socket.create_connection((host, 30004), timeout=3)
+    try:
+        names = b"input_int_register_0," + b"".join(b"input_double_register_%d," % k for k in range(11))
+        assert _rtde_request(a, P.SETUP_INPUTS, names)[1][0] == 1
+        for j in range(20):
+            a.sendall(b"".join(P.frame(P.DATA_PACKAGE, struct.pack(">Bi11d", 1, 11, *[k * 1e-3] * 11))
+                               for k in range(1000)))
+        assert wait_until(lambda: len(eseries.control.command_log()) == 20_000, 20.0, interval=0.2)
+        _rtde_stream(w)
+        stamps, stop = [], threading.Event()
+
+        def witness():
+            while not stop.is_set():
+                stamps.extend(_stream_stamps(w, 0.1))
+        reader = threading.Thread(target=witness, daemon=True)
+        reader.start()
+        try:
+            with socket.create_connection((host, 30112), timeout=10) as s:
+                for _ in range(4):          # read the raw reply: the time is the emulator's
+                    s.sendall(b'{"op": "command_log"}\n')
+                    reply = b""
+                    while not reply.endswith(b"\n"):
+                        reply += s.recv(1 << 20)
+                    assert reply.startswith(b'{"ok": true') and reply.count(b'"servoJ"') == 20_000
+                    time.sleep(0.1)
+        finally:
+            stop.set()
+            reader.join(5)
+    finally:
+        a.close()
+        w.close()
+        eseries.control.clear_command_log()
+    gaps = np.diff(stamps)
+    assert len(stamps) > 500 and np.sum(gaps > 0.05) <= 1, np.sort(gaps)[-5:]

@@ -390,10 +390,14 @@ class URControllerEmulator:
         The newest command_log_capacity commands; snapshot()["log_dropped"] counts older ones."""
         with self._lock:
             entries = [e for e in self._log if e[0] >= since]
-        out = []
+        out, layouts = [], {}
         for t, cmd, n_ints, packed in entries:
-            flat = struct.unpack(f">{n_ints}i{(len(packed) - 4 * n_ints) // 8}d", packed)
-            out.append({"t": t, "id": cmd, "name": COMMAND_NAMES.get(cmd, f"cmd{cmd}"),
+            layout = layouts.get((n_ints, len(packed)))
+            if layout is None:
+                layout = layouts[n_ints, len(packed)] = struct.Struct(
+                    f">{n_ints}i{(len(packed) - 4 * n_ints) // 8}d")
+            flat = layout.unpack(packed)
+            out.append({"t": t, "id": cmd, "name": COMMAND_NAMES.get(cmd) or f"cmd{cmd}",
                         "ints": flat[:n_ints], "doubles": flat[n_ints:]})
         return out
 
