@@ -14,7 +14,7 @@ refuses anything else (a pickle that would import and call a function is rejecte
     checksum        dict           {"crc32": {key: CRC-32 of that value}} for every other key (added by atomic_save)
 
 Resuming training needs more (optimiser, scheduler, RNG); that lives next to it in
-`training_state.pt` (see dpag_engine.train), so a served `model.pt` stays small.
+`training_state.pt` (see dpag_engine.training.checkpoints), so a served `model.pt` stays small.
 
 Every file is written by `atomic_save` (temporary name, fsync, rename) and read by `safe_load`, which
 checks the checksum: torch.load does not verify the zip's own CRCs, so without it a flipped bit in

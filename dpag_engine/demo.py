@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .envs.ur5_reach import generate
-from .train import main as train_main
+from .training.cli import main as train_main
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ur5_reach.toml"
 CONTROLLERS = (("3.15", "CB3, 125 Hz", "serve_125hz"), ("5.11", "e-Series, 500 Hz", "serve_500hz"))

@@ -9,7 +9,7 @@ pytest.importorskip("gym_pusht")
 
 from dpag_engine.envs.generate import main as generate_main  # noqa: E402
 from dpag_engine.eval import action_jerk, main as eval_main, policy_obs  # noqa: E402
-from dpag_engine.train import main as train_main  # noqa: E402
+from dpag_engine.training.cli import main as train_main  # noqa: E402
 
 
 def test_action_jerk_is_zero_on_constant_acceleration():

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from dpag_engine.train import main
+from dpag_engine.training.cli import main
 
 RUN = ["--synthetic", "policy.recipe=tiny", "policy.horizon=8", "policy.n_action_steps=4", "train.batch_size=8",
        "train.log_every=2", "train.eval_every=3", "train.eval_batches=1", "train.warmup_steps=2",

@@ -16,8 +16,11 @@ import torch.multiprocessing as mp
 from dpag_engine.checkpoint import load_policy
 from dpag_engine.config import ConfigError
 from dpag_engine.data import DataConfig, DataError, write_synthetic
-from dpag_engine.train import (EMA, SECTIONS, TrainConfig, Trainer, apply_overrides, build_configs, lr_factor, main,
-                               make_parser, parse_value)
+from dpag_engine.training.cli import main, make_parser
+from dpag_engine.training.config import SECTIONS, TrainConfig, apply_overrides, build_configs, parse_value
+from dpag_engine.training.ema import EMA
+from dpag_engine.training.lr import lr_factor
+from dpag_engine.training.trainer import Trainer
 
 TINY = {"recipe": "tiny", "horizon": 8, "n_action_steps": 4}
 

@@ -14,7 +14,7 @@ import pytest
 
 from dpag_engine.checkpoint import load_policy
 from dpag_engine.data import LeRobotWriter, make_episodes, write_replay_buffer
-from dpag_engine.train import main
+from dpag_engine.training.cli import main
 from test_lerobot import FIXTURES, needs_fixtures
 from test_robomimic import write_robomimic
 
