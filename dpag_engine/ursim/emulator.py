@@ -73,6 +73,9 @@ COMMAND_LOG_SIZE = 20_000
 EVENT_LOG_SIZE = 10_000
 SETUP_LOG_SIZE = 4096
 SETUP_LOG_NAMES = 64                # names kept per setup-log entry (each cut to 64 characters)
+# The requests the controller answers (and the setup log records); data packages aside.
+_SETUP_TYPES = {P.REQUEST_PROTOCOL_VERSION, P.GET_URCONTROL_VERSION, P.SETUP_OUTPUTS, P.SETUP_INPUTS,
+                P.START, P.PAUSE}
 
 # The uploaded script has "global reg_offset_int = # int register offset\n24" (the offset
 # is injected after the comment), so allow a comment and a newline before the number.
@@ -734,6 +737,8 @@ class URControllerEmulator:
         if mtype == P.DATA_PACKAGE:
             self._data_package(conn, payload)
             return
+        if mtype not in _SETUP_TYPES:
+            return                  # text messages from a client, unknown types: ignored, not answered
         entry = {"conn": conn.number, "type": chr(mtype)}
         with self._lock:
             self._setup_log.append(entry)
@@ -786,7 +791,6 @@ class URControllerEmulator:
         elif mtype == P.PAUSE:
             conn.started = False
             conn.send(P.frame(mtype, b"\x01"))
-        # Anything else (text messages from a client) is ignored.
 
     def _data_package(self, conn, payload):
         if not payload:
