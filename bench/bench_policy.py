@@ -102,11 +102,12 @@ def report(recipes: list[str], device: str, train_batch: int) -> str:
             lines.append(f"| {recipe} | predict_action B=1 DDIM-{k} {mode}, {backend} backend | {ref:.1f} | {fast:.1f} | {ref / fast:.2f}x | {floor:.1f} |")
             if mode == "dp":  # exported graphs have no backward, so dp mode only
                 from dpag_engine.export import export_onnx
-                from dpag_engine.runtime.onnx_policy import OnnxPolicy
+                from dpag_engine.runtime.onnx_policy import OnnxRuntime
                 with tempfile.TemporaryDirectory() as d:
                     export_onnx(policy, d)
-                    onnx_policy = OnnxPolicy(d)
-                    ms = median_ms(lambda: onnx_policy.predict_action(obs), device, warmup=1, iters=5)
+                    onnx = OnnxRuntime(d).planner()
+                    ms = median_ms(lambda: onnx.predict_action({k: v.cpu() for k, v in obs.items()}), device,
+                                   warmup=1, iters=5)
                 lines.append(f"| {recipe} | predict_action B=1 DDIM-{k} dp, onnxruntime | {ref:.1f} | {ms:.1f} | {ref / ms:.2f}x | {floor:.1f} |")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import os
 import platform
@@ -41,7 +42,7 @@ from timing import median_ms, read_bandwidth_gbs  # noqa: E402
 from dpag_engine import ops  # noqa: E402
 from dpag_engine.config import ImageEncoderConfig, PolicyConfig, SchedulerConfig  # noqa: E402
 from dpag_engine.ops import use_backend  # noqa: E402
-from dpag_engine.policy import DPAGPolicy, draw_plan_noise  # noqa: E402
+from dpag_engine.policy import DPAGPolicy  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -174,11 +175,6 @@ class PlanBench:
                 return self.policy.predict_action(self.obs, torch.Generator(self.r.device).manual_seed(0), mode=mode)
         return run
 
-    def initial_noise(self) -> torch.Tensor:
-        """The sample plan() starts from (for runtimes that take it as an input)."""
-        gen = torch.Generator(self.r.device).manual_seed(0)
-        return draw_plan_noise(self.policy.cfg, self.k, 1, gen, device=self.r.device, dtype=self.dtype).x
-
     def row(self, mode: str, runtime: str, ms: float | None, got: torch.Tensor | None = None, dtype: str = "") -> None:
         forwards = self.k if mode == "dp" else 3 * self.k  # guided: force forward + VJP + forward per step
         floor = self.weight_bytes * forwards / (self.r.bandwidth_gbs * 1e6)
@@ -209,28 +205,35 @@ class PlanBench:
     def cuda_graph(self, mode: str) -> None:
         """The whole plan captured once as a CUDA graph (dpag_engine.runtime_cuda), triton ops; a
         replay is one launch, with the same draws as predict_action."""
-        from dpag_engine.runtime_cuda import CudaGraphPolicy
+        from dpag_engine.runtime_cuda import CudaGraphRuntime
         with use_backend("triton"):
-            graphed = CudaGraphPolicy(self.policy, batch=1, mode=mode)
+            graphed = CudaGraphRuntime.planner(self.policy, batch=1, mode=mode)
 
         def run() -> dict:
-            return graphed.step(self.obs, torch.Generator(self.r.device).manual_seed(0))
+            return graphed.predict_action(self.obs, torch.Generator(self.r.device).manual_seed(0))
         self.row(mode, "CUDA graph (whole plan, triton ops)", self.r.time(run), run()["action_pred"])
 
     def exported(self, out: Path) -> None:
         """onnxruntime and, where installed, TensorRT, from one fp32 export of this policy."""
         try:
             from dpag_engine.export import export_onnx
-            from dpag_engine.runtime.onnx_policy import OnnxPolicy
+            from dpag_engine.runtime.onnx_policy import OnnxRuntime
         except ImportError as e:
             self.r.row("plan", f"{self.recipe} predict_action B=1 DDIM-{self.k} dp", "fp32", "onnxruntime",
                        note=f"n/a: {e.name} not installed")
             return
         export_onnx(self.policy, out, batch=2)
-        noise = self.initial_noise()
-        backend = OnnxPolicy(out, threads=1 if self.r.dry else None)
-        got = backend.predict_action(self.obs, noise=noise)["action_pred"]
-        self.row("dp", f"onnxruntime ({backend.providers[0]})", self.r.time(lambda: backend.predict_action(self.obs, noise=noise)), got)
+        runtime = OnnxRuntime(out, threads=1 if self.r.dry else None)
+        onnx = runtime.planner()
+        # Its planner draws on the CPU (where onnxruntime's inputs live): a CPU generator, so the row's
+        # error is taken against the reference on the same CPU draws, moved to this device.
+        obs_cpu = {k: v.cpu() for k, v in self.obs.items()}
+        got = onnx.predict_action(obs_cpu, torch.Generator().manual_seed(0))["action_pred"]
+        want = copy.deepcopy(self.policy).cpu().predict_action(obs_cpu, torch.Generator().manual_seed(0))["action_pred"]
+        self.r.row("plan", f"{self.recipe} predict_action B=1 DDIM-{self.k} dp", self.dtype_name,
+                   f"onnxruntime ({runtime.providers[0]})",
+                   self.r.time(lambda: onnx.predict_action(obs_cpu, torch.Generator().manual_seed(0))), self.ref["dp"],
+                   self.weight_bytes * self.k / (self.r.bandwidth_gbs * 1e6), err_vs(want, got))
         try:
             import tensorrt  # noqa: F401
         except ImportError:
@@ -239,14 +242,15 @@ class PlanBench:
             return
         if self.r.dry:
             return
-        from dpag_engine.runtime.tensorrt_policy import TensorRTPolicy
+        from dpag_engine.runtime.tensorrt_policy import TensorRTRuntime
 
         for precision in ("fp32", "fp16", "bf16"):
             def trt(precision: str = precision) -> None:
-                engine = TensorRTPolicy(out, precision=precision, max_batch=1)
-                got = engine.predict_action(self.obs, noise=noise)["action_pred"]
-                self.row("dp", "TensorRT engine", self.r.time(lambda: engine.predict_action(self.obs, noise=noise)),
-                         got, dtype=precision)
+                engine = TensorRTRuntime(out, precision=precision, max_batch=1).planner()   # draws on the GPU
+
+                def run() -> dict:
+                    return engine.predict_action(self.obs, torch.Generator(self.r.device).manual_seed(0))
+                self.row("dp", "TensorRT engine", self.r.time(run), run()["action_pred"], dtype=precision)
             self.r.cell(60, f"{self.recipe} dp TensorRT {precision}", trt)
 
 

@@ -60,6 +60,7 @@ import torch
 
 from dpag_engine.envs.ur5_reach import EVAL_SEED, ReachTask, evaluate, mean_jerk, observe
 from dpag_engine.rtc import committed_prefix
+from dpag_engine.serve import TimedPlanner
 
 DT = 0.1
 
@@ -67,39 +68,24 @@ DT = 0.1
 # ----------------------------------------------------------------------------------------------
 # Planners: obs dict + generator + optional prefix -> raw chunk (Na, Da) float64
 # ----------------------------------------------------------------------------------------------
-class Planner:
-    """A DPAGPolicy, through the C++ engine (dp mode, low-dim) or predict_action (backend="torch")."""
+class ChunkPlanner:
+    """serve's TimedPlanner (what serve plans with), keeping `chunk_rows` of each plan as the chunk."""
 
-    def __init__(self, policy, mode: str = "dp", backend: str = "auto", chunk_rows: str = "action"):
-        self.policy, self.mode, self.cfg = policy, mode, policy.cfg
+    def __init__(self, policy, mode: str = "dp", runtime: str = "cpp", chunk_rows: str = "action"):
         if chunk_rows not in ("action", "horizon"):
             raise ValueError(f"chunk_rows: 'action' or 'horizon', got {chunk_rows!r}")
-        self.chunk_rows = chunk_rows
-        if backend == "auto":
-            backend = "cpp" if mode == "dp" and policy.cfg.image is None else "torch"
-        self.engine = None
-        if backend == "cpp":
-            from dpag_engine.runtime_cpu import CpuPolicy
-            self.engine = CpuPolicy.from_policy(policy, threads=1)
-        self.backend = backend
-        self.calls, self.seconds = 0, 0.0
+        self.timed = TimedPlanner(policy, mode, runtime, threads=1)
+        self.cfg, self.chunk_rows, self.runtime = policy.cfg, chunk_rows, runtime
+
+    @property
+    def calls(self) -> int:
+        return self.timed.calls
 
     def __call__(self, obs: dict, generator: torch.Generator, prefix=None) -> np.ndarray:
-        inpaint = {}
-        if prefix is not None and prefix.weights.numel():
-            inpaint = {"prefix": prefix.actions.to(torch.float32)[None], "prefix_weight": prefix.weights}
-        t0 = time.perf_counter()
-        with torch.inference_mode(self.mode == "dp"):
-            if self.engine is not None:
-                out = self.engine.step(obs, generator, mode=self.mode, **inpaint)
-            else:
-                out = self.policy.predict_action(obs, generator, mode=self.mode, **inpaint)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
         # "action": the n_action_steps rows serve submits; "horizon": every predicted row from the
         # current step on (H - To + 1), so RTC has more of the executing chunk for its soft rows.
-        chunk = out["action"][0] if self.chunk_rows == "action" else out["action_pred"][0, self.cfg.n_obs_steps - 1:]
-        return chunk.detach().cpu().numpy().astype(np.float64)
+        rows = self.timed(obs, prefix, generator)
+        return rows[:self.cfg.n_action_steps] if self.chunk_rows == "action" else rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,7 +249,7 @@ def run(args) -> dict:
     from dpag_engine.checkpoint import load_policy
     torch.set_num_threads(1)
     policy = load_policy(args.ckpt).eval()
-    planner = Planner(policy, args.mode, args.backend, args.chunk_rows)
+    planner = ChunkPlanner(policy, args.mode, args.runtime, args.chunk_rows)
     envs = make_envs(args.task, policy, args.ckpt, args.episodes, args.seed, args.max_steps)
     rows = []
     for delay_ms in args.delays:
@@ -296,7 +282,7 @@ def run(args) -> dict:
             row["per_episode"] = episodes
             rows.append(row)
             print(format_row(row), flush=True)
-    return {"ckpt": args.ckpt, "task": args.task, "mode": args.mode, "backend": planner.backend,
+    return {"ckpt": args.ckpt, "task": args.task, "mode": args.mode, "runtime": planner.runtime,
             "replan": args.replan, "soft_steps": args.soft_steps, "chunk_rows": args.chunk_rows, "seed": args.seed, "dt": DT,
             "n_action_steps": policy.cfg.n_action_steps, "rows": rows, "command": " ".join(sys.argv)}
 
@@ -321,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delays", type=int, nargs="+", default=[0, 100, 200, 300], help="inference delays, ms")
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--mode", default="dp", choices=["dp", "guided"])
-    p.add_argument("--backend", default="auto", choices=["auto", "cpp", "torch"],
-                   help="auto: the C++ engine for dp mode (as serve), else predict_action")
+    p.add_argument("--runtime", default="cpp", choices=["cpp", "torch"],
+                   help="cpp: the C++ engine (as serve), torch: the PyTorch reference")
     p.add_argument("--soft-steps", type=int, default=4, help="RTC soft rows (serve --rtc-soft-steps default)")
     p.add_argument("--replan", type=int, default=4, help="plan every this many steps (fixed for all delays)")
     p.add_argument("--chunk-rows", default="action", choices=["action", "horizon"],

@@ -337,12 +337,12 @@ struct PolicyEngine::Impl {
 
     // Buffers, all sized for max_batch at construction.
     std::size_t max_col = 0, max_act = 0;
-    std::vector<float> col, act_a, act_b, act_x, h, r, mu, gcol;  // mu (B, G): the encoded observation
+    std::vector<float> col, act_a, act_b, act_x, h, r, gcol;
     std::vector<std::vector<float>> skips;
     std::vector<float> eps_cf, eps, x, prev, x0;
     // Guided mode: the backward's buffers and the latent (z, force, log_var), all (B, G) but dcol.
     bool recording = false;  // forward() fills the tapes
-    std::vector<float> dcol, grad_a, grad_b, grad_c, grad_h, grad_y, z, force, log_var;
+    std::vector<float> dcol, grad_a, grad_b, grad_c, grad_h, grad_y, z, force;
     std::vector<std::vector<float>> dskips;
 
     Impl(const PolicyEngineConfig& c, const WeightMap& weights);
@@ -816,7 +816,6 @@ PolicyEngine::Impl::Impl(const PolicyEngineConfig& c, const WeightMap& w)
     col.assign(B * max_col, 0.0f);
     for (auto* v : {&act_a, &act_b, &act_x, &h, &r}) v->assign(B * max_act, 0.0f);
     for (int l = 0; l < levels; ++l) skips.emplace_back(B * static_cast<std::size_t>(dd[l]) * (H >> l), 0.0f);
-    mu.assign(B * G, 0.0f);
     gcol.assign(B * Gp, 0.0f);
     const std::size_t n = B * static_cast<std::size_t>(H) * Da;
     for (auto* v : {&eps_cf, &eps, &x, &prev, &x0}) v->assign(n, 0.0f);
@@ -824,7 +823,7 @@ PolicyEngine::Impl::Impl(const PolicyEngineConfig& c, const WeightMap& w)
         dcol.assign(B * max_col, 0.0f);
         for (auto* v : {&grad_a, &grad_b, &grad_c, &grad_h, &grad_y}) v->assign(B * max_act, 0.0f);
         for (const auto& sk : skips) dskips.emplace_back(sk.size(), 0.0f);
-        for (auto* v : {&z, &force, &log_var}) v->assign(B * G, 0.0f);
+        for (auto* v : {&z, &force}) v->assign(B * G, 0.0f);
     }
 }
 
@@ -834,25 +833,17 @@ void validate(const PolicyEngineConfig& c) {
         if (!ok) throw std::invalid_argument(msg);
     };
     need(c.action_dim >= 1 && c.cond_dim >= 1 && c.n_obs_steps >= 1, "action_dim, cond_dim, n_obs_steps: must be >= 1");
-    need(c.state_dim >= 0, "state_dim: must be >= 0");
     need(!c.down_dims.empty(), "down_dims: needs at least one level");
     for (int d : c.down_dims) need(d > 0 && c.n_groups > 0 && d % c.n_groups == 0, "down_dims: every width must be a multiple of n_groups");
     need(c.kernel_size % 2 == 1, "kernel_size: must be odd");
     need(c.diffusion_step_embed_dim >= 4 && c.diffusion_step_embed_dim % 2 == 0, "diffusion_step_embed_dim: must be even and >= 4");
     need(c.horizon >= 1 && c.horizon % (1 << (c.down_dims.size() - 1)) == 0, "horizon: must be a multiple of 2**(levels-1)");
     need(!c.timesteps.empty() && c.coefs.size() == c.timesteps.size(), "coefs: need one row per timestep (K >= 1)");
-    need(c.state_scale.size() == static_cast<std::size_t>(c.state_dim) && c.state_offset.size() == c.state_scale.size(),
-         "state_scale/state_offset: need state_dim values");
-    need(c.action_scale.size() == static_cast<std::size_t>(c.action_dim) && c.action_offset.size() == c.action_scale.size(),
-         "action_scale/action_offset: need action_dim values");
     need(c.max_batch >= 1, "max_batch: must be >= 1");
     need(c.threads >= 1 && c.threads <= 64, "threads: must be in [1, 64]");
     if (c.guided) {
         need(c.latent_steps >= 1 && c.latent_dt > 0.0f && c.latent_eta >= 0.0f,
              "latent: needs steps >= 1, dt > 0, eta >= 0");
-        const std::size_t d = c.cond_dim;
-        need(c.log_var_weight.empty() || (c.log_var_weight.size() == d * d && c.log_var_bias.size() == d),
-             "log_var_weight/log_var_bias: need cond_dim x cond_dim and cond_dim values");
     }
 }
 
@@ -905,22 +896,17 @@ void PolicyEngine::unet_force(const float* sample, int batch, int step, const fl
 
 void PolicyEngine::plan(const PlanArgs& a) {
     Impl& m = *impl_;
-    const int batch = a.batch, G = m.G, Do = cfg_.cond_dim;
+    const int batch = a.batch, G = m.G;
     check_batch(batch, cfg_.max_batch);
-    if (!a.x_init || !a.action_pred) throw std::invalid_argument("plan: x_init and action_pred are required");
+    if (!a.mu || !a.x_init || !a.x_out) throw std::invalid_argument("plan: mu, x_init and x_out are required");
     if (cfg_.stochastic && !a.step_noise)
         throw std::invalid_argument("step_noise: this sampler is stochastic (DDPM or eta > 0) and needs (K, B, H, Da) noise");
-    if (!a.state == !a.mu) throw std::invalid_argument("plan: give either the raw state or the encoded mu, not both");
-    if (a.state && Do != cfg_.state_dim)
-        throw std::invalid_argument("state: the engine encodes raw state only for low-dim policies (cond_dim == state_dim); give mu");
     const std::size_t n_cond = static_cast<std::size_t>(batch) * G;
-    require_finite(a.state ? a.state : a.mu, n_cond, a.state ? "obs['state']" : "mu");
+    require_finite(a.mu, n_cond, "mu");
     if (a.guided) {
         if (!cfg_.guided) throw std::invalid_argument("guided: the engine was built without guided mode (config guided=False)");
-        if (a.mu && !a.log_var) throw std::invalid_argument("guided: needs log_var with mu");
-        if (a.state && cfg_.log_var_weight.empty())
-            throw std::invalid_argument("guided: the config has no log_var_weight (the posterior's log_var Linear)");
-        if (a.log_var) require_finite(a.log_var, n_cond, "log_var");
+        if (!a.log_var) throw std::invalid_argument("guided: needs log_var with mu");
+        require_finite(a.log_var, n_cond, "log_var");
         if (cfg_.latent_eta > 0.0f && !a.latent_noise)
             throw std::invalid_argument("latent_noise: latent eta > 0 needs (K, S, B, To, Do) Brownian draws");
     }
@@ -942,24 +928,8 @@ void PolicyEngine::plan(const PlanArgs& a) {
     }
 
     std::lock_guard<std::mutex> lock(m.busy);
-    // mu: the normalised state (Normalizer.normalize: x * scale + offset; the identity encoder), or given.
-    float* mu = m.mu.data();
-    if (a.state) {
-        for (std::size_t j = 0; j < n_cond; ++j)
-            mu[j] = a.state[j] * cfg_.state_scale[j % Do] + cfg_.state_offset[j % Do];
-    } else {
-        std::copy_n(a.mu, n_cond, mu);
-    }
+    const float* mu = a.mu;
     const float* log_var = a.log_var;
-    if (a.guided && a.state) {  // the identity posterior: log_var = clamp(Linear(mu), -10, 2) per step
-        for (std::size_t row = 0; row < n_cond / Do; ++row)
-            for (int o = 0; o < Do; ++o) {
-                float acc = cfg_.log_var_bias[o];
-                for (int i = 0; i < Do; ++i) acc += cfg_.log_var_weight[static_cast<std::size_t>(o) * Do + i] * mu[row * Do + i];
-                m.log_var[row * Do + o] = std::min(2.0f, std::max(-10.0f, acc));
-            }
-        log_var = m.log_var.data();
-    }
     if (!a.guided) m.set_global_cond(mu, batch);
 
     const int S = cfg_.latent_steps;
@@ -996,11 +966,7 @@ void PolicyEngine::plan(const PlanArgs& a) {
                 }
         }
     }
-    // Un-normalise (as Normalizer.unnormalize: (x - offset) / scale).
-    for (std::size_t i = 0; i < n; ++i) {
-        const int c = static_cast<int>(i % m.Da);
-        a.action_pred[i] = (m.x[i] - cfg_.action_offset[c]) / cfg_.action_scale[c];
-    }
+    std::copy_n(m.x.data(), n, a.x_out);
 }
 
 int conv1d_forward(const float* x, int batch, int c_in, int t_in, const float* weight, const float* bias,

@@ -1,13 +1,14 @@
 // The CPU policy engine: the whole K-step DDIM/DDPM sampler of a DP-AG / Diffusion Policy
-// (dpag_engine/policy.py, predict_action in "dp" and "guided" modes) in one call, no Python inside.
+// (dpag_engine/policy.py DPAGPolicy.denoise, "dp" and "guided" modes) in one call, no Python inside.
+// It only denoises: the caller (dpag_engine/planner.py) checks and encodes the observation, draws
+// every random number and un-normalises the result, as for every other runtime.
 //
-//   state (B, To, Ds) --normalise--> mu (B, To*Ds)     (low-dim: the identity encoder, in C++), or
-//   mu, log_var given                                  (image policies: the ResNet runs in torch)
+//   mu (B, To, Do) [and log_var for guided mode], encoded by the caller
 //   x = x_init (B, H, Da); for k < K:
 //       z = mu                                          (dp mode), or in guided mode (docs/method.md §5)
 //       z = mu; S times: g = (d eps / d z)^T eps at (x, t_k, z); z += gamma dt sigma n(g) + eta sqrt(dt) sigma xi
 //       eps = unet(x, t_k, z); x = sampler_step(x, eps, coefs[k], noise_k)
-//   action_pred = unnormalise(x)
+//   x_out = x (normalised)
 //
 // Guided mode needs the force g: an activation-only backward of the U-Net w.r.t. its global
 // condition. z reaches the U-Net only through the FiLM sites, so the backward runs the body in
@@ -60,9 +61,7 @@ using WeightMap = std::unordered_map<std::string, TensorView>;
 struct PolicyEngineConfig {
     // U-Net (dpag_engine/config.py UNetConfig) and policy shapes.
     int action_dim = 0;              // Da
-    int state_dim = 0;               // Ds (0: no state input; mu must then be given to plan())
     int cond_dim = 0;                // Do, the per-step feature size; global_cond_dim = To * Do.
-                                     // The state path (identity encoder) needs cond_dim == state_dim.
     int n_obs_steps = 0;             // To
     int horizon = 0;                 // H
     std::vector<int> down_dims;
@@ -77,16 +76,12 @@ struct PolicyEngineConfig {
     // (sqrt(a_prev), sqrt(1 - a_prev)) per step (dpag_engine.diffusion.inpaint_coefficients); only
     // needed by plan() with an InpaintArgs. Empty: the engine cannot inpaint.
     std::vector<std::array<float, 2>> inpaint_coefs;
-    // Normaliser: normalised = raw * scale + offset (dpag_engine/normalize.py).
-    std::vector<float> state_scale, state_offset, action_scale, action_offset;
     // Guided mode (docs/method.md §5): build the backward (transposed conv weights, a tape of the
-    // forward); the latent update's parameters; the identity posterior's log_var Linear (Do x Do
-    // row-major, then Do biases; clamped to [-10, 2]) for plans from raw state.
+    // forward); the latent update's parameters.
     bool guided = false;
     int latent_steps = 1;
     float latent_dt = 1.0f, latent_gamma = 1.0f, latent_eta = 0.0f;
     bool latent_normalize = true;
-    std::vector<float> log_var_weight, log_var_bias;
     // Engine.
     int max_batch = 1;
     cpu::WeightType weights = cpu::WeightType::kF32;
@@ -105,15 +100,14 @@ struct InpaintArgs {
 // One plan's inputs and output (all borrowed, float32, C-contiguous).
 struct PlanArgs {
     int batch = 1;
-    const float* state = nullptr;        // (B, To, Ds) raw: normalised here (identity encoder), or
-    const float* mu = nullptr;           // (B, To, Do) encoded by the caller, with
+    const float* mu = nullptr;           // (B, To, Do) the encoded observation
     const float* log_var = nullptr;      // (B, To, Do), needed in guided mode
     const float* x_init = nullptr;       // (B, H, Da) initial noise
     const float* step_noise = nullptr;   // (K, B, H, Da) when cfg.stochastic
     bool guided = false;
     const float* latent_noise = nullptr; // (K, S, B, To, Do) Brownian draws, guided with latent_eta > 0
     InpaintArgs inpaint;                 // width 0: no real-time chunking
-    float* action_pred = nullptr;        // (B, H, Da) raw output
+    float* x_out = nullptr;              // (B, H, Da) the sampled chunk, normalised
 };
 
 class PolicyEngine {

@@ -203,13 +203,12 @@ def export_onnx(policy: nn.Module, out: str | Path, batch: int = 2, external_dat
         _export_graph(fast_unet, example_unet_inputs(cfg, batch), out / "unet.onnx", list(UNET_INPUTS), ["eps"], external_data)
 
     # Action un-normalisation as the policy computes it: (x - offset) / scale, in fp32.
-    scale, offset = policy.normalizer._scale_offset("action", torch.zeros(1))
-    # The state's normalisation too: the runtime checks what the networks will see (policy.check_normalized).
-    state = dict(zip(("state_scale", "state_offset"), policy.normalizer._scale_offset("state", torch.zeros(1)))) \
-        if cfg.state_dim > 0 else {}
-    np.savez(out / TABLES, action_scale=scale.numpy(), action_offset=offset.numpy(),
+    action = policy.normalizer.affine("action", torch.float32)
+    # The state's normalisation too: the runtime checks what the networks will see (planner.check_normalized).
+    state = policy.normalizer.affine("state", torch.float32) if cfg.state_dim > 0 else None
+    np.savez(out / TABLES, action_scale=action.scale.numpy(), action_offset=action.offset.numpy(),
              coefs=policy.schedule.coefs.numpy(), timesteps=policy.schedule.timesteps.numpy(),
-             **{k: v.numpy() for k, v in state.items()})
+             **({"state_scale": state.scale.numpy(), "state_offset": state.offset.numpy()} if state else {}))
     manifest: dict[str, Any] = {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "config": cfg.to_dict(),
         "encoder": {"file": "encoder.onnx", "inputs": {k: list(s) for k, s in obs_shapes(cfg).items()}, "outputs": enc_out},

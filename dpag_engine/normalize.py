@@ -5,6 +5,8 @@ always sees exactly the scaling it was trained with.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -45,25 +47,39 @@ class Normalizer(nn.Module):
             hi.copy_(x.max(dim=0).values)
         self.fitted.fill_(True)
 
-    def _scale_offset(self, key: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def affine(self, key: str, dtype: torch.dtype | None = None) -> "Affine":
+        """The map of `key` as (scale, offset), detached: what runtimes that normalise outside
+        torch (the C++ engine, exported graphs) are given."""
         lo, hi = getattr(self, f"{key}_min"), getattr(self, f"{key}_max")
         span = hi - lo
         scale = torch.where(span > MIN_RANGE, 2.0 / span.clamp(min=MIN_RANGE), torch.ones_like(span))
         offset = torch.where(span > MIN_RANGE, -1.0 - lo * scale, -(hi + lo) / 2)
-        return scale.to(like.dtype), offset.to(like.dtype)
+        dtype = dtype or lo.dtype
+        return Affine(scale.detach().to(dtype), offset.detach().to(dtype))
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        scale, offset = self._scale_offset(key, x)
-        return x * scale + offset
+        return self.affine(key, x.dtype).forward(x)
 
     def unnormalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        scale, offset = self._scale_offset(key, x)
-        return (x - offset) / scale
+        return self.affine(key, x.dtype).inverse(x)
+
+
+@dataclass(frozen=True)
+class Affine:
+    """x -> x * scale + offset per (last) dimension, and back."""
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x) + self.offset.to(x)
+
+    def inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.offset.to(x)) / self.scale.to(x)
 
 
 def inverted_ranges(state: dict[str, torch.Tensor], prefix: str = "normalizer.") -> dict[str, list[int]]:
     """{"<prefix><key>_min": dims where min > max} over a state dict's normaliser buffers. `fit` never
-    produces such a range, and `_scale_offset` would treat it as a constant dimension (no scaling)."""
+    produces such a range, and `affine` would treat it as a constant dimension (no scaling)."""
     out = {}
     for name, lo in state.items():
         hi = state.get(name[:-len("_min")] + "_max")

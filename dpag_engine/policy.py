@@ -6,9 +6,8 @@ takes and returns raw (un-normalised) values; normalisation statistics are buffe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -20,116 +19,23 @@ from .losses import diffusion_loss, info_nce, kl_to_standard_normal
 from .model.encoders import GaussianPosterior, ObservationEncoder
 from .model.unet import ConditionalUnet1D
 from .normalize import Normalizer
-from .rtc import check_prefix
+from .planner import PlanNoise, Planner, check_observation, obs_shapes
 
 
-def resolve_mode(cfg: PolicyConfig, mode: str | None) -> str:
-    """The inference mode to run: `mode`, else the config's; raises for an unknown one."""
-    mode = mode or cfg.inference_mode
-    if mode not in ("dp", "guided") or (mode == "guided" and cfg.method != "dpag"):
-        raise ValueError(f"mode: must be 'dp' or 'guided' (guided needs method='dpag'), got {mode!r}")
-    return mode
+def encode_features(normalizer: Normalizer, encoder: nn.Module, obs: dict[str, torch.Tensor],
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Raw observations -> per-step features (B, To, Do): the state normalised, then the encoder."""
+    if "state" in obs:
+        obs = {**obs, "state": normalizer.normalize("state", obs["state"])}
+    return encoder(obs, generator)
 
 
-# Normalised observations span [-1, 1] over the training data. Far beyond it the U-Net's
-# GroupNorm statistics overflow float32 (1e30 in one state element gave all-NaN actions): a value
-# 10^4 training ranges out is a sensor or unit error, never something the policy can act on.
-MAX_NORMALIZED_OBS = 1e4
-
-
-def check_observation(obs: dict, shapes: dict[str, tuple[int, ...]],
-                      dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], int]:
-    """The observation rule every runtime applies: each key of `shapes` present as a (B, *shape)
-    tensor (or array), one batch size, real numbers (any float or integer dtype, cast to `dtype`;
-    bool, complex and others are refused), all finite. Returns (the cast dict, B)."""
-    if not isinstance(obs, dict):
-        raise TypeError(f"obs: expected a dict of tensors, got {type(obs).__name__}")
-    out, batch = {}, None
-    for key, tail in shapes.items():
-        if key not in obs:
-            raise KeyError(f"obs: missing key {key!r} (expected keys {sorted(shapes)})")
-        x = obs[key]
-        if not isinstance(x, torch.Tensor):
-            try:
-                x = torch.as_tensor(np.asarray(x))
-            except (TypeError, ValueError, RuntimeError):
-                raise TypeError(f"obs[{key!r}]: expected a tensor or array, got {type(x).__name__}") from None
-        if x.dim() != len(tail) + 1 or tuple(x.shape[1:]) != tail:
-            raise ValueError(f"obs[{key!r}]: expected shape (B, {', '.join(map(str, tail))}), got {tuple(x.shape)}")
-        if batch is not None and x.shape[0] != batch:
-            raise ValueError(f"obs[{key!r}]: batch size {x.shape[0]} differs from the other keys ({batch})")
-        batch = x.shape[0]
-        if x.dtype == torch.bool or x.is_complex() or not (x.is_floating_point() or x.dtype in _INTEGER_DTYPES):
-            raise TypeError(f"obs[{key!r}]: expected real numbers (a float or integer dtype), got {x.dtype}")
-        x = x.to(dtype)
-        if not torch.isfinite(x).all():
-            raise ValueError(f"obs[{key!r}]: contains NaN or inf")
-        out[key] = x
-    assert batch is not None  # the config guarantees at least one key
-    return out, batch
-
-
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def check_normalized(key: str, x: torch.Tensor) -> None:
-    """Refuse an observation, by name, that the network would turn into NaN (see MAX_NORMALIZED_OBS)."""
-    magnitude = x.detach().abs()
-    worst = float(magnitude.amax()) if x.numel() else 0.0
-    if worst > MAX_NORMALIZED_OBS:
-        where = tuple(int(i) for i in np.unravel_index(int(magnitude.argmax()), tuple(x.shape)))
-        raise ValueError(f"obs[{key!r}]: the value at index {where} lies {worst:.3g} training ranges from the data "
-                         f"the policy was trained on (limit {MAX_NORMALIZED_OBS:g}): a sensor or unit error?")
-
-
-def check_network_inputs(normalizer: Normalizer, obs: dict[str, torch.Tensor]) -> None:
-    """`check_normalized` on what the networks will see: the normalised state, the images as given."""
-    for key, x in obs.items():
-        check_normalized(key, normalizer.normalize("state", x) if key == "state" else x)
-
-
-def check_actions(action_pred: torch.Tensor) -> torch.Tensor:
-    """The last check of every plan: a plan never hands NaN or inf to the arm."""
-    if not bool(torch.isfinite(action_pred).all()):
-        raise FloatingPointError("the policy produced non-finite actions from a finite observation "
-                                 "(corrupt weights or normaliser?)")
-    return action_pred
-
-
-@dataclass
-class PlanNoise:
-    """Every random number one plan uses, drawn from the caller's generator by `draw_plan_noise`
-    (on its device: no read back to the host). Every runtime takes them from here, so one seed gives
-    the same actions on all of them."""
-
-    x: torch.Tensor              # (B, H, Da) the initial sample
-    prefix: torch.Tensor | None  # (K, B, P, Da) real-time chunking: the forward-noised prefix, P > 0 only
-    steps: torch.Tensor | None   # (K, B, H, Da) stochastic samplers (DDPM, DDIM eta > 0) only
-    latent: torch.Tensor | None  # (K, S, B, To, Do) the latent update's Brownian draws, latent eta > 0 only
-
-
-def draw_plan_noise(cfg: PolicyConfig, num_steps: int, batch: int, generator: torch.Generator | None,
-                    prefix_len: int = 0, device: torch.device | str | None = None,
-                    dtype: torch.dtype = torch.float32) -> PlanNoise:
-    """The draws of one plan, in a fixed order: the initial sample, the prefix noise (one
-    (K, B, P, Da) draw, only when P > 0, so the plain sampler's draws are untouched), one draw per
-    step for stochastic samplers, then the latent update's Brownian draws (DP-AG with latent eta > 0;
-    drawn in dp mode too, so both modes consume the generator alike)."""
-    shape = (batch, cfg.horizon, cfg.action_dim)
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    prefix = None
-    if prefix_len > 0:
-        prefix = torch.randn((num_steps, batch, prefix_len, cfg.action_dim), generator=generator,
-                             device=device, dtype=dtype)
-    steps = None
-    if cfg.scheduler.sampler == "ddpm" or cfg.scheduler.eta > 0:
-        steps = torch.stack([torch.randn(shape, generator=generator, device=device, dtype=dtype)
-                             for _ in range(num_steps)])
-    latent = None
-    if cfg.method == "dpag":
-        latent = draw_latent_noise(cfg.latent, (batch, cfg.n_obs_steps, cfg.obs_feature_dim), generator,
-                                   num_steps, device, dtype)
-    return PlanNoise(x, prefix, steps, latent)
+def encode_latent(normalizer: Normalizer, encoder: nn.Module, posterior: nn.Module | None,
+                  obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw observations -> (mu, log_var) (log_var None for plain DP). Module-level so that a runtime's
+    float32 snapshot of these three modules (runtime_cpu.TorchEncoder) encodes exactly as the policy."""
+    features = encode_features(normalizer, encoder, obs)
+    return posterior(features) if posterior is not None else (features, None)
 
 
 class DPAGPolicy(nn.Module):
@@ -146,19 +52,9 @@ class DPAGPolicy(nn.Module):
         self.schedule = NoiseSchedule(cfg.scheduler)
 
     # ---- input checks: bad input fails here with a message, never deep inside a conv ----
-    def obs_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every observation key with its per-sample shape (To, ...)."""
-        cfg = self.cfg
-        shapes: dict[str, tuple[int, ...]] = {}
-        if cfg.state_dim > 0:
-            shapes["state"] = (cfg.n_obs_steps, cfg.state_dim)
-        if cfg.image is not None:
-            shapes.update({cam: (cfg.n_obs_steps, *cfg.image.image_shape) for cam in cfg.image.cameras})
-        return shapes
-
     def check_obs(self, obs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
-        """`check_observation` against this policy: (obs in the policy's dtype, batch size)."""
-        return check_observation(obs, self.obs_shapes(), self.schedule.coefs.dtype)
+        """planner.check_observation against this policy: (obs in the policy's dtype, batch size)."""
+        return check_observation(obs, obs_shapes(self.cfg), self.schedule.coefs.dtype)
 
     def _require_normalizer(self) -> None:
         if not self.normalizer.is_fitted:
@@ -168,9 +64,11 @@ class DPAGPolicy(nn.Module):
     # ---- encoding ----
     def encode(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """Raw observations -> per-step features (B, To, Do)."""
-        if self.cfg.state_dim > 0:
-            obs = {**obs, "state": self.normalizer.normalize("state", obs["state"])}
-        return self.encoder(obs, generator)
+        return encode_features(self.normalizer, self.encoder, obs, generator)
+
+    def latent(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw observations -> (mu, log_var), what the sampler conditions on (log_var None for plain DP)."""
+        return encode_latent(self.normalizer, self.encoder, self.posterior, obs)
 
     def predict_noise(self, a_k: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """eps_theta(a_k, t, z) with the latent z (B, To, Do) as the global conditioning."""
@@ -226,47 +124,37 @@ class DPAGPolicy(nn.Module):
         return loss, {"loss": loss.detach(), "loss_diff": loss_diff.detach(),
                       "loss_cont": loss_cont.detach(), "loss_kl": loss_kl.detach()}
 
+    def set_inference_steps(self, k: int) -> None:
+        """Sample with K = k DDIM steps from now on (the training schedule is unchanged)."""
+        sched = dataclasses.replace(self.cfg.scheduler, num_inference_steps=k)
+        self.cfg = self.cfg.replace(scheduler=sched)   # validates k against the training timesteps
+        self.schedule = NoiseSchedule(sched).to(self.schedule.coefs.device)
+
     # ---- inference ----
     @torch.no_grad()
     def predict_action(self, obs: dict[str, torch.Tensor], generator: torch.Generator | None = None,
                        mode: str | None = None, prefix: torch.Tensor | None = None,
                        prefix_weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Sample an action chunk. Returns raw "action" (B, Na, Da) to execute and "action_pred" (B, H, Da).
+        """`Planner.predict_action` on this policy in PyTorch (the reference runtime): raw "action"
+        (B, Na, Da) to execute and "action_pred" (B, H, Da); see planner.py for every argument."""
+        return self.planner().predict_action(obs, generator, mode, prefix, prefix_weight)
 
-        mode: "dp" conditions every denoising step on mu; "guided" evolves z from mu by the latent
-        update at every step, with the force taken at the current a_k. Default: cfg.inference_mode.
-
-        Real-time chunking (dpag_engine/rtc.py): prefix (B, P, Da) raw actions already committed to
-        the arm, row j aligned to horizon index n_obs_steps - 1 + j (row 0 = the first executed
-        action); prefix_weight (P,) in [0, 1], default all ones. After every denoising step, rows
-        n_obs_steps - 1 .. n_obs_steps - 2 + P of the sample become w * q_sample(prefix, level) +
-        (1 - w) * sample, at the noise level the step landed on; weight-1 rows come out equal to the
-        prefix (clipped to the sampler's range). In guided mode the latent update is unchanged (it
-        sees the inpainted sample). prefix None or P = 0: the plain sampler, same draws, same output.
-        """
+    def planner(self, runtime=None) -> Planner:
+        """The plan contract over this policy's normaliser and sampler, run by `runtime` (default: this
+        policy in PyTorch). Runtimes with their own copy of the weights build it from the policy too."""
         self._require_normalizer()
-        cfg = self.cfg
-        mode = resolve_mode(cfg, mode)
-        obs, b = self.check_obs(obs)
-        check_network_inputs(self.normalizer, obs)
-        start = cfg.n_obs_steps - 1  # receding horizon: the first action is at the current step
-        rtc = check_prefix(prefix, prefix_weight, batch=b, action_dim=cfg.action_dim, max_len=cfg.horizon - start)
-        features = self.encode(obs, generator)
-        noise = draw_plan_noise(cfg, self.schedule.num_steps, b, generator, 0 if rtc is None else rtc[0].shape[1],
-                                features.device, features.dtype)
-        action_pred = check_actions(self.denoise(features, noise, mode, rtc))
-        return {"action": action_pred[:, start:start + cfg.n_action_steps], "action_pred": action_pred}
+        dtype = self.schedule.coefs.dtype
+        state = self.normalizer.affine("state", dtype) if self.cfg.state_dim > 0 else None
+        return Planner(self.cfg, state, self.normalizer.affine("action", dtype), runtime or TorchRuntime(self),
+                       self.schedule.clip)
 
-    def denoise(self, features: torch.Tensor, noise: PlanNoise, mode: str,
+    def denoise(self, mu: torch.Tensor, log_var: torch.Tensor | None, noise: PlanNoise, mode: str,
                 rtc: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The sampler from encoded features to raw actions (B, H, Da): no input checks, no draws and
-        no reads back to the host, so a CUDA graph can capture it (runtime_cuda.py). rtc: the
-        (prefix, weights) of `check_prefix`, or None."""
+        """The sampler from the encoded observation (mu, and log_var for guided mode) to the NORMALISED
+        chunk (B, H, Da): no input checks, no draws and no reads back to the host, so a CUDA graph can
+        capture it (runtime_cuda.py). rtc: the normalised (prefix, weights) of `Planner.normalized_prefix`."""
         cfg, sched = self.cfg, self.schedule
-        mu, log_var = self.posterior(features) if self.posterior is not None else (features, None)
         x = noise.x
-        if rtc is not None:
-            pre, w = self.normalized_prefix(rtc, x.dtype)
         for i, t in enumerate(sched.timesteps):
             z = mu
             if mode == "guided":
@@ -281,22 +169,24 @@ class DPAGPolicy(nn.Module):
                 # and the final sample's prefix IS the committed actions. Inpainting before the step
                 # at t_i instead would leave the last step's model-made x0 in the prefix.
                 x, _ = ops.sampler_step_inpaint(x, eps, sched.coefs, i, step_noise, sched.clip,
-                                                pre, noise.prefix, w, sched.inpaint_coefs, cfg.n_obs_steps - 1)
-        return self.normalizer.unnormalize("action", x)
+                                                rtc[0], noise.prefix, rtc[1], sched.inpaint_coefs, cfg.n_obs_steps - 1)
+        return x
 
-    def normalized_prefix(self, rtc: tuple[torch.Tensor, torch.Tensor],
-                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normalised prefix (B, P, Da), weights (P,)) for the sampler, on the policy's device.
 
-        The prefix is clipped to the sampler's x0 range: the sampler never produces actions outside
-        it, and the model never saw any. Its noise (PlanNoise.prefix) is one fresh draw per step, as
-        RePaint does; the last step lands on the clean level (sqrt(a) = 1, sqrt(1-a) = 0), so its
-        draw is multiplied by zero: drawn anyway to keep one (K, ...) layout everywhere.
-        """
-        prefix, weight = rtc
-        device = self.schedule.coefs.device
-        pre = self.normalizer.normalize("action", prefix.to(device=device, dtype=dtype))
-        clip = self.schedule.clip
-        if clip is not None:
-            pre = pre.clamp(-clip, clip)
-        return pre, weight.to(device=device, dtype=dtype)
+class TorchRuntime:
+    """The reference runtime: the policy's own modules, in PyTorch, on the policy's device."""
+
+    name, modes, max_batch = "torch", ("dp", "guided"), None
+
+    def __init__(self, policy: DPAGPolicy):
+        self.policy = policy
+        self.num_steps = policy.schedule.num_steps
+        self.device, self.dtype = policy.schedule.coefs.device, policy.schedule.coefs.dtype
+
+    @torch.no_grad()   # guided mode's force takes its own gradient inside (ops.unet_force)
+    def encode(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.policy.latent(obs)
+
+    @torch.no_grad()
+    def denoise(self, mu, log_var, noise, mode, rtc) -> torch.Tensor:
+        return self.policy.denoise(mu, log_var, noise, mode, rtc)

@@ -2,8 +2,8 @@
 
 A plan takes d seconds. The observation of plan n+1 is taken at t_obs; its chunk cannot start before
 t_obs + d, so the actions due in [t_obs, t_obs + d) still come from chunk n: they are committed.
-The sampler is told so by inpainting (`DPAGPolicy.predict_action(..., prefix=, prefix_weight=)`,
-`CpuPolicy.step(..., prefix=, prefix_weight=)`): after every denoising step the committed rows of the
+The sampler is told so by inpainting (`Planner.predict_action(..., prefix=, prefix_weight=)` on any
+runtime): after every denoising step the committed rows of the
 noisy sample are replaced by the committed actions forward-noised to the level the step landed on,
 so the rest of the chunk is denoised around them and continues them instead of jumping.
 

@@ -33,7 +33,6 @@ them there.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -67,59 +66,52 @@ class SafetyStop(Exception):
         self.code = code
 
 
-class Planner:
-    """The policy as `state history (To, Ds) -> joint targets (Na, Da)`, raw units, with its latencies.
+class TimedPlanner:
+    """A policy's plan contract (planner.py) on one runtime, timed: obs -> every future row of the
+    chunk (H - To + 1, Da), raw float64, with its latencies.
 
-    backend "cpp" (the default) runs the C++ engine in either mode (one call, GIL released, so the
+    runtime "cpp" (the default) runs the C++ engine in either mode (one call, GIL released, so the
     servo pump never waits on it); "torch" runs the PyTorch reference.
     """
 
-    def __init__(self, policy, mode: str, backend: str, seed: int, delay_s: float = 0.0, threads: int | None = None):
-        self.policy, self.mode, self.delay_s = policy, mode, delay_s
+    def __init__(self, policy, mode: str, runtime: str = "cpp", seed: int = 0, delay_s: float = 0.0,
+                 threads: int | None = None):
+        self.mode, self.runtime, self.delay_s, self.cfg = mode, runtime, delay_s, policy.cfg
         self.generator = torch.Generator().manual_seed(seed)
-        self.engine = None
-        if backend == "cpp":
-            from .runtime_cpu import CpuPolicy
-            self.engine = CpuPolicy.from_policy(policy, threads=threads, guided=mode == "guided")
-        self.backend = backend
+        if runtime == "cpp":
+            from .runtime_cpu import CpuRuntime
+            self.planner = CpuRuntime.planner(policy, threads=threads, guided=mode == "guided")
+        else:
+            self.planner = policy.planner()
         # The recent latencies for the live status line; every plan's is in the session's plan log.
         self.latencies_ms: deque[float] = deque(maxlen=500)
+        self.calls, self.seconds = 0, 0.0
 
-    def __call__(self, history: np.ndarray, prefix: CommittedPrefix | None = None) -> np.ndarray:
-        """prefix: the committed actions of the executing chunk (real-time chunking), or None."""
-        obs = {"state": torch.from_numpy(np.ascontiguousarray(history, dtype=np.float32))[None]}
+    def __call__(self, obs: dict, prefix: CommittedPrefix | None = None,
+                 generator: torch.Generator | None = None) -> np.ndarray:
+        """prefix: the committed actions of the executing chunk (real-time chunking), or None.
+        generator: this plan's random numbers (default: the planner's own stream)."""
         inpaint = {}
         if prefix is not None and prefix.weights.numel():
             inpaint = {"prefix": prefix.actions.to(torch.float32)[None], "prefix_weight": prefix.weights}
         t0 = time.perf_counter()
-        with torch.inference_mode(self.mode == "dp"):   # guided mode needs autograd for its VJP
-            if self.engine is not None:
-                out = self.engine.step(obs, self.generator, mode=self.mode, **inpaint)
-            else:
-                out = self.policy.predict_action(obs, self.generator, mode=self.mode, **inpaint)
+        out = self.planner.predict_action(obs, generator or self.generator, mode=self.mode, **inpaint)
         if self.delay_s > 0:   # --simulate-delay: a slower planner, for testing the runtime
             time.sleep(self.delay_s)
-        self.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        seconds = time.perf_counter() - t0
+        self.latencies_ms.append(seconds * 1e3)
+        self.calls, self.seconds = self.calls + 1, self.seconds + seconds
         # Every future row of the prediction (from n_obs_steps - 1 on), not only the n_action_steps
         # executed: the rows past them are the soft guidance of the next real-time-chunking plan.
-        start = self.policy.cfg.n_obs_steps - 1
-        return out["action_pred"][0, start:].detach().cpu().numpy().astype(np.float64)
-
-
-def set_inference_steps(policy, k: int) -> None:
-    from .diffusion import NoiseSchedule
-
-    sched = dataclasses.replace(policy.cfg.scheduler, num_inference_steps=k)
-    policy.cfg = policy.cfg.replace(scheduler=sched)
-    policy.schedule = NoiseSchedule(sched).to(next(policy.parameters()).device)
+        return out["action_pred"][0, self.cfg.n_obs_steps - 1:].detach().cpu().numpy().astype(np.float64)
 
 
 class Session:
     """One connected arm, its planner and everything recorded for the run log."""
 
-    def __init__(self, robot: UR5Robot, planner: Planner, task: ReachTask, args, stream_dir: Path):
+    def __init__(self, robot: UR5Robot, planner: TimedPlanner, task: ReachTask, args, stream_dir: Path):
         self.robot, self.planner, self.task, self.args = robot, planner, task, args
-        cfg = planner.policy.cfg
+        cfg = planner.cfg
         self.n_obs, self.dt = cfg.n_obs_steps, task.dt
         self.plan_every = max(1, round(1.0 / (args.plan_hz * task.dt)))
         # Streamed to disk as they come (runlog.py): memory stays flat however long the run.
@@ -155,7 +147,7 @@ class Session:
         prev, prev_first, _ = self.executing
         if t_first < prev_first:
             return None
-        cfg = self.planner.policy.cfg
+        cfg = self.planner.cfg
         return committed_prefix(torch.from_numpy(prev), prev_first, self.dt, t_first, self.delay.estimate(),
                                 soft_steps=self.args.rtc_soft_steps, max_len=cfg.horizon - cfg.n_obs_steps + 1)
 
@@ -222,7 +214,7 @@ class Session:
                 t_first = t_obs + dt
                 prefix = self._committed(t_first)
                 try:
-                    actions = self.planner(np.stack(window), prefix)
+                    actions = self.planner(state_obs(window), prefix)
                 except (ValueError, FloatingPointError) as err:   # the runtimes' observation/action checks
                     raise SafetyStop(EXIT_BAD_VALUES, f"plan at step {step} refused: {err}") from err
                 if not np.all(np.isfinite(actions)):
@@ -291,6 +283,11 @@ class Session:
         return written
 
 
+def state_obs(window) -> dict[str, torch.Tensor]:
+    """The policy's observation from the last To task states: {"state": (1, To, Ds)}."""
+    return {"state": torch.from_numpy(np.ascontiguousarray(np.stack(window), dtype=np.float32))[None]}
+
+
 def json_safe(value):
     """NaN/inf as null (JSON has no NaN: a bare NaN makes summary.json unreadable to strict parsers)."""
     if isinstance(value, float):
@@ -332,7 +329,7 @@ def plot_run(out: Path, session: Session, summary: dict, obs, plans, cmds, state
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.hist(plans["latency_ms"], bins=40)
         ax.set(xlabel="plan latency (ms)", ylabel="plans",
-               title=f"planning latency ({session.planner.backend}, {session.planner.mode})")
+               title=f"planning latency ({session.planner.runtime}, {session.planner.mode})")
         save(fig, "plan_latency.png")
     hist = session.robot.loop.period_error_histogram() if session.robot.loop else np.zeros(0)
     if hist.sum():
@@ -385,8 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--inference-steps", type=int, default=None,
                     help="DDIM steps, 1 .. the checkpoint's training timesteps (default: the checkpoint's)")
     ap.add_argument("--mode", choices=("dp", "guided"), default="dp", help="sampling mode")
-    ap.add_argument("--backend", choices=("cpp", "torch"), default="cpp",
-                    help="planner: the C++ engine (dpag_engine.runtime_cpu) or the PyTorch reference")
+    ap.add_argument("--runtime", choices=("cpp", "torch"), default="cpp",
+                    help="what runs each plan: the C++ engine (dpag_engine.runtime_cpu) or the PyTorch reference")
     ap.add_argument("--threads", type=int, default=None,
                     help="planner threads, 1 .. this machine's cores (default: torch's). Small policies plan "
                          "as fast on 1, and a busy core stalls a multi-threaded planner's barriers")
@@ -512,12 +509,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     sys.setswitchinterval(0.001)   # the servo pump waits at most ~1 ms for the GIL
     if args.inference_steps:
-        set_inference_steps(policy, args.inference_steps)
+        policy.set_inference_steps(args.inference_steps)
     if args.hold_after is None:
         args.hold_after = cfg.n_action_steps * task.dt
     out = Path(args.log_dir)
     stream_dir = out / "stream"
-    planner = Planner(policy, args.mode, args.backend, args.seed, args.simulate_delay / 1e3, args.threads)
+    planner = TimedPlanner(policy, args.mode, args.runtime, args.seed, args.simulate_delay / 1e3, args.threads)
     rng = np.random.default_rng(args.seed)
     goals = [task.sample_goal(rng) for _ in range(args.episodes)]
 
@@ -540,11 +537,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ConnectionError, RuntimeError) as err:   # unreachable, refused, or not ready to move
             raise SafetyStop(EXIT_ROBOT_FAULT, f"cannot connect to the controller at {host}: {err}") from err
         print(f"serve: connected to {host} (controller {robot.controller_major}.x), servo {robot.frequency:.0f} Hz, "
-              f"plan {args.plan_hz:g} Hz, {args.mode} mode on {planner.backend}, DDIM-{policy.schedule.num_steps}",
+              f"plan {args.plan_hz:g} Hz, {args.mode} mode on {planner.runtime}, DDIM-{policy.schedule.num_steps}",
               file=sys.stderr)
         # The first plan pays one-off costs (allocation, caches): pay them before the arm moves, so
         # it is not a late first chunk.
-        planner(np.stack([observe(robot.joint_positions(), goals[0])] * cfg.n_obs_steps))
+        planner(state_obs([observe(robot.joint_positions(), goals[0])] * cfg.n_obs_steps))
         planner.latencies_ms.clear()
         # Everything loaded so far (torch, the policy) is long-lived: move it out of the collector's
         # reach, so a full collection never stalls the servo pump on the GIL for 100+ ms.
@@ -610,7 +607,7 @@ def summarize(session: Session, code: int, message: str) -> dict:
         "mean_jerk": float(np.mean([e["mean_jerk"] for e in eps])) if eps else math.nan,
         "sides": [e["path_side"] for e in eps],
         "plan_ms_p50": float(np.percentile(lat, 50)), "plan_ms_p99": float(np.percentile(lat, 99)),
-        "plans": len(plans), "backend": session.planner.backend, "mode": session.planner.mode,
+        "plans": len(plans), "runtime": session.planner.runtime, "mode": session.planner.mode,
         "rtc": bool(session.args.rtc),
         # How far each new chunk was from the executing one where it took over (the blend's job).
         "chunk_disagreement_rad_mean": float(np.nanmean(jumps)) if np.isfinite(jumps).any() else math.nan,
@@ -635,7 +632,7 @@ def print_summary(s: dict, out: Path, plots: list[str]) -> None:
               f"{num(s['collision_rate'], '.0f', 100)}%, sides {s['sides']}, mean jerk {num(s['mean_jerk'], '.1f')} rad/s^3")
     if s["plans"]:
         print(f"plan latency p50 {num(s['plan_ms_p50'], '.1f')} ms, p99 {num(s['plan_ms_p99'], '.1f')} ms over "
-              f"{s['plans']} plans ({s['mode']} on {s['backend']}{', RTC' if s['rtc'] else ''}); chunk disagreement "
+              f"{s['plans']} plans ({s['mode']} on {s['runtime']}{', RTC' if s['rtc'] else ''}); chunk disagreement "
               f"at takeover {num(s['chunk_disagreement_rad_mean'], '.1f', 1e3)} mrad")
     if loop.get("cycles"):
         print(f"servo loop {s['frequency_hz']:.0f} Hz: {loop['cycles']} cycles, period error p50 "

@@ -428,12 +428,6 @@ void expect_f32(const py::array& a, const char* name, const std::vector<py::ssiz
     if (writeable && !a.writeable()) throw py::value_error(std::string(name) + ": output array is read-only");
 }
 
-template <typename T>
-std::vector<T> list_of(const py::dict& d, const char* key) {
-    if (!d.contains(key)) throw py::value_error(std::string("config: missing key '") + key + "'");
-    return d[key].cast<std::vector<T>>();
-}
-
 dpag::cpu::WeightType weight_type(const std::string& s) {
     if (s == "fp32") return dpag::cpu::WeightType::kF32;
     if (s == "bf16") return dpag::cpu::WeightType::kBF16;
@@ -441,48 +435,12 @@ dpag::cpu::WeightType weight_type(const std::string& s) {
     throw py::value_error("weights: must be 'fp32', 'bf16' or 'fp16', got '" + s + "'");
 }
 
-std::shared_ptr<dpag::PolicyEngine> make_engine(const py::dict& c, const py::dict& weights) {
-    dpag::PolicyEngineConfig cfg;
-    auto get = [&](const char* key) -> py::object {
-        if (!c.contains(key)) throw py::value_error(std::string("config: missing key '") + key + "'");
-        return c[key];
-    };
-    cfg.action_dim = get("action_dim").cast<int>();
-    cfg.state_dim = get("state_dim").cast<int>();
-    cfg.cond_dim = get("cond_dim").cast<int>();
-    cfg.n_obs_steps = get("n_obs_steps").cast<int>();
-    cfg.horizon = get("horizon").cast<int>();
-    cfg.down_dims = list_of<int>(c, "down_dims");
-    cfg.kernel_size = get("kernel_size").cast<int>();
-    cfg.diffusion_step_embed_dim = get("diffusion_step_embed_dim").cast<int>();
-    cfg.n_groups = get("n_groups").cast<int>();
-    cfg.timesteps = list_of<std::int64_t>(c, "timesteps");
-    for (const auto& row : list_of<std::array<float, 6>>(c, "coefs"))
-        cfg.coefs.push_back({row[0], row[1], row[2], row[3], row[4], row[5]});
-    cfg.clip = get("clip").cast<std::optional<float>>();
-    cfg.stochastic = get("stochastic").cast<bool>();
-    if (c.contains("inpaint_coefs")) cfg.inpaint_coefs = list_of<std::array<float, 2>>(c, "inpaint_coefs");
-    cfg.state_scale = list_of<float>(c, "state_scale");
-    cfg.state_offset = list_of<float>(c, "state_offset");
-    cfg.action_scale = list_of<float>(c, "action_scale");
-    cfg.action_offset = list_of<float>(c, "action_offset");
-    cfg.max_batch = get("max_batch").cast<int>();
-    cfg.weights = weight_type(get("weights").cast<std::string>());
-    cfg.threads = get("threads").cast<int>();
-    cfg.guided = get("guided").cast<bool>();
-    if (cfg.guided) {
-        const py::dict latent = get("latent").cast<py::dict>();
-        cfg.latent_steps = latent["steps"].cast<int>();
-        cfg.latent_dt = latent["dt"].cast<float>();
-        cfg.latent_gamma = latent["gamma"].cast<float>();
-        cfg.latent_eta = latent["eta"].cast<float>();
-        cfg.latent_normalize = latent["normalize"].cast<bool>();
-        if (c.contains("log_var_weight")) {
-            cfg.log_var_weight = list_of<float>(c, "log_var_weight");
-            cfg.log_var_bias = list_of<float>(c, "log_var_bias");
-        }
-    }
+std::string weight_name(dpag::cpu::WeightType t) {
+    static const char* names[] = {"fp32", "bf16", "fp16"};   // in the enum's order (cpu_kernels.h)
+    return names[static_cast<int>(t)];
+}
 
+std::shared_ptr<dpag::PolicyEngine> make_engine(const dpag::PolicyEngineConfig& cfg, const py::dict& weights) {
     // Views into the caller's arrays; the engine copies what it keeps before returning.
     dpag::WeightMap map;
     std::vector<py::array> keep;
@@ -504,26 +462,22 @@ std::shared_ptr<dpag::PolicyEngine> make_engine(const py::dict& c, const py::dic
     }
 }
 
-void engine_plan(dpag::PolicyEngine& e, const std::optional<py::array>& state, const py::array& x_init,
-                 const std::optional<py::array>& step_noise, py::array action_pred,
-                 const std::optional<py::array>& mu, const std::optional<py::array>& log_var, bool guided,
-                 const std::optional<py::array>& latent_noise, const std::optional<py::array>& prefix,
+void engine_plan(dpag::PolicyEngine& e, const py::array& mu, const py::array& x_init,
+                 const std::optional<py::array>& step_noise, py::array x_out, const std::optional<py::array>& log_var,
+                 bool guided, const std::optional<py::array>& latent_noise, const std::optional<py::array>& prefix,
                  const std::optional<py::array>& prefix_weight, const std::optional<py::array>& prefix_noise) {
     const auto& c = e.config();
-    if (!state == !mu) throw py::value_error("plan: give either state or mu");
-    const py::array& cond = state ? *state : *mu;
-    if (cond.ndim() != 3) throw py::value_error(std::string(state ? "state" : "mu") + ": expected a 3-d array, got " + shape_of(cond));
-    const py::ssize_t b = cond.shape(0);
+    if (mu.ndim() != 3) throw py::value_error("mu: expected a 3-d array, got " + shape_of(mu));
+    const py::ssize_t b = mu.shape(0);
     auto ptr = [](const std::optional<py::array>& a) { return a ? static_cast<const float*>(a->data()) : nullptr; };
     dpag::PlanArgs args;
     args.batch = static_cast<int>(b);
-    if (state) expect_f32(*state, "state", {b, c.n_obs_steps, c.state_dim}, false);
-    if (mu) expect_f32(*mu, "mu", {b, c.n_obs_steps, c.cond_dim}, false);
+    expect_f32(mu, "mu", {b, c.n_obs_steps, c.cond_dim}, false);
     if (log_var) expect_f32(*log_var, "log_var", {b, c.n_obs_steps, c.cond_dim}, false);
     if (latent_noise) expect_f32(*latent_noise, "latent_noise", {e.num_steps(), c.latent_steps, b, c.n_obs_steps, c.cond_dim}, false);
     expect_f32(x_init, "x_init", {b, c.horizon, c.action_dim}, false);
     if (step_noise) expect_f32(*step_noise, "step_noise", {e.num_steps(), b, c.horizon, c.action_dim}, false);
-    expect_f32(action_pred, "action_pred", {b, c.horizon, c.action_dim}, true);
+    expect_f32(x_out, "x_out", {b, c.horizon, c.action_dim}, true);
     // Real-time chunking: prefix (B, W, Da) normalised, inpainted from row n_obs_steps - 1 on.
     if (prefix) {
         if (!prefix_weight || !prefix_noise) throw py::value_error("prefix: needs prefix_weight and prefix_noise too");
@@ -534,14 +488,13 @@ void engine_plan(dpag::PolicyEngine& e, const std::optional<py::array>& state, c
         expect_f32(*prefix_noise, "prefix_noise", {e.num_steps(), b, w, c.action_dim}, false);
         args.inpaint = {ptr(prefix), ptr(prefix_weight), ptr(prefix_noise), c.n_obs_steps - 1, static_cast<int>(w)};
     }
-    args.state = ptr(state);
-    args.mu = ptr(mu);
+    args.mu = static_cast<const float*>(mu.data());
     args.log_var = ptr(log_var);
     args.x_init = static_cast<const float*>(x_init.data());
     args.step_noise = ptr(step_noise);
     args.guided = guided;
     args.latent_noise = ptr(latent_noise);
-    args.action_pred = static_cast<float*>(action_pred.mutable_data());
+    args.x_out = static_cast<float*>(x_out.mutable_data());
     py::gil_scoped_release release;
     try {
         e.plan(args);
@@ -600,20 +553,59 @@ py::array_t<float> conv1d(const py::array& x, const py::array& weight, const py:
 }
 
 void bind_engine(py::module_& m) {
+    // The engine's config is the C++ struct itself, bound field by field: one schema for C++ and
+    // Python (dpag_engine/runtime_cpu.py fills it from a policy).
+    using Cfg = dpag::PolicyEngineConfig;
+    py::class_<Cfg>(m, "EngineConfig", "csrc/unet_runtime.h PolicyEngineConfig; fill with runtime_cpu.engine_config.")
+        .def(py::init<>())
+        .def_readwrite("action_dim", &Cfg::action_dim)
+        .def_readwrite("cond_dim", &Cfg::cond_dim)
+        .def_readwrite("n_obs_steps", &Cfg::n_obs_steps)
+        .def_readwrite("horizon", &Cfg::horizon)
+        .def_readwrite("down_dims", &Cfg::down_dims)
+        .def_readwrite("kernel_size", &Cfg::kernel_size)
+        .def_readwrite("diffusion_step_embed_dim", &Cfg::diffusion_step_embed_dim)
+        .def_readwrite("n_groups", &Cfg::n_groups)
+        .def_readwrite("timesteps", &Cfg::timesteps)
+        .def_property("coefs",
+            [](const Cfg& c) {
+                std::vector<std::array<float, 6>> rows;
+                for (const auto& r : c.coefs) rows.push_back({r.r_x, r.r_eps, r.c_x0, r.c_x, r.c_eps, r.std});
+                return rows;
+            },
+            [](Cfg& c, const std::vector<std::array<float, 6>>& rows) {
+                c.coefs.clear();
+                for (const auto& r : rows) c.coefs.push_back({r[0], r[1], r[2], r[3], r[4], r[5]});
+            }, "(K, 6) sampler table rows (r_x, r_eps, c_x0, c_x, c_eps, std), dpag_engine/diffusion.py")
+        .def_readwrite("clip", &Cfg::clip)
+        .def_readwrite("stochastic", &Cfg::stochastic)
+        .def_readwrite("inpaint_coefs", &Cfg::inpaint_coefs)
+        .def_readwrite("guided", &Cfg::guided)
+        .def_readwrite("latent_steps", &Cfg::latent_steps)
+        .def_readwrite("latent_dt", &Cfg::latent_dt)
+        .def_readwrite("latent_gamma", &Cfg::latent_gamma)
+        .def_readwrite("latent_eta", &Cfg::latent_eta)
+        .def_readwrite("latent_normalize", &Cfg::latent_normalize)
+        .def_readwrite("max_batch", &Cfg::max_batch)
+        .def_property("weights",
+            [](const Cfg& c) { return weight_name(c.weights); },
+            [](Cfg& c, const std::string& name) { c.weights = weight_type(name); }, "'fp32', 'bf16' or 'fp16'")
+        .def_readwrite("threads", &Cfg::threads);
+
     py::class_<dpag::PolicyEngine, std::shared_ptr<dpag::PolicyEngine>>(
         m, "PolicyEngine",
-        "The whole sampler in C++, dp or guided mode (normalise or take mu, K U-Net forwards [+ the latent\n"
-        "update's backward] + DDIM/DDPM steps, un-normalise); see csrc/unet_runtime.h. Build it with\n"
-        "dpag_engine.runtime_cpu.CpuPolicy.")
+        "The whole sampler in C++, dp or guided mode (K U-Net forwards [+ the latent update's backward] +\n"
+        "DDIM/DDPM steps, from the encoded mu to the normalised chunk); see csrc/unet_runtime.h. Build it\n"
+        "with dpag_engine.runtime_cpu.CpuRuntime.")
         .def(py::init(&make_engine), py::arg("config"), py::arg("weights"),
-             "config: dict (see dpag_engine/runtime_cpu.py); weights: the U-Net state_dict as float32 numpy arrays.")
-        .def("plan", &engine_plan, py::arg("state"), py::arg("x_init"), py::arg("step_noise"), py::arg("action_pred"),
-             py::kw_only(), py::arg("mu") = py::none(), py::arg("log_var") = py::none(), py::arg("guided") = false,
+             "config: EngineConfig; weights: the U-Net state_dict as float32 numpy arrays.")
+        .def("plan", &engine_plan, py::arg("mu"), py::arg("x_init"), py::arg("step_noise"), py::arg("x_out"),
+             py::kw_only(), py::arg("log_var") = py::none(), py::arg("guided") = false,
              py::arg("latent_noise") = py::none(),
              py::arg("prefix") = py::none(), py::arg("prefix_weight") = py::none(), py::arg("prefix_noise") = py::none(),
-             "One plan into action_pred (B, H, Da): raw state (B, To, Ds) or None with mu (B, To, Do) encoded by\n"
-             "the caller, initial noise (B, H, Da), per-step noise (K, B, H, Da) or None (deterministic samplers).\n"
-             "guided: the latent update at every step (log_var (B, To, Do) with mu; latent_noise (K, S, B, To, Do)\n"
+             "One plan into x_out (B, H, Da), normalised: mu (B, To, Do) the encoded observation, initial noise\n"
+             "(B, H, Da), per-step noise (K, B, H, Da) or None (deterministic samplers).\n"
+             "guided: the latent update at every step (log_var (B, To, Do); latent_noise (K, S, B, To, Do)\n"
              "when the latent eta > 0). Releases the GIL; allocates nothing.\n"
              "Real-time chunking: prefix (B, W, Da) normalised committed actions for horizon rows from\n"
              "n_obs_steps - 1 on, prefix_weight (W,), prefix_noise (K, B, W, Da); see dpag_engine/rtc.py.")
@@ -631,10 +623,7 @@ void bind_engine(py::module_& m) {
         .def_property_readonly("weight_bytes_per_step", &dpag::PolicyEngine::weight_bytes_per_step,
                                "Convolution weight bytes one U-Net forward streams (FiLM halves excluded: precomputed).")
         .def_property_readonly("max_batch", [](const dpag::PolicyEngine& e) { return e.config().max_batch; })
-        .def_property_readonly("weights", [](const dpag::PolicyEngine& e) {
-            static const char* names[] = {"fp32", "bf16", "fp16"};
-            return names[static_cast<int>(e.config().weights)];
-        })
+        .def_property_readonly("weights", [](const dpag::PolicyEngine& e) { return weight_name(e.config().weights); })
         .def_property_readonly("threads", [](const dpag::PolicyEngine& e) { return e.config().threads; });
 
     m.def("conv1d", &conv1d, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("stride") = 1,

@@ -42,18 +42,19 @@ def machine_lacks(runtime: str) -> str | None:
 def build(runtime: str, policy, mode: str, prefix_len: int, tmp_path):
     """runtime -> plan(obs, generator, prefix, prefix_weight) -> action_pred."""
     if runtime == "cpp":
-        from dpag_engine.runtime_cpu import CpuPolicy
-        engine = CpuPolicy.from_policy(policy, guided=mode == "guided")
-        return lambda obs, g, **rtc: engine.step(obs, g, mode=mode, **rtc)["action_pred"]
+        from dpag_engine.runtime_cpu import CpuRuntime
+        planner = CpuRuntime.planner(policy, guided=mode == "guided")
+        return lambda obs, g, **rtc: planner.predict_action(obs, g, mode=mode, **rtc)["action_pred"]
     if runtime in ("onnxruntime", "tensorrt"):
         from dpag_engine.export import export_onnx
-        from dpag_engine.runtime import load_backend
+        from dpag_engine.runtime import load_planner
         export_onnx(policy, tmp_path / "export", batch=2)
-        backend = load_backend(tmp_path / "export", backend=runtime)
-        return lambda obs, g, **rtc: backend.predict_action(obs, g, mode=mode, **rtc)["action_pred"]
-    from dpag_engine.runtime_cuda import CudaGraphPolicy
-    graphed = CudaGraphPolicy(policy.cuda(), batch=2, mode=mode, prefix_len=prefix_len)
-    return lambda obs, g, **rtc: graphed.step({k: v.cuda() for k, v in obs.items()}, g, **rtc)["action_pred"].cpu()
+        planner = load_planner(tmp_path / "export", runtime=runtime)
+        return lambda obs, g, **rtc: planner.predict_action(obs, g, mode=mode, **rtc)["action_pred"]
+    from dpag_engine.runtime_cuda import CudaGraphRuntime
+    graphed = CudaGraphRuntime.planner(policy.cuda(), batch=2, mode=mode, prefix_len=prefix_len)
+    return lambda obs, g, **rtc: graphed.predict_action({k: v.cuda() for k, v in obs.items()}, g,
+                                                        **{k: v.cuda() for k, v in rtc.items()})["action_pred"].cpu()
 
 
 @pytest.mark.parametrize("latent_eta", [0.0, 0.3])

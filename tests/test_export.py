@@ -15,13 +15,13 @@ from dpag_engine.checkpoint import save_checkpoint
 from dpag_engine.config import PolicyConfig, SchedulerConfig
 from dpag_engine.export import MANIFEST, FilmPrecomputedUnet, export_onnx, main
 from dpag_engine.policy import DPAGPolicy
-from dpag_engine.runtime import load_backend
+from dpag_engine.runtime import load_planner
 
 from factories import make_obs, make_policy, SMALL_IMAGE
 
 pytest.importorskip("onnx", reason="onnx not installed (pip install onnx onnxruntime)")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install onnx onnxruntime)")
-from dpag_engine.runtime.onnx_policy import OnnxPolicy  # noqa: E402
+from dpag_engine.runtime.onnx_policy import OnnxRuntime  # noqa: E402
 
 TOL = 1e-4  # fp32
 EXPORT_BATCH = 2
@@ -41,7 +41,7 @@ def exported(request, tmp_path_factory):
     policy = make_policy().eval() if request.param == "tiny" else lowdim_policy()
     out = tmp_path_factory.mktemp(f"onnx_{request.param}")
     export_onnx(policy, out, batch=EXPORT_BATCH)
-    return policy, OnnxPolicy(out, providers=["CPUExecutionProvider"])
+    return policy, OnnxRuntime(out, providers=["CPUExecutionProvider"])
 
 
 def max_err(a, b) -> float:
@@ -88,16 +88,15 @@ def test_predict_action_chunk_matches_torch(exported, batch):
     policy, backend = exported
     obs = make_obs(policy.cfg, batch, torch.Generator().manual_seed(5))
     want = policy.predict_action(obs, torch.Generator().manual_seed(6))
-    got = backend.predict_action(obs, torch.Generator().manual_seed(6))  # same generator: same noise
+    got = backend.planner().predict_action(obs, torch.Generator().manual_seed(6))  # same generator: same noise
     assert got["action"].shape == want["action"].shape == (batch, policy.cfg.n_action_steps, policy.cfg.action_dim)
     err = max_err(normalised(policy, got["action_pred"]), normalised(policy, want["action_pred"]))
     raw = max_err(got["action_pred"], want["action_pred"])
     assert err <= TOL, f"{policy.cfg.recipe} B={batch}: chunk max abs error {err:.2e} normalised ({raw:.2e} raw)"
-    # An explicit initial sample gives the same chunk too (no generator involved).
-    noise = torch.randn(batch, policy.cfg.horizon, policy.cfg.action_dim, generator=torch.Generator().manual_seed(7))
-    again = backend.predict_action(obs, noise=noise)["action_pred"]
-    seeded = backend.predict_action(obs, torch.Generator().manual_seed(6))["action_pred"]
-    assert torch.equal(seeded, got["action_pred"]) and not torch.equal(again, seeded)
+    # The generator is the only source of randomness: the same seed again is the same chunk, another is not.
+    seeded = backend.planner().predict_action(obs, torch.Generator().manual_seed(6))["action_pred"]
+    other = backend.planner().predict_action(obs, torch.Generator().manual_seed(7))["action_pred"]
+    assert torch.equal(seeded, got["action_pred"]) and not torch.equal(other, seeded)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.7])
@@ -106,26 +105,26 @@ def test_real_time_chunking_matches_torch(tmp_path, eta):
     the committed rows come out as the prefix (clipped to the sampler's range)."""
     policy = make_policy(scheduler=SchedulerConfig(num_inference_steps=8, eta=eta)).eval()
     export_onnx(policy, tmp_path)
-    backend = OnnxPolicy(tmp_path)
+    backend = OnnxRuntime(tmp_path)
     obs = make_obs(policy.cfg, 2, torch.Generator().manual_seed(0))
     prefix = policy.predict_action(obs, torch.Generator().manual_seed(9))["action"][:, :5]  # reachable actions
     weight = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.2])
     want = policy.predict_action(obs, torch.Generator().manual_seed(1), prefix=prefix, prefix_weight=weight)
-    got = backend.predict_action(obs, torch.Generator().manual_seed(1), prefix=prefix, prefix_weight=weight)
+    got = backend.planner().predict_action(obs, torch.Generator().manual_seed(1), prefix=prefix, prefix_weight=weight)
     err = max_err(normalised(policy, got["action_pred"]), normalised(policy, want["action_pred"]))
     assert err <= TOL, f"RTC chunk max abs error {err:.2e}"
     assert max_err(normalised(policy, got["action"][:, :3]), normalised(policy, prefix[:, :3])) <= TOL
     with pytest.raises(ValueError, match="prefix_weight: weights must be finite"):
-        backend.predict_action(obs, prefix=prefix, prefix_weight=weight * 2)
+        backend.planner().predict_action(obs, prefix=prefix, prefix_weight=weight * 2)
 
 
 def test_stochastic_sampler_follows_the_reference_noise_stream(tmp_path):
     policy = make_policy(scheduler=SchedulerConfig(num_inference_steps=10, eta=0.7)).eval()
     export_onnx(policy, tmp_path)
-    backend = OnnxPolicy(tmp_path)
+    backend = OnnxRuntime(tmp_path)
     obs = make_obs(policy.cfg, 2, torch.Generator().manual_seed(0))
     want = policy.predict_action(obs, torch.Generator().manual_seed(1))["action_pred"]
-    got = backend.predict_action(obs, torch.Generator().manual_seed(1))["action_pred"]
+    got = backend.planner().predict_action(obs, torch.Generator().manual_seed(1))["action_pred"]
     err = max_err(normalised(policy, got), normalised(policy, want))
     assert err <= TOL, f"DDIM eta=0.7 chunk max abs error {err:.2e}"
 
@@ -138,30 +137,29 @@ def test_image_encoder_and_plain_dp_model(tmp_path):
     policy.normalizer.fit({"action": torch.randn(50, 2, generator=g), "state": torch.randn(50, 4, generator=g)})
     manifest = export_onnx(policy, tmp_path)
     assert manifest["encoder"]["outputs"] == ["mu"] and list(manifest["encoder"]["inputs"]) == ["front", "wrist", "state"]
-    backend = OnnxPolicy(tmp_path)
+    backend = OnnxRuntime(tmp_path)
     obs = make_obs(policy.cfg, 3, torch.Generator().manual_seed(2))
     with torch.no_grad():
         err = max_err(backend.encode(obs)[0], policy.encode(obs))
     assert err <= TOL, f"image encoder max abs error {err:.2e}"
     want = policy.predict_action(obs, torch.Generator().manual_seed(3))["action_pred"]
-    got = backend.predict_action(obs, torch.Generator().manual_seed(3))["action_pred"]
+    got = backend.planner().predict_action(obs, torch.Generator().manual_seed(3))["action_pred"]
     err = max_err(normalised(policy, got), normalised(policy, want))
     assert err <= TOL, f"image chunk max abs error {err:.2e}"
 
 
 def test_bad_input_fails_clearly(exported):
-    policy, backend = exported
+    policy, runtime = exported
+    planner = runtime.planner()
     obs = make_obs(policy.cfg, 2, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"obs\['state'\]: expected shape \(B, 2, "):
-        backend.predict_action({"state": obs["state"][:, :1]})
+        planner.predict_action({"state": obs["state"][:, :1]})
     with pytest.raises(ValueError, match="NaN or inf"):
-        backend.predict_action({"state": obs["state"].clone().index_fill_(0, torch.tensor([1]), float("nan"))})
+        planner.predict_action({"state": obs["state"].clone().index_fill_(0, torch.tensor([1]), float("nan"))})
     with pytest.raises(KeyError, match="missing key 'state'"):
-        backend.predict_action({"image": obs["state"]})
-    with pytest.raises(NotImplementedError, match="guided.*no backward"):
-        backend.predict_action(obs, mode="guided")
-    with pytest.raises(ValueError, match="noise: expected shape"):
-        backend.predict_action(obs, noise=torch.zeros(1, 1, 1))
+        planner.predict_action({"image": obs["state"]})
+    with pytest.raises(ValueError, match="the onnxruntime runtime samples only dp.*no backward"):
+        planner.predict_action(obs, mode="guided")
 
 
 def test_cli_external_data_and_serve_time_selection(tmp_path):
@@ -172,16 +170,16 @@ def test_cli_external_data_and_serve_time_selection(tmp_path):
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["checkpoint_step"] == 7 and max(manifest["max_abs_error_vs_torch"].values()) <= TOL
     assert (out / "unet.onnx.data").stat().st_size > (out / "unet.onnx").stat().st_size  # weights outside
-    backend = load_backend(out, backend="onnxruntime")
-    reference = load_backend(ckpt, backend="torch")
+    backend = load_planner(out, runtime="onnxruntime")
+    reference = load_planner(ckpt, runtime="torch")
     obs = make_obs(policy.cfg, 1, torch.Generator().manual_seed(0))
     got = backend.predict_action(obs, torch.Generator().manual_seed(1))["action_pred"]
     want = reference.predict_action(obs, torch.Generator().manual_seed(1))["action_pred"]
     assert max_err(normalised(policy, got), normalised(policy, want)) <= TOL
     with pytest.raises(FileNotFoundError, match="dpag_engine.export"):
-        OnnxPolicy(tmp_path)  # a folder with a checkpoint, not an export
-    with pytest.raises(ValueError, match="backend: must be one of"):
-        load_backend(out, backend="tflite")
+        OnnxRuntime(tmp_path)  # a folder with a checkpoint, not an export
+    with pytest.raises(ValueError, match="runtime: must be one of"):
+        load_planner(out, runtime="tflite")
 
 
 def test_tensorrt_backend_matches_torch(tmp_path):
@@ -189,19 +187,17 @@ def test_tensorrt_backend_matches_torch(tmp_path):
                         "GPU machine this project uses): the TensorRT backend is unverified")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA device")
-    from dpag_engine.runtime.tensorrt_policy import TensorRTPolicy
+    from dpag_engine.runtime.tensorrt_policy import TensorRTRuntime
 
     policy = make_policy().eval()
     export_onnx(policy, tmp_path)
     obs = make_obs(policy.cfg, 2, torch.Generator().manual_seed(0))
-    want = policy.predict_action(obs, torch.Generator().manual_seed(1))["action_pred"]
+    # The planner draws on the runtime's device: the reference runs there too, with the same generator.
+    want = policy.cuda().predict_action({k: v.cuda() for k, v in obs.items()},
+                                        torch.Generator("cuda").manual_seed(1))["action_pred"].cpu()
+    policy.cpu()
     for precision, tol in (("fp32", TOL), ("fp16", 5e-2)):
-        backend = TensorRTPolicy(tmp_path, precision=precision, max_batch=4)
-        # The reference drew on a CPU generator: a seed for the latent update, then the initial
-        # sample. Replay that stream and hand the sample over, so the CUDA generator plays no part.
-        gen = torch.Generator().manual_seed(1)
-        torch.randint(0, 2**31 - 1, (1,), generator=gen)
-        x0 = torch.randn(2, policy.cfg.horizon, policy.cfg.action_dim, generator=gen)
-        got = backend.predict_action(obs, noise=x0)["action_pred"].cpu()
+        planner = TensorRTRuntime(tmp_path, precision=precision, max_batch=4).planner()
+        got = planner.predict_action(obs, torch.Generator("cuda").manual_seed(1))["action_pred"].cpu()
         err = max_err(normalised(policy, got), normalised(policy, want))
         assert err <= tol, f"TensorRT {precision}: chunk max abs error {err:.2e}"

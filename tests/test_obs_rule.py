@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpag_engine.policy import MAX_NORMALIZED_OBS
-from dpag_engine.runtime_cpu import CpuPolicy
+from dpag_engine.planner import MAX_NORMALIZED_OBS
+from dpag_engine.runtime_cpu import CpuRuntime
 
 from factories import SMALL_IMAGE, make_obs, make_policy
 
@@ -19,15 +19,15 @@ from factories import SMALL_IMAGE, make_obs, make_policy
 def runtimes(policy, tmp_path, verify_export=True):
     """name -> plan(obs, generator) for every runtime this machine has."""
     plans = {"reference": lambda obs, g: policy.predict_action(obs, g),
-             "cpp": lambda obs, g, e=CpuPolicy.from_policy(policy, guided=False): e.step(obs, g)}
+             "cpp": lambda obs, g, e=CpuRuntime.planner(policy, guided=False): e.predict_action(obs, g)}
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return plans
     from dpag_engine.export import export_onnx
-    from dpag_engine.runtime.onnx_policy import OnnxPolicy
+    from dpag_engine.runtime.onnx_policy import OnnxRuntime
     export_onnx(policy, tmp_path / "onnx", batch=1, verify=verify_export)
-    onnx = OnnxPolicy(tmp_path / "onnx", providers=["CPUExecutionProvider"])
+    onnx = OnnxRuntime(tmp_path / "onnx", providers=["CPUExecutionProvider"]).planner()
     plans["onnxruntime"] = lambda obs, g: onnx.predict_action(obs, g)
     return plans
 

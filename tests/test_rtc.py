@@ -1,7 +1,7 @@
 """Real-time chunking (dpag_engine/rtc.py): inpainting of the committed prefix on every backend.
 
 Backends: "torch" (DPAGPolicy.predict_action on the reference ops), "triton" (the same, with the
-fused sampler_step_inpaint kernel; TRITON_INTERPRET=1 on a CPU machine) and "cpp" (CpuPolicy.step,
+fused sampler_step_inpaint kernel; TRITON_INTERPRET=1 on a CPU machine) and "cpp" (the CpuRuntime planner,
 the C++ engine's own loop, dp and guided modes). Errors are compared in
 normalised action units, as in test_cpu_runtime.py.
 """
@@ -26,10 +26,10 @@ except ImportError:  # a checkout whose install does not map dpag_engine.kernels
     K = None
 needs_triton = pytest.mark.skipif(K is None, reason="dpag_engine.kernels is not importable")
 try:
-    from dpag_engine.runtime_cpu import CpuPolicy
+    from dpag_engine.runtime_cpu import CpuRuntime
 except ImportError:
-    CpuPolicy = None
-needs_cpp = pytest.mark.skipif(CpuPolicy is None, reason="dpag_engine._C is not built")
+    CpuRuntime = None
+needs_cpp = pytest.mark.skipif(CpuRuntime is None, reason="dpag_engine._C is not built")
 
 ATOL = 1e-5
 SCHEDULERS = {
@@ -47,7 +47,7 @@ def _one_torch_thread():
 
 
 def scale_of(policy) -> torch.Tensor:
-    return policy.normalizer._scale_offset("action", torch.zeros(()))[0]
+    return policy.normalizer.affine("action", torch.float32).scale
 
 
 def norm_err(policy, a, b) -> float:
@@ -63,7 +63,7 @@ def expected_prefix(policy, prefix):
 def plan(policy, backend, obs, seed, mode="dp", **rtc):
     gen = torch.Generator().manual_seed(seed)
     if backend == "cpp":
-        return CpuPolicy.from_policy(policy, max_batch=obs["state"].shape[0]).step(obs, gen, mode=mode, **rtc)["action_pred"]
+        return CpuRuntime.planner(policy, max_batch=obs["state"].shape[0]).predict_action(obs, gen, mode=mode, **rtc)["action_pred"]
     with ops.use_backend(backend):
         return policy.predict_action(obs, gen, mode=mode, **rtc)["action_pred"]
 
@@ -116,7 +116,7 @@ def test_empty_prefix_is_the_plain_sampler(backend):
                       "empty-weights": {"prefix": torch.zeros(2, 0, 3), "prefix_weight": torch.zeros(0)}}.items():
         gen = torch.Generator().manual_seed(3)
         if backend == "cpp":
-            out = CpuPolicy.from_policy(policy, max_batch=2).step(obs, gen, **rtc)["action_pred"]
+            out = CpuRuntime.planner(policy, max_batch=2).predict_action(obs, gen, **rtc)["action_pred"]
         else:
             with ops.use_backend(backend):
                 out = policy.predict_action(obs, gen, **rtc)["action_pred"]
@@ -136,7 +136,7 @@ def test_backends_agree_with_a_prefix(mode, sched):
     prefix = random_prefix(policy, 2, 5, gen)
     rtc = {"prefix": prefix, "prefix_weight": prefix_weights(2, 3)}
     ref = plan(policy, "torch", obs, 5, mode, **rtc)
-    others = ["triton"] * (K is not None) + ["cpp"] * (CpuPolicy is not None)
+    others = ["triton"] * (K is not None) + ["cpp"] * (CpuRuntime is not None)
     if not others:
         pytest.skip("no other backend available")
     for backend in others:
@@ -263,7 +263,7 @@ def test_committed_prefix_on_a_timeline():
 def test_bad_prefix_fails_clearly(backend):
     policy = make_policy().eval()
     obs = make_obs(policy.cfg, 2, torch.Generator().manual_seed(0))
-    step = CpuPolicy.from_policy(policy, max_batch=2).step if backend == "cpp" else policy.predict_action
+    step = CpuRuntime.planner(policy, max_batch=2).predict_action if backend == "cpp" else policy.predict_action
     good = torch.zeros(2, 3, 3)
     cases = [
         ({"prefix": torch.zeros(2, 3)}, r"prefix: expected shape \(2, P, 3\)"),

@@ -39,14 +39,14 @@ GOAL = np.array([-0.67, -0.10, 0.24])
 STEPS = 30
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_zero_delay_matches_plain_receding_horizon(backend):
-    if backend == "cpp":
+@pytest.mark.parametrize("runtime", ["torch", "cpp"])
+def test_zero_delay_matches_plain_receding_horizon(runtime):
+    if runtime == "cpp":
         pytest.importorskip("dpag_engine._C")
     policy = make_ur5_policy()
     task = ReachTask()
     replan = 4
-    planner = rtc_delay.Planner(policy, "dp", backend)
+    planner = rtc_delay.ChunkPlanner(policy, "dp", runtime)
 
     # The plain loop: ur5_reach.rollout executing the first `replan` actions of every plan.
     gen = torch.Generator().manual_seed(7)
@@ -150,7 +150,7 @@ def test_replan_must_exceed_delay():
 def test_rtc_new_chunk_starts_with_the_committed_actions():
     """With RTC and d > 0 the policy's new chunk reproduces the old chunk's committed rows (aligned)."""
     policy = make_ur5_policy()
-    inner = rtc_delay.Planner(policy, "dp", "torch")
+    inner = rtc_delay.ChunkPlanner(policy, "dp", "torch")
     chunks = []
 
     def planner(obs, generator, prefix=None):

@@ -176,16 +176,16 @@ def test_serve_runs_an_episode_and_writes_the_run_log(cb3, ckpt, tmp_path):
 def test_serve_picks_500_hz_on_an_eseries(eseries, ckpt, tmp_path):
     run = ServeRun(eseries, ckpt, tmp_path, "--mode", "guided", "--no-rtc")
     assert run.join() == serve.EXIT_OK, run.summary["message"]
-    assert run.summary["frequency_hz"] == 500.0 and run.summary["backend"] == "cpp"  # guided on the C++ engine
+    assert run.summary["frequency_hz"] == 500.0 and run.summary["runtime"] == "cpp"  # guided on the C++ engine
     assert not run.summary["rtc"] and not np.load(run.out / "run.npz")["plan_committed"].any()
     check_commands_within_limits(run)
 
 
 @pytest.mark.slow
 def test_servol_streams_the_same_trajectory_as_tool_poses(cb3, ckpt, tmp_path):
-    run = ServeRun(cb3, ckpt, tmp_path, "--servo", "servoL", "--backend", "torch")
+    run = ServeRun(cb3, ckpt, tmp_path, "--servo", "servoL", "--runtime", "torch")
     assert run.join() == serve.EXIT_OK, run.summary["message"]
-    assert run.summary["backend"] == "torch"
+    assert run.summary["runtime"] == "torch"
     servol = [e for e in run.log if e["name"] == "servoL"]
     log = np.load(run.out / "run.npz")
     assert not run.servoj and len(servol) == len(log["cmd_q"])
@@ -236,13 +236,13 @@ def test_a_command_outside_the_workspace_box_stops_the_arm(cb3, ckpt, tmp_path):
 
 def test_non_finite_actions_hold_then_stop(cb3, ckpt, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = serve.Planner.__call__
+    real = serve.TimedPlanner.__call__
 
-    def poisoned(self, history, prefix=None):
+    def poisoned(self, obs, prefix=None, generator=None):
         calls["n"] += 1
-        out = real(self, history, prefix)
+        out = real(self, obs, prefix, generator)
         return out * np.nan if calls["n"] == 4 else out
-    monkeypatch.setattr(serve.Planner, "__call__", poisoned)
+    monkeypatch.setattr(serve.TimedPlanner, "__call__", poisoned)
     run = ServeRun(cb3, ckpt, tmp_path)
     assert run.join() == serve.EXIT_BAD_VALUES
     assert "non-finite actions" in run.summary["message"]
@@ -328,14 +328,14 @@ def test_a_crash_while_the_arm_moves_is_recorded_as_a_crash_after_bringing_it_to
     """Before: an exception outside RuntimeError/OSError left summary.json saying exit 0, "done",
     and a RuntimeError once servoing was re-raised the same way."""
     calls = {"n": 0}
-    real = serve.Planner.__call__
+    real = serve.TimedPlanner.__call__
 
-    def buggy(self, history, prefix=None):
+    def buggy(self, obs, prefix=None, generator=None):
         calls["n"] += 1
         if calls["n"] == 5:
             raise bug("injected bug")
-        return real(self, history, prefix)
-    monkeypatch.setattr(serve.Planner, "__call__", buggy)
+        return real(self, obs, prefix, generator)
+    monkeypatch.setattr(serve.TimedPlanner, "__call__", buggy)
     run = ServeRun(cb3, ckpt, tmp_path)
     assert run.join() == serve.EXIT_INTERNAL
     summary = strict_json(run.out / "summary.json")
@@ -360,7 +360,7 @@ def test_a_huge_observation_is_refused_by_name_and_the_arm_brought_to_rest(cb3, 
             state[7] = 1e30
         return state
     monkeypatch.setattr(serve, "observe", sensor_glitch)
-    run = ServeRun(cb3, ckpt, tmp_path, "--backend", "torch", "--no-rtc", "--plan-hz", "10")
+    run = ServeRun(cb3, ckpt, tmp_path, "--runtime", "torch", "--no-rtc", "--plan-hz", "10")
     assert run.join() == serve.EXIT_BAD_VALUES
     assert "obs['state']: the value at index (0, 1, 7)" in run.summary["message"]
     q = np.array([e["doubles"][:6] for e in run.servoj])

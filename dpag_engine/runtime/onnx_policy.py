@@ -1,7 +1,7 @@
-"""The onnxruntime backend: the exported encoder and U-Net on CPU (or CUDA where onnxruntime-gpu is installed).
+"""The onnxruntime runtime: the exported encoder and U-Net on CPU (or CUDA where onnxruntime-gpu is installed).
 
-    policy = OnnxPolicy("exported/")                       # folder from `python -m dpag_engine.export`
-    out = policy.predict_action({"state": s}, torch.Generator().manual_seed(0))
+    planner = OnnxRuntime("exported/").planner()            # folder from `python -m dpag_engine.export`
+    out = planner.predict_action({"state": s}, torch.Generator().manual_seed(0))
     out["action"]                                          # same chunk as DPAGPolicy, dp mode
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import ExportedPolicy
+from .base import ExportedRuntime
 
 
 def default_providers() -> list[str]:
@@ -23,8 +23,10 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-class OnnxPolicy(ExportedPolicy):
-    """dp-mode DPAGPolicy on onnxruntime sessions; guided mode raises (the graphs have no backward)."""
+class OnnxRuntime(ExportedRuntime):
+    """The exported encoder and U-Net on onnxruntime sessions (dp mode: the graphs have no backward)."""
+
+    name = "onnxruntime"
 
     def __init__(self, export_dir: str | os.PathLike, providers: Sequence[str] | None = None,
                  threads: int | None = None, spin: bool = False):

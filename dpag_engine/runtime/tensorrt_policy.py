@@ -1,7 +1,7 @@
-"""The TensorRT backend: engines built from the exported ONNX with the standard TensorRT Python API.
+"""The TensorRT runtime: engines built from the exported ONNX with the standard TensorRT Python API.
 
-    policy = TensorRTPolicy("exported/", precision="fp16")    # builds (or reuses) the engines, then serves
-    out = policy.predict_action({"state": s}, torch.Generator("cuda").manual_seed(0))
+    planner = TensorRTRuntime("exported/", precision="fp16").planner()   # builds (or reuses) the engines
+    out = planner.predict_action({"state": s}, torch.Generator("cuda").manual_seed(0))
 
 NOT VERIFIED: TensorRT is not installable on any machine this project runs on (no wheel on the
 registries we reach, none on the GPU machine), so this file has never been executed; its test skips
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import ExportedPolicy
+from .base import ExportedRuntime
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -92,8 +92,10 @@ class Engine:
         return outputs
 
 
-class TensorRTPolicy(ExportedPolicy):
-    """dp-mode DPAGPolicy on two TensorRT engines (guided mode raises: the graphs have no backward)."""
+class TensorRTRuntime(ExportedRuntime):
+    """The exported encoder and U-Net as two TensorRT engines (dp mode: the graphs have no backward)."""
+
+    name = "tensorrt"
 
     def __init__(self, export_dir: str | os.PathLike, precision: str = "fp32", max_batch: int = 8,
                  rebuild: bool = False):
