@@ -35,7 +35,7 @@ import numpy as np
 
 from . import _C
 from .runlog import StreamLog
-from .ursim.kinematics import forward_kinematics
+from .kinematics import forward_kinematics
 
 UR5_DOF = 6
 RT_PRIORITY = 80   # SCHED_FIFO level of the servo loop

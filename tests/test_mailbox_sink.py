@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from dpag_engine import _C
-from dpag_engine.ursim import forward_kinematics, wait_until
+from dpag_engine.kinematics import forward_kinematics
+from dpag_engine.ursim import wait_until
 
 HOME = np.array([0.0, -1.7, 2.2, -2.0708, -1.5708, 0.0])
 BOX = ((-0.85, -0.85, 0.02), (0.85, 0.85, 1.0))

@@ -22,9 +22,10 @@ from dpag_engine import serve
 from dpag_engine.checkpoint import save_checkpoint
 from dpag_engine.config import PolicyConfig
 from dpag_engine.envs.ur5_reach import ReachTask
+from dpag_engine.kinematics import forward_kinematics
 from dpag_engine.policy import DPAGPolicy
 from dpag_engine.robot import SafetyLimits
-from dpag_engine.ursim import EmulatorProcess, forward_kinematics, wait_until
+from dpag_engine.ursim import EmulatorProcess, wait_until
 
 pytest.importorskip("rtde_control")
 

@@ -8,7 +8,7 @@ from dpag_engine.data import load_datasets, read_replay_buffer
 from dpag_engine.envs.ur5_reach import (ReachTask, ScriptedExpert, evaluate, frame_origins, generate, ik,
                                         mean_jerk, observe, rollout)
 from dpag_engine.training.config import build_configs, load_config_file, resolve_policy_config
-from dpag_engine.ursim.kinematics import UR5_LIMITS, fk_matrix, forward_kinematics, matrix_from_rotvec
+from dpag_engine.kinematics import UR5_LIMITS, fk_matrix, forward_kinematics, matrix_from_rotvec
 
 TASK = ReachTask()
 

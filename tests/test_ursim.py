@@ -15,9 +15,9 @@ from importlib import metadata
 import numpy as np
 import pytest
 
-from dpag_engine.ursim import EmulatorProcess, URControllerEmulator, forward_kinematics, wait_until
+from dpag_engine.kinematics import fk_matrix, forward_kinematics, inverse_kinematics, matrix_from_rotvec
+from dpag_engine.ursim import EmulatorProcess, URControllerEmulator, wait_until
 from dpag_engine.ursim import protocol as P
-from dpag_engine.ursim.kinematics import fk_matrix, inverse_kinematics, matrix_from_rotvec
 
 rtde_control = pytest.importorskip("rtde_control")
 rtde_receive = pytest.importorskip("rtde_receive")

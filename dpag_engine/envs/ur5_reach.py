@@ -31,8 +31,7 @@ import numpy as np
 
 from ..data.replay_buffer import ReplayBufferWriter
 from ..progress import progress_bar
-from ..ursim.kinematics import (UR5_DH_A, UR5_DH_ALPHA, UR5_DH_D, UR5_LIMITS, forward_kinematics,
-                                inverse_kinematics)
+from ..kinematics import UR5_LIMITS, forward_kinematics, frame_origins, inverse_kinematics
 
 STATE_DIM = 9   # q (6) + goal (3)
 ACTION_DIM = 6  # absolute joint targets
@@ -112,33 +111,8 @@ def observe(q: np.ndarray, goal: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Vectorised kinematics for the collision check (kinematics.fk_matrix does one pose at a time)
+# Collision-check geometry (the link frames come from dpag_engine.kinematics.frame_origins)
 # ----------------------------------------------------------------------------------------------
-def frame_origins(qs: np.ndarray) -> np.ndarray:
-    """(N, 6) joint vectors -> (N, 7, 3) origins of DH frames 0..6 (frame 6 = flange = TCP).
-
-    Frames 2..6 are the elbow, wrist 1, wrist 2, wrist 3 and the flange; the segments between them
-    are the centre lines of the forearm and wrist links (DH folds the UR5's lateral link offsets
-    into d4, so these are approximations of the physical links, good enough for a clearance check).
-    """
-    qs = np.asarray(qs, dtype=float).reshape(-1, 6)
-    n = len(qs)
-    t = np.broadcast_to(np.eye(4), (n, 4, 4)).copy()
-    out = np.zeros((n, 7, 3))
-    for i in range(6):
-        ct, st = np.cos(qs[:, i]), np.sin(qs[:, i])
-        ca, sa = math.cos(UR5_DH_ALPHA[i]), math.sin(UR5_DH_ALPHA[i])
-        a, d = UR5_DH_A[i], UR5_DH_D[i]
-        m = np.zeros((n, 4, 4))
-        m[:, 0, 0], m[:, 0, 1], m[:, 0, 2], m[:, 0, 3] = ct, -st * ca, st * sa, a * ct
-        m[:, 1, 0], m[:, 1, 1], m[:, 1, 2], m[:, 1, 3] = st, ct * ca, -ct * sa, a * st
-        m[:, 2, 1], m[:, 2, 2], m[:, 2, 3] = sa, ca, d
-        m[:, 3, 3] = 1.0
-        t = t @ m
-        out[:, i + 1] = t[:, :3, 3]
-    return out
-
-
 def _segment_distance(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Distance from point c to each segment a[k] -> b[k] (arrays (..., 3))."""
     ab = b - a

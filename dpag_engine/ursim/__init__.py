@@ -7,8 +7,7 @@ ur_rtde's Python constructors hold the GIL and deadlock against an in-process em
 """
 from .control import ControlClient, ControlServer, EmulatorProcess, wait_until
 from .emulator import URControllerEmulator, parse_version
-from .kinematics import UR5_LIMITS, JointLimits, forward_kinematics, inverse_kinematics
+from ..kinematics import UR5_LIMITS, JointLimits   # the emulated arm's limits (URControllerEmulator(limits=))
 
 __all__ = ["URControllerEmulator", "EmulatorProcess", "ControlClient", "ControlServer",
-           "wait_until", "parse_version", "UR5_LIMITS", "JointLimits", "forward_kinematics",
-           "inverse_kinematics"]
+           "wait_until", "parse_version", "UR5_LIMITS", "JointLimits"]

@@ -31,8 +31,9 @@ from collections import deque
 import numpy as np
 
 from . import protocol as P
-from .kinematics import (UR5_LIMITS, forward_kinematics, inverse_kinematics, matrix_from_rotvec,
-                         rotvec_from_matrix, track_step, velocity_step, fk_matrix)
+from ..kinematics import (UR5_LIMITS, fk_matrix, forward_kinematics, inverse_kinematics, matrix_from_rotvec,
+                          rotvec_from_matrix)
+from .kinematics import track_step, velocity_step
 
 RTDE_PORT, DASHBOARD_PORT, SCRIPT_PORT = 30004, 29999, 30003
 
