@@ -7,13 +7,13 @@ never looks at later observations, and for images that is most of the memory tra
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from .formats import parse_key_spec, prepare_data
 from .replay_buffer import DataError, ReplayBuffer
 from .sampler import sequence_windows, split_episodes, window_rows
 
@@ -42,18 +42,6 @@ class DataConfig:
     synthetic: bool = False                 # ignore path: generate a small point-reaching dataset (demo/tests)
     synthetic_episodes: int = 64            # episodes in the synthetic dataset
     synthetic_episode_length: int = 80      # steps per synthetic episode
-
-
-_SLICE = re.compile(r"^(?P<key>[^\[\]]+?)(\[(?P<a>-?\d*):(?P<b>-?\d*)\])?$")
-
-
-def parse_key_spec(spec: str) -> tuple[str, slice]:
-    """'state[:2]' -> ('state', slice(None, 2)); 'keypoint' -> ('keypoint', slice(None))."""
-    m = _SLICE.match(spec.strip())
-    if m is None:
-        raise DataError(f"data.state_keys: cannot parse {spec!r} (use 'key' or 'key[a:b]')")
-    a, b = m.group("a"), m.group("b")
-    return m.group("key"), slice(int(a) if a else None, int(b) if b else None)
 
 
 def _image_layout(key: str, shape: tuple[int, ...], chw: tuple[int, int, int]) -> bool:
@@ -155,16 +143,12 @@ def collate_batch(batch):
     return batch
 
 
-def needed_keys(cfg: DataConfig) -> list[str]:
-    return [cfg.action_key, *(parse_key_spec(s)[0] for s in cfg.state_keys), *cfg.cameras.values()]
-
-
 def load_datasets(cfg: DataConfig, n_obs_steps: int, horizon: int, n_action_steps: int,
                   image_shape: tuple[int, int, int] | None = None,
                   buffer: ReplayBuffer | None = None) -> tuple[SequenceDataset, SequenceDataset | None]:
     """(train, val) datasets split by episode; val is None when data.val_ratio is 0."""
     if buffer is None:
-        from .formats import prepare_data  # any format; resolves cfg's keys against the data in place
+        # any format; prepare_data resolves cfg's keys against the data in place
         buffer, _ = prepare_data(cfg, {"image_shape": list(image_shape)} if image_shape and cfg.cameras else None)
     given = buffer.split if cfg.val_ratio > 0 else None  # the dataset's own split, unless validation is off
     train_mask, val_mask = split_episodes(buffer.n_episodes, cfg.val_ratio, cfg.split_seed, cfg.max_train_episodes,

@@ -16,6 +16,7 @@ policy.image.cameras, every camera of the dataset is used, named by its LeRobot 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -27,6 +28,21 @@ from .replay_buffer import DataError, Feature, ReplayBuffer, read_replay_buffer,
 FORMATS = ("zarr", "lerobot", "robomimic")
 DEFAULT_STATE_KEYS = ["state"]
 DP_CROP_RATIO = 84 / 96  # DP's crop of its 96x96 frames, kept for other sizes when the crop is not given
+_SLICE = re.compile(r"^(?P<key>[^\[\]]+?)(\[(?P<a>-?\d*):(?P<b>-?\d*)\])?$")
+
+
+def parse_key_spec(spec: str) -> tuple[str, slice]:
+    """'state[:2]' -> ('state', slice(None, 2)); 'keypoint' -> ('keypoint', slice(None))."""
+    m = _SLICE.match(spec.strip())
+    if m is None:
+        raise DataError(f"data.state_keys: cannot parse {spec!r} (use 'key' or 'key[a:b]')")
+    a, b = m.group("a"), m.group("b")
+    return m.group("key"), slice(int(a) if a else None, int(b) if b else None)
+
+
+def needed_keys(cfg) -> list[str]:
+    """The dataset keys a (resolved) data config reads: the action, the state keys, the cameras."""
+    return [cfg.action_key, *(parse_key_spec(s)[0] for s in cfg.state_keys), *cfg.cameras.values()]
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -108,7 +124,6 @@ def _camera_name(key: str) -> str:
 
 def resolve_keys(cfg, schema: dict[str, Feature], fmt: str, path: Path, image: dict | None) -> None:
     """Rewrite cfg.action_key / state_keys / cameras (in place) as keys that exist in the dataset."""
-    from .dataset import parse_key_spec
     cfg.action_key = _resolve(cfg.action_key, "action", schema, "data.action_key", fmt, path)
     fallback = [k for k, f in schema.items() if not f.image and _is_observation(k, fmt)]
     state_keys = []
@@ -187,7 +202,6 @@ def prepare_data(cfg, image: dict | None = None, log: Callable[[str], None] | No
     resize: dict[str, tuple[int, int]] = {}
     if image is not None:
         image, resize = resolve_image(cfg, schema, image)
-    from .dataset import needed_keys
     buffer = read_buffer(path, fmt, needed_keys(cfg), cfg.cache_dir)
     for cam, hw in resize.items():
         key = cfg.cameras[cam]
