@@ -102,7 +102,7 @@ def report(recipes: list[str], device: str, train_batch: int) -> str:
             lines.append(f"| {recipe} | predict_action B=1 DDIM-{k} {mode}, {backend} backend | {ref:.1f} | {fast:.1f} | {ref / fast:.2f}x | {floor:.1f} |")
             if mode == "dp":  # exported graphs have no backward, so dp mode only
                 from dpag_engine.export import export_onnx
-                from dpag_engine.runtime.onnx_policy import OnnxRuntime
+                from dpag_engine.runtime.onnx_runtime import OnnxRuntime
                 with tempfile.TemporaryDirectory() as d:
                     export_onnx(policy, d)
                     onnx = OnnxRuntime(d).planner()

@@ -8,7 +8,7 @@ configs/pusht_image.yaml: one 3x96x96 camera, 84x84 centre crop, ResNet-18 encod
 as state); random weights, normaliser fitted on random data. Modes: `dp` and `guided` (the latent
 update before every denoising step). Variants per (recipe, mode): eager `DPAGPolicy.predict_action`
 at torch's default thread count and at one thread, the same with `torch.compile` on the U-Net, and
-`CpuRuntime` (runtime_cpu.py) with fp32, fp16 and bf16 weights, plus fp32 at one thread.
+`CpuRuntime` (runtime/cpu.py) with fp32, fp16 and bf16 weights, plus fp32 at one thread.
 
 Every variant is timed in the same run, in interleaved rounds (each round runs one warm-up and
 --steps timed steps of every variant in turn), because the machine may be shared: a core taken by
@@ -50,7 +50,7 @@ import torch
 from dpag_engine import _C
 from dpag_engine.config import ImageEncoderConfig, PolicyConfig
 from dpag_engine.policy import DPAGPolicy
-from dpag_engine.runtime_cpu import CpuRuntime
+from dpag_engine.runtime.cpu import CpuRuntime
 
 try:
     from timing import read_bandwidth_gbs, times_ms

@@ -203,9 +203,9 @@ class PlanBench:
             policy.unet = eager_unet
 
     def cuda_graph(self, mode: str) -> None:
-        """The whole plan captured once as a CUDA graph (dpag_engine.runtime_cuda), triton ops; a
+        """The whole plan captured once as a CUDA graph (dpag_engine.runtime.cuda_graph), triton ops; a
         replay is one launch, with the same draws as predict_action."""
-        from dpag_engine.runtime_cuda import CudaGraphRuntime
+        from dpag_engine.runtime.cuda_graph import CudaGraphRuntime
         with use_backend("triton"):
             graphed = CudaGraphRuntime.planner(self.policy, batch=1, mode=mode)
 
@@ -217,7 +217,7 @@ class PlanBench:
         """onnxruntime and, where installed, TensorRT, from one fp32 export of this policy."""
         try:
             from dpag_engine.export import export_onnx
-            from dpag_engine.runtime.onnx_policy import OnnxRuntime
+            from dpag_engine.runtime.onnx_runtime import OnnxRuntime
         except ImportError as e:
             self.r.row("plan", f"{self.recipe} predict_action B=1 DDIM-{self.k} dp", "fp32", "onnxruntime",
                        note=f"n/a: {e.name} not installed")
@@ -242,7 +242,7 @@ class PlanBench:
             return
         if self.r.dry:
             return
-        from dpag_engine.runtime.tensorrt_policy import TensorRTRuntime
+        from dpag_engine.runtime.tensorrt_runtime import TensorRTRuntime
 
         for precision in ("fp32", "fp16", "bf16"):
             def trt(precision: str = precision) -> None:

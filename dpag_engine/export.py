@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Export a trained dpag_engine policy (model.pt) to ONNX.")
     p.add_argument("--ckpt", required=True, help="model.pt, or a folder holding one")
     p.add_argument("--format", choices=["onnx"], default="onnx",
-                   help="onnx only: TensorRT engines are built from it at serve time (dpag_engine.runtime.tensorrt_policy)")
+                   help="onnx only: TensorRT engines are built from it at serve time (dpag_engine.runtime.tensorrt_runtime)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema")
     p.add_argument("--batch", type=int, default=2, help="batch size traced (the batch axis stays dynamic)")

@@ -15,9 +15,9 @@ of what is returned, and the receding-horizon slice. A runtime supplies only
     denoise(mu, log_var, noise, mode, rtc)     -> the sampled chunk (B, H, Da), NORMALISED
 
 plus `name`, `modes` (what it can sample), `num_steps`, `device`, `dtype` and `max_batch` (None: any).
-The runtimes: `TorchRuntime` (policy.py, the reference), `CpuRuntime` (runtime_cpu.py, the C++
+The runtimes: `TorchRuntime` (policy.py, the reference), `CpuRuntime` (runtime/cpu.py, the C++
 engine), `ExportedRuntime` (runtime/: ONNX Runtime, TensorRT) and `CudaGraphRuntime`
-(runtime_cuda.py).
+(runtime/cuda_graph.py).
 """
 from __future__ import annotations
 

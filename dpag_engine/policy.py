@@ -152,7 +152,7 @@ class DPAGPolicy(nn.Module):
                 rtc: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """The sampler from the encoded observation (mu, and log_var for guided mode) to the NORMALISED
         chunk (B, H, Da): no input checks, no draws and no reads back to the host, so a CUDA graph can
-        capture it (runtime_cuda.py). rtc: the normalised (prefix, weights) of `Planner.normalized_prefix`."""
+        capture it (runtime/cuda_graph.py). rtc: the normalised (prefix, weights) of `Planner.normalized_prefix`."""
         cfg, sched = self.cfg, self.schedule
         x = noise.x
         for i, t in enumerate(sched.timesteps):

@@ -79,7 +79,7 @@ class TimedPlanner:
         self.mode, self.runtime, self.delay_s, self.cfg = mode, runtime, delay_s, policy.cfg
         self.generator = torch.Generator().manual_seed(seed)
         if runtime == "cpp":
-            from .runtime_cpu import CpuRuntime
+            from .runtime.cpu import CpuRuntime
             self.planner = CpuRuntime.planner(policy, threads=threads, guided=mode == "guided")
         else:
             self.planner = policy.planner()
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="DDIM steps, 1 .. the checkpoint's training timesteps (default: the checkpoint's)")
     ap.add_argument("--mode", choices=("dp", "guided"), default="dp", help="sampling mode")
     ap.add_argument("--runtime", choices=("cpp", "torch"), default="cpp",
-                    help="what runs each plan: the C++ engine (dpag_engine.runtime_cpu) or the PyTorch reference")
+                    help="what runs each plan: the C++ engine (dpag_engine.runtime.cpu) or the PyTorch reference")
     ap.add_argument("--threads", type=int, default=None,
                     help="planner threads, 1 .. this machine's cores (default: torch's). Small policies plan "
                          "as fast on 1, and a busy core stalls a multi-threaded planner's barriers")

@@ -42,7 +42,7 @@ def machine_lacks(runtime: str) -> str | None:
 def build(runtime: str, policy, mode: str, prefix_len: int, tmp_path):
     """runtime -> plan(obs, generator, prefix, prefix_weight) -> action_pred."""
     if runtime == "cpp":
-        from dpag_engine.runtime_cpu import CpuRuntime
+        from dpag_engine.runtime.cpu import CpuRuntime
         planner = CpuRuntime.planner(policy, guided=mode == "guided")
         return lambda obs, g, **rtc: planner.predict_action(obs, g, mode=mode, **rtc)["action_pred"]
     if runtime in ("onnxruntime", "tensorrt"):
@@ -51,7 +51,7 @@ def build(runtime: str, policy, mode: str, prefix_len: int, tmp_path):
         export_onnx(policy, tmp_path / "export", batch=2)
         planner = load_planner(tmp_path / "export", runtime=runtime)
         return lambda obs, g, **rtc: planner.predict_action(obs, g, mode=mode, **rtc)["action_pred"]
-    from dpag_engine.runtime_cuda import CudaGraphRuntime
+    from dpag_engine.runtime.cuda_graph import CudaGraphRuntime
     graphed = CudaGraphRuntime.planner(policy.cuda(), batch=2, mode=mode, prefix_len=prefix_len)
     return lambda obs, g, **rtc: graphed.predict_action({k: v.cuda() for k, v in obs.items()}, g,
                                                         **{k: v.cuda() for k, v in rtc.items()})["action_pred"].cpu()

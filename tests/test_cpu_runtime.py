@@ -1,4 +1,4 @@
-"""The C++ CPU engine (csrc/unet_runtime.h via dpag_engine.runtime_cpu) against the torch reference,
+"""The C++ CPU engine (csrc/unet_runtime.h via dpag_engine.runtime.cpu) against the torch reference,
 in dp and guided modes (guided: the engine's own activation-only U-Net backward at every step).
 
 Tolerances: the engine sums in a different order than oneDNN, so it cannot match bit for bit. The
@@ -20,7 +20,7 @@ from dpag_engine.config import LatentUpdateConfig, SchedulerConfig, UNetConfig
 from dpag_engine.guidance import latent_update
 from dpag_engine.planner import draw_plan_noise
 from dpag_engine.ops import torch_ref
-from dpag_engine.runtime_cpu import CpuRuntime, engine_config, unet_weights
+from dpag_engine.runtime.cpu import CpuRuntime, engine_config, unet_weights
 
 from factories import make_obs, make_policy, SMALL_IMAGE
 

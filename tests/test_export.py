@@ -21,7 +21,7 @@ from factories import make_obs, make_policy, SMALL_IMAGE
 
 pytest.importorskip("onnx", reason="onnx not installed (pip install onnx onnxruntime)")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install onnx onnxruntime)")
-from dpag_engine.runtime.onnx_policy import OnnxRuntime  # noqa: E402
+from dpag_engine.runtime.onnx_runtime import OnnxRuntime  # noqa: E402
 
 TOL = 1e-4  # fp32
 EXPORT_BATCH = 2
@@ -187,7 +187,7 @@ def test_tensorrt_backend_matches_torch(tmp_path):
                         "GPU machine this project uses): the TensorRT backend is unverified")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA device")
-    from dpag_engine.runtime.tensorrt_policy import TensorRTRuntime
+    from dpag_engine.runtime.tensorrt_runtime import TensorRTRuntime
 
     policy = make_policy().eval()
     export_onnx(policy, tmp_path)

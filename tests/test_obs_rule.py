@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpag_engine.planner import MAX_NORMALIZED_OBS
-from dpag_engine.runtime_cpu import CpuRuntime
+from dpag_engine.runtime.cpu import CpuRuntime
 
 from factories import SMALL_IMAGE, make_obs, make_policy
 
@@ -25,7 +25,7 @@ def runtimes(policy, tmp_path, verify_export=True):
     except ImportError:
         return plans
     from dpag_engine.export import export_onnx
-    from dpag_engine.runtime.onnx_policy import OnnxRuntime
+    from dpag_engine.runtime.onnx_runtime import OnnxRuntime
     export_onnx(policy, tmp_path / "onnx", batch=1, verify=verify_export)
     onnx = OnnxRuntime(tmp_path / "onnx", providers=["CPUExecutionProvider"]).planner()
     plans["onnxruntime"] = lambda obs, g: onnx.predict_action(obs, g)

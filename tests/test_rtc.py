@@ -26,7 +26,7 @@ except ImportError:  # a checkout whose install does not map dpag_engine.kernels
     K = None
 needs_triton = pytest.mark.skipif(K is None, reason="dpag_engine.kernels is not importable")
 try:
-    from dpag_engine.runtime_cpu import CpuRuntime
+    from dpag_engine.runtime.cpu import CpuRuntime
 except ImportError:
     CpuRuntime = None
 needs_cpp = pytest.mark.skipif(CpuRuntime is None, reason="dpag_engine._C is not built")

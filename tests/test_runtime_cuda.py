@@ -1,4 +1,4 @@
-"""CudaGraphRuntime (dpag_engine/runtime_cuda.py): a plan as two CUDA-graph replays.
+"""CudaGraphRuntime (dpag_engine/runtime/cuda_graph.py): a plan as two CUDA-graph replays.
 
 The graphs run DPAGPolicy.latent and DPAGPolicy.denoise, the bodies predict_action itself runs (tests/test_policy.py and
 every backend test check that body); what only a GPU can check -- capture, replay with new inputs,
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpag_engine.runtime_cuda import CudaGraphRuntime
+from dpag_engine.runtime.cuda_graph import CudaGraphRuntime
 
 from factories import make_obs, make_policy, SMALL_IMAGE
 

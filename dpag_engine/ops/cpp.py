@@ -60,7 +60,7 @@ def sampler_step_inpaint(sample: torch.Tensor, eps: torch.Tensor, coefs: torch.T
                          prefix: torch.Tensor, prefix_noise: torch.Tensor, prefix_weight: torch.Tensor,
                          inpaint_coefs: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The C++ step, then the reference inpaint of its output. The whole-plan C++ loop with inpainting
-    is `_C.PolicyEngine.plan` (dpag_engine.runtime_cpu.CpuRuntime); this op only keeps the dispatcher
+    is `_C.PolicyEngine.plan` (dpag_engine.runtime.cpu.CpuRuntime); this op only keeps the dispatcher
     contract for the `cpp` backend, where one step is a few hundred bytes of elementwise work."""
     prev, x0 = sampler_step(sample, eps, coefs, step, noise, clip)
     return torch_ref.inpaint(prev, prefix, prefix_noise, prefix_weight, inpaint_coefs, step, start), x0

@@ -1,6 +1,13 @@
-"""Runtimes over an exported policy (see `dpag_engine.export`), selectable at serve time.
+"""The runtimes: what runs a plan's encode and denoise under the plan contract (planner.py).
 
-`load_planner(path, runtime)` returns the plan contract (planner.py) over the runtime asked for:
+| runtime | file | modes |
+|---|---|---|
+| torch (the reference) | policy.py `TorchRuntime` (beside the model it runs) | dp, guided |
+| cpp (the C++ engine) | cpu.py `CpuRuntime` | dp, guided |
+| cuda-graph | cuda_graph.py `CudaGraphRuntime` | the one it was captured for |
+| onnxruntime, tensorrt (exported graphs) | exported.py + onnx_runtime.py, tensorrt_runtime.py | dp |
+
+`load_planner(path, runtime)` returns the plan contract over a saved policy or an export folder:
 the same `predict_action` and the same action chunk for the same generator as the reference.
 Imports are lazy: onnxruntime and TensorRT are optional dependencies, and importing dpag_engine must
 work without either.
@@ -20,9 +27,9 @@ def load_planner(path: str | os.PathLike, runtime: str = "torch", **kwargs):
         from ..checkpoint import load_policy
         return load_policy(path, **kwargs).planner()
     if runtime == "onnxruntime":
-        from .onnx_policy import OnnxRuntime
+        from .onnx_runtime import OnnxRuntime
         return OnnxRuntime(path, **kwargs).planner()
     if runtime == "tensorrt":
-        from .tensorrt_policy import TensorRTRuntime
+        from .tensorrt_runtime import TensorRTRuntime
         return TensorRTRuntime(path, **kwargs).planner()
     raise ValueError(f"runtime: must be one of {RUNTIMES}, got {runtime!r}")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .planner import PlanNoise, Planner, draw_plan_noise, obs_shapes, resolve_mode
-from .policy import DPAGPolicy
+from ..planner import PlanNoise, Planner, draw_plan_noise, obs_shapes, resolve_mode
+from ..policy import DPAGPolicy
 
 
 class CudaGraphRuntime:
@@ -31,7 +31,7 @@ class CudaGraphRuntime:
                  warmup: int = 2):
         if not torch.cuda.is_available():
             raise RuntimeError("CudaGraphRuntime needs a CUDA GPU (torch.cuda.is_available() is False); "
-                               "on a CPU use dpag_engine.runtime_cpu.CpuRuntime")
+                               "on a CPU use dpag_engine.runtime.cpu.CpuRuntime")
         device = policy.schedule.coefs.device
         if device.type != "cuda":
             raise ValueError(f"policy: move it to the GPU first (policy.cuda()), it is on {device}")

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import ExportedRuntime
+from .exported import ExportedRuntime
 
 
 def default_providers() -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import ExportedRuntime
+from .exported import ExportedRuntime
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 

@@ -19,11 +19,11 @@ import copy
 import torch
 from torch import nn
 
-from .planner import PlanNoise, Planner
-from .policy import DPAGPolicy, encode_latent
+from ..planner import PlanNoise, Planner
+from ..policy import DPAGPolicy, encode_latent
 
 try:
-    from . import _C
+    from .. import _C
 except ImportError as err:  # a source checkout that was never built
     raise ImportError("dpag_engine._C is not built: run `pip install -e .` (needs a C++17 compiler)") from err
 
