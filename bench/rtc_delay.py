@@ -60,7 +60,7 @@ import torch
 
 from dpag_engine.envs.ur5_reach import EVAL_SEED, ReachTask, evaluate, mean_jerk, observe
 from dpag_engine.rtc import committed_prefix
-from dpag_engine.serve import TimedPlanner
+from dpag_engine.session import TimedPlanner
 
 DT = 0.1
 
@@ -69,7 +69,7 @@ DT = 0.1
 # Planners: obs dict + generator + optional prefix -> raw chunk (Na, Da) float64
 # ----------------------------------------------------------------------------------------------
 class ChunkPlanner:
-    """serve's TimedPlanner (what serve plans with), keeping `chunk_rows` of each plan as the chunk."""
+    """session.TimedPlanner (what serve plans with), keeping `chunk_rows` of each plan as the chunk."""
 
     def __init__(self, policy, mode: str = "dp", runtime: str = "cpp", chunk_rows: str = "action"):
         if chunk_rows not in ("action", "horizon"):

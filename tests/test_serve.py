@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpag_engine import serve
+from dpag_engine import serve, session
 from dpag_engine.checkpoint import save_checkpoint
 from dpag_engine.config import PolicyConfig
 from dpag_engine.envs.ur5_reach import ReachTask
@@ -152,7 +152,7 @@ def check_stopped(run):
 
 def test_serve_runs_an_episode_and_writes_the_run_log(cb3, ckpt, tmp_path):
     run = ServeRun(cb3, ckpt, tmp_path)
-    assert run.join() == serve.EXIT_OK, run.summary["message"]
+    assert run.join() == session.EXIT_OK, run.summary["message"]
     s = run.summary
     assert s["episodes"] == 1 and s["frequency_hz"] == 125.0 and s["plans"] >= 5
     assert s["loop"]["cycles"] > 0.8 * 125 * 2.0 and s["loop"]["fault"] == ""
@@ -176,7 +176,7 @@ def test_serve_runs_an_episode_and_writes_the_run_log(cb3, ckpt, tmp_path):
 @pytest.mark.slow
 def test_serve_picks_500_hz_on_an_eseries(eseries, ckpt, tmp_path):
     run = ServeRun(eseries, ckpt, tmp_path, "--mode", "guided", "--no-rtc")
-    assert run.join() == serve.EXIT_OK, run.summary["message"]
+    assert run.join() == session.EXIT_OK, run.summary["message"]
     assert run.summary["frequency_hz"] == 500.0 and run.summary["runtime"] == "cpp"  # guided on the C++ engine
     assert not run.summary["rtc"] and not np.load(run.out / "run.npz")["plan_committed"].any()
     check_commands_within_limits(run)
@@ -185,7 +185,7 @@ def test_serve_picks_500_hz_on_an_eseries(eseries, ckpt, tmp_path):
 @pytest.mark.slow
 def test_servol_streams_the_same_trajectory_as_tool_poses(cb3, ckpt, tmp_path):
     run = ServeRun(cb3, ckpt, tmp_path, "--servo", "servoL", "--runtime", "torch")
-    assert run.join() == serve.EXIT_OK, run.summary["message"]
+    assert run.join() == session.EXIT_OK, run.summary["message"]
     assert run.summary["runtime"] == "torch"
     servol = [e for e in run.log if e["name"] == "servoL"]
     log = np.load(run.out / "run.npz")
@@ -213,7 +213,7 @@ def test_every_fault_ends_in_a_safe_stop(cb3, ckpt, tmp_path, fault, words):
     else:
         getattr(cb3.control, fault)(**({"refuse_s": 1.0} if fault == "drop_connections" else {}))
     code = run.join()
-    assert code == serve.EXIT_ROBOT_FAULT, run.summary["message"]
+    assert code == session.EXIT_ROBOT_FAULT, run.summary["message"]
     assert words in run.summary["message"]
     check_commands_within_limits(run)
     check_stopped(run)
@@ -228,7 +228,7 @@ def test_a_command_outside_the_workspace_box_stops_the_arm(cb3, ckpt, tmp_path):
     home = ReachTask().home_tcp
     box = [*(home - [0.5, 0.5, 0.005]), *(home + [0.5, 0.5, 0.5])]   # the floor 5 mm under home
     run = ServeRun(cb3, ckpt, tmp_path, "--workspace", *map(str, box))
-    assert run.join() == serve.EXIT_ROBOT_FAULT
+    assert run.join() == session.EXIT_ROBOT_FAULT
     assert "outside the workspace box" in run.summary["message"]
     q = np.array([e["doubles"][:6] for e in run.servoj])
     assert np.all(np.array([forward_kinematics(x)[2] for x in q]) >= box[2])
@@ -237,15 +237,15 @@ def test_a_command_outside_the_workspace_box_stops_the_arm(cb3, ckpt, tmp_path):
 
 def test_non_finite_actions_hold_then_stop(cb3, ckpt, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = serve.TimedPlanner.__call__
+    real = session.TimedPlanner.__call__
 
     def poisoned(self, obs, prefix=None, generator=None):
         calls["n"] += 1
         out = real(self, obs, prefix, generator)
         return out * np.nan if calls["n"] == 4 else out
-    monkeypatch.setattr(serve.TimedPlanner, "__call__", poisoned)
+    monkeypatch.setattr(session.TimedPlanner, "__call__", poisoned)
     run = ServeRun(cb3, ckpt, tmp_path)
-    assert run.join() == serve.EXIT_BAD_VALUES
+    assert run.join() == session.EXIT_BAD_VALUES
     assert "non-finite actions" in run.summary["message"]
     check_commands_within_limits(run)
     q = np.array([e["doubles"][:6] for e in run.servoj])
@@ -256,10 +256,10 @@ def test_non_finite_actions_hold_then_stop(cb3, ckpt, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_late_plans_keep_the_previous_chunk_and_a_stalled_planner_stops(cb3, ckpt, tmp_path):
     late = ServeRun(cb3, ckpt, tmp_path, "--simulate-delay", "300")
-    assert late.join() == serve.EXIT_OK, late.summary["message"]
+    assert late.join() == session.EXIT_OK, late.summary["message"]
     assert late.summary["scheduler"]["actions_dropped_stale"] > 0       # latency compensation dropped the past
     stalled = ServeRun(cb3, ckpt, tmp_path, "--simulate-delay", "1500", "--abort-after", "1.0")
-    assert stalled.join() == serve.EXIT_PLANNER_STALLED
+    assert stalled.join() == session.EXIT_PLANNER_STALLED
     assert "no plan accepted" in stalled.summary["message"]
     check_commands_within_limits(stalled)
     q = np.array([e["doubles"][:6] for e in stalled.servoj])
@@ -271,7 +271,7 @@ def test_bad_checkpoint_and_unreachable_controller_are_clear_errors(ckpt, tmp_pa
     assert "no such file" in capsys.readouterr().err
     # Nothing listens on this address: no emulator, no arm.
     code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", "127.0.0.29", "--log-dir", str(tmp_path / "s")])
-    assert code == serve.EXIT_ROBOT_FAULT
+    assert code == session.EXIT_ROBOT_FAULT
     assert "cannot connect to the controller at 127.0.0.29" in json.loads((tmp_path / "s" / "summary.json").read_text())["message"]
 
 
@@ -301,7 +301,7 @@ def test_every_option_outside_what_the_arm_allows_is_refused_before_connecting(c
     out = tmp_path / "s"
     code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", "127.0.0.29", "--log-dir", str(out), *option])
     err = capsys.readouterr().err
-    assert code == serve.EXIT_USAGE, err
+    assert code == session.EXIT_USAGE, err
     assert option[0] in err and not out.exists()
 
 
@@ -319,7 +319,7 @@ def test_a_rate_the_real_controller_does_not_run_is_refused_before_servoing(cb3,
     code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", cb3.host, "--frequency", "500",
                        "--log-dir", str(tmp_path / "s")])
     summary = strict_json(tmp_path / "s" / "summary.json")
-    assert code == serve.EXIT_USAGE and "--frequency: 500 Hz: a controller 3.x servos at 125 Hz" in summary["message"]
+    assert code == session.EXIT_USAGE and "--frequency: 500 Hz: a controller 3.x servos at 125 Hz" in summary["message"]
     assert not [e for e in cb3.control.command_log() if e["name"] in ("servoJ", "servoL")]
 
 
@@ -329,18 +329,18 @@ def test_a_crash_while_the_arm_moves_is_recorded_as_a_crash_after_bringing_it_to
     """Before: an exception outside RuntimeError/OSError left summary.json saying exit 0, "done",
     and a RuntimeError once servoing was re-raised the same way."""
     calls = {"n": 0}
-    real = serve.TimedPlanner.__call__
+    real = session.TimedPlanner.__call__
 
     def buggy(self, obs, prefix=None, generator=None):
         calls["n"] += 1
         if calls["n"] == 5:
             raise bug("injected bug")
         return real(self, obs, prefix, generator)
-    monkeypatch.setattr(serve.TimedPlanner, "__call__", buggy)
+    monkeypatch.setattr(session.TimedPlanner, "__call__", buggy)
     run = ServeRun(cb3, ckpt, tmp_path)
-    assert run.join() == serve.EXIT_INTERNAL
+    assert run.join() == session.EXIT_INTERNAL
     summary = strict_json(run.out / "summary.json")
-    assert summary["exit_code"] == serve.EXIT_INTERNAL
+    assert summary["exit_code"] == session.EXIT_INTERNAL
     assert summary["message"] == f"internal error: {bug.__name__}: injected bug"
     assert "in buggy" in summary["traceback"]
     check_commands_within_limits(run)
@@ -352,7 +352,7 @@ def test_a_crash_while_the_arm_moves_is_recorded_as_a_crash_after_bringing_it_to
 def test_a_huge_observation_is_refused_by_name_and_the_arm_brought_to_rest(cb3, ckpt, tmp_path, monkeypatch):
     """1e30 in one state element used to give all-NaN actions from the reference planner."""
     calls = {"n": 0}
-    real = serve.observe
+    real = session.observe
 
     def sensor_glitch(q, goal):
         calls["n"] += 1
@@ -360,9 +360,9 @@ def test_a_huge_observation_is_refused_by_name_and_the_arm_brought_to_rest(cb3, 
         if calls["n"] == 12:
             state[7] = 1e30
         return state
-    monkeypatch.setattr(serve, "observe", sensor_glitch)
+    monkeypatch.setattr(session, "observe", sensor_glitch)
     run = ServeRun(cb3, ckpt, tmp_path, "--runtime", "torch", "--no-rtc", "--plan-hz", "10")
-    assert run.join() == serve.EXIT_BAD_VALUES
+    assert run.join() == session.EXIT_BAD_VALUES
     assert "obs['state']: the value at index (0, 1, 7)" in run.summary["message"]
     q = np.array([e["doubles"][:6] for e in run.servoj])
     assert np.abs(q[-1] - q[-2]).max() * 125 < 1e-2
@@ -372,19 +372,19 @@ def test_a_huge_observation_is_refused_by_name_and_the_arm_brought_to_rest(cb3, 
 def test_the_stop_sequence_records_what_each_call_returned(cb3, ckpt, tmp_path):
     """Under a protective stop ur_rtde's servoStop returns False: the log used to say it was done."""
     run = ServeRun(cb3, ckpt, tmp_path)
-    assert run.join() == serve.EXIT_OK
+    assert run.join() == session.EXIT_OK
     assert [w for _, w in run.summary["stop_sequence"]] == ["stop", "servoStop: returned True", "stopScript: done"]
     run = ServeRun(cb3, ckpt, tmp_path)
     run.wait_servoing()
     cb3.control.protective_stop()
-    assert run.join() == serve.EXIT_ROBOT_FAULT
+    assert run.join() == session.EXIT_ROBOT_FAULT
     said = [w for _, w in run.summary["stop_sequence"]]
     assert said[0] == "stop" and said[1] in ("servoStop: returned False", "servoStop: returned True"), said
 
 
 def test_a_refused_connection_is_said_in_plain_words(ckpt, tmp_path, capsys):
     code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--host", "127.0.0.29", "--log-dir", str(tmp_path / "s")])
-    assert code == serve.EXIT_ROBOT_FAULT
+    assert code == session.EXIT_ROBOT_FAULT
     message = strict_json(tmp_path / "s" / "summary.json")["message"]
     assert "127.0.0.29:29999 (dashboard server) refused the connection: nothing listens there" in message
     assert "Timeout connecting" not in message
@@ -425,7 +425,7 @@ def test_memory_stays_flat_at_500_hz(eseries, ckpt, tmp_path):
                     samples.append((time.monotonic() - start, rss))
     finally:
         proc.wait(timeout=120)
-    assert proc.returncode == serve.EXIT_OK
+    assert proc.returncode == session.EXIT_OK
     t, rss = np.array(samples).T
     # After warm-up (the planner's caches, the first chunk of every log) and before the episode ends
     # (then the run log is folded into run.npz and plotted, which takes memory once).

@@ -1,0 +1,379 @@
+"""One serving session on a connected arm: the timed planner, episodes on an absolute time grid,
+safety stops, and the run log (streamed while running, then run.npz, summary.json and plots).
+
+`python -m dpag_engine.serve` (serve.py) checks the options, connects and runs a Session; everything
+here runs with the arm already connected and servoing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import _C
+from .envs.ur5_reach import ReachTask, evaluate, frame_origins, observe
+from .robot import UR5Robot
+from .runlog import StreamLog
+from .rtc import CommittedPrefix, DelayEstimator, committed_prefix
+
+# 1: bad input (an option, a checkpoint), refused before anything connects or moves; 5: a bug.
+EXIT_OK, EXIT_USAGE, EXIT_ROBOT_FAULT, EXIT_BAD_VALUES, EXIT_PLANNER_STALLED, EXIT_INTERNAL = 0, 1, 2, 3, 4, 5
+
+
+class SafetyStop(Exception):
+    """Raised on the planner side; `code` is the process exit code."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class TimedPlanner:
+    """A policy's plan contract (planner.py) on one runtime, timed: obs -> every future row of the
+    chunk (H - To + 1, Da), raw float64, with its latencies.
+
+    runtime "cpp" (the default) runs the C++ engine in either mode (one call, GIL released, so the
+    servo pump never waits on it); "torch" runs the PyTorch reference.
+    """
+
+    def __init__(self, policy, mode: str, runtime: str = "cpp", seed: int = 0, delay_s: float = 0.0,
+                 threads: int | None = None):
+        self.mode, self.runtime, self.delay_s, self.cfg = mode, runtime, delay_s, policy.cfg
+        self.generator = torch.Generator().manual_seed(seed)
+        if runtime == "cpp":
+            from .runtime.cpu import CpuRuntime
+            self.planner = CpuRuntime.planner(policy, threads=threads, guided=mode == "guided")
+        else:
+            self.planner = policy.planner()
+        # The recent latencies for the live status line; every plan's is in the session's plan log.
+        self.latencies_ms: deque[float] = deque(maxlen=500)
+        self.calls, self.seconds = 0, 0.0
+
+    def __call__(self, obs: dict, prefix: CommittedPrefix | None = None,
+                 generator: torch.Generator | None = None) -> np.ndarray:
+        """prefix: the committed actions of the executing chunk (real-time chunking), or None.
+        generator: this plan's random numbers (default: the planner's own stream)."""
+        inpaint = {}
+        if prefix is not None and prefix.weights.numel():
+            inpaint = {"prefix": prefix.actions.to(torch.float32)[None], "prefix_weight": prefix.weights}
+        t0 = time.perf_counter()
+        out = self.planner.predict_action(obs, generator or self.generator, mode=self.mode, **inpaint)
+        if self.delay_s > 0:   # --simulate-delay: a slower planner, for testing the runtime
+            time.sleep(self.delay_s)
+        seconds = time.perf_counter() - t0
+        self.latencies_ms.append(seconds * 1e3)
+        self.calls, self.seconds = self.calls + 1, self.seconds + seconds
+        # Every future row of the prediction (from n_obs_steps - 1 on), not only the n_action_steps
+        # executed: the rows past them are the soft guidance of the next real-time-chunking plan.
+        return out["action_pred"][0, self.cfg.n_obs_steps - 1:].detach().cpu().numpy().astype(np.float64)
+
+
+class Session:
+    """One connected arm, its planner and everything recorded for the run log."""
+
+    def __init__(self, robot: UR5Robot, planner: TimedPlanner, task: ReachTask, args, stream_dir: Path):
+        self.robot, self.planner, self.task, self.args = robot, planner, task, args
+        cfg = planner.cfg
+        self.n_obs, self.dt = cfg.n_obs_steps, task.dt
+        self.plan_every = max(1, round(1.0 / (args.plan_hz * task.dt)))
+        # Streamed to disk as they come (runlog.py): memory stays flat however long the run.
+        self.observations = StreamLog(stream_dir / "observations.bin",
+                                      [("t", "f8"), ("episode", "i4"), ("state", "f8", cfg.state_dim)])
+        self.plans = StreamLog(stream_dir / "plans.bin", [
+            ("t_obs", "f8"), ("t_done", "f8"), ("latency_ms", "f8"), ("accepted", "?"), ("kept", "i4"),
+            ("episode", "i4"), ("committed", "i4"), ("disagreement", "f8"),
+            ("actions", "f8", (cfg.horizon - cfg.n_obs_steps + 1, cfg.action_dim))])
+        # Real-time chunking: the chunk executing now (all its future rows, time of its row 0, rows
+        # submitted) and the delay to plan for.
+        self.executing: tuple[np.ndarray, float, int] | None = None
+        self.delay = DelayEstimator(initial_s=0.1)
+        self.episodes: list[dict] = []
+        self._last_status = 0.0
+
+    def _check_robot(self) -> None:
+        if not self.robot.running or self.robot.fault:
+            raise SafetyStop(EXIT_ROBOT_FAULT, f"robot fault: {self.robot.fault or 'the servo loop stopped'}")
+
+    def _submit(self, actions: np.ndarray, t_first: float):
+        """Submit a chunk whose action 0 is due at t_first, trusted for at most --hold-after seconds."""
+        keep = max(1, int(math.floor(self.args.hold_after / self.dt + 1e-9)))
+        result = self.robot.scheduler.submit(actions[:keep], t_first, self.dt)
+        if result.accepted:
+            self.executing = (actions, t_first, keep)
+        return result
+
+    def _committed(self, t_first: float) -> CommittedPrefix | None:
+        """--rtc: the executing chunk's actions due before the new plan can take over (+ soft rows)."""
+        if not self.args.rtc or self.executing is None:
+            return None
+        prev, prev_first, _ = self.executing
+        if t_first < prev_first:
+            return None
+        cfg = self.planner.cfg
+        return committed_prefix(torch.from_numpy(prev), prev_first, self.dt, t_first, self.delay.estimate(),
+                                soft_steps=self.args.rtc_soft_steps, max_len=cfg.horizon - cfg.n_obs_steps + 1)
+
+    def _disagreement(self, actions: np.ndarray, t_first: float, t_switch: float) -> float:
+        """max |new chunk - executing chunk| (rad) at the time the new one takes over: the jump the
+        scheduler's blend has to absorb. NaN when they do not overlap there."""
+        if self.executing is None:
+            return math.nan
+        prev, prev_first, keep = self.executing
+        prev = prev[:keep]
+        grid_prev = prev_first + self.dt * np.arange(len(prev))
+        grid_new = t_first + self.dt * np.arange(len(actions))
+        if not (grid_prev[0] <= t_switch <= grid_prev[-1] and grid_new[0] <= t_switch <= grid_new[-1]):
+            return math.nan
+        return float(max(abs(np.interp(t_switch, grid_new, actions[:, j]) - np.interp(t_switch, grid_prev, prev[:, j]))
+                         for j in range(actions.shape[1])))
+
+    def move_home(self, q_home: np.ndarray, speed: float = 0.5) -> None:
+        """A straight joint-space ramp to home at `speed` rad/s (through the scheduler, so limited)."""
+        q = self.robot.joint_positions()
+        n = max(2, int(math.ceil(np.max(np.abs(q_home - q)) / (speed * self.dt))) + 1)
+        ramp = q + np.linspace(0.0, 1.0, n)[1:, None] * (q_home - q)
+        # Repeat the end so the spline's tangent there is zero: the ramp stops at home, no overshoot.
+        ramp = np.vstack([ramp, np.repeat(ramp[-1:], 3, axis=0)])
+        result = self.robot.scheduler.submit(ramp, _C.monotonic() + self.dt, self.dt)
+        if not result.accepted:
+            raise RuntimeError(f"home ramp rejected: {result.reason}")
+        self.executing = None   # the next plan continues nothing
+        deadline = time.monotonic() + n * self.dt + 3.0
+        while time.monotonic() < deadline:
+            self._check_robot()
+            cmd = self.robot.scheduler.commanded()
+            if cmd is not None and np.max(np.abs(self.robot.joint_positions() - q_home)) < 2e-3 \
+                    and np.max(np.abs(cmd[1])) < 1e-3:
+                return
+            time.sleep(0.02)
+        raise SafetyStop(EXIT_ROBOT_FAULT, "could not reach the home pose (is the arm tracking its commands?)")
+
+    def run_episode(self, index: int, goal: np.ndarray) -> dict:
+        """Observe at the policy's rate on an absolute time grid, plan every plan_every samples."""
+        args, dt = self.args, self.dt
+        steps = int(round(args.duration / dt)) if args.duration else self.task.episode_steps
+        history, q_traj = deque(maxlen=self.n_obs), []
+        t0 = time.monotonic()
+        last_accept = t0
+        for step in range(steps + 1):
+            t_obs = t0 + step * dt
+            time.sleep(max(0.0, t_obs - time.monotonic()))
+            self._check_robot()
+            t_obs = time.monotonic()   # the time the observation was really taken
+            q = self.robot.joint_positions()
+            state = observe(q, goal)
+            if not np.all(np.isfinite(state)):
+                raise SafetyStop(EXIT_BAD_VALUES, f"non-finite observation at step {step}: {state.tolist()}")
+            history.append(state)
+            q_traj.append(q)
+            self.observations.append(t_obs, index, state)
+            if step == steps:
+                break
+            if step % self.plan_every == 0:
+                # Before To observations exist, the first one stands in for the missing ones (as in training).
+                window = [history[0]] * (self.n_obs - len(history)) + list(history)
+                # Action i of the chunk is the target for t_obs + (i + 1) dt (see envs/ur5_reach.py).
+                t_first = t_obs + dt
+                prefix = self._committed(t_first)
+                try:
+                    actions = self.planner(state_obs(window), prefix)
+                except (ValueError, FloatingPointError) as err:   # the runtimes' observation/action checks
+                    raise SafetyStop(EXIT_BAD_VALUES, f"plan at step {step} refused: {err}") from err
+                if not np.all(np.isfinite(actions)):
+                    raise SafetyStop(EXIT_BAD_VALUES, f"the policy returned non-finite actions at step {step}")
+                now = time.monotonic()
+                self.delay.update(now - t_obs)
+                jump = self._disagreement(actions, t_first, now + dt)
+                result = self._submit(actions, t_first)
+                self._record_plan(t_obs, now, actions, result, index, prefix.n_committed if prefix else 0, jump)
+                if result.accepted:
+                    last_accept = now
+                elif now - last_accept > args.abort_after:
+                    raise SafetyStop(EXIT_PLANNER_STALLED,
+                                     f"no plan accepted for {now - last_accept:.2f} s (--abort-after {args.abort_after})")
+            self._status(index, step * dt)
+        metrics = evaluate(np.asarray(q_traj), goal, self.task)
+        metrics.update(goal=goal.tolist(), steps=steps)
+        self.episodes.append(metrics)
+        return metrics
+
+    def _record_plan(self, t_obs, t_done, actions, result, episode, committed, disagreement) -> None:
+        self.plans.append(t_obs, t_done, self.planner.latencies_ms[-1], result.accepted, result.kept, episode,
+                          committed, disagreement, actions)
+
+    def _status(self, episode: int, t: float, force: bool = False) -> None:
+        now = time.monotonic()
+        tty = sys.stderr.isatty()
+        if not force and now - self._last_status < (0.5 if tty else 5.0):
+            return
+        self._last_status = now
+        lat = self.planner.latencies_ms or [0.0]
+        loop = self.robot.loop.stats
+        cmd, state = self.robot.log.commands.last, self.robot.log.states.last
+        track = float(np.max(np.abs(cmd["q"] - state["q"]))) * 1e3 if cmd is not None and state is not None else 0.0
+        line = (f"ep {episode + 1}/{self.args.episodes} t {t:4.1f} s | plan p50 {np.percentile(lat, 50):5.1f} ms "
+                f"p99 {np.percentile(lat, 99):5.1f} ms | {loop['rate_hz']:.0f} Hz period err p99 "
+                f"{loop['period_error_p99_us']:.0f} us, late {loop['late_cycles']} | track err {track:.1f} mrad")
+        print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    # ---- the run log ----
+    def save(self, out: Path, summary: dict) -> list[str]:
+        """run.npz, summary.json and the plots; returns the names of the plots that were written."""
+        out.mkdir(parents=True, exist_ok=True)
+        log = self.robot.log
+        obs, plans, cmds, states = (self.observations.rows(), self.plans.rows(), log.commands.rows(),
+                                    log.states.rows())
+        np.savez_compressed(
+            out / "run.npz",
+            obs_t=obs["t"], obs_state=obs["state"], obs_episode=obs["episode"],
+            plan_t_obs=plans["t_obs"], plan_t_done=plans["t_done"], plan_latency_ms=plans["latency_ms"],
+            plan_accepted=plans["accepted"], plan_kept=plans["kept"], plan_episode=plans["episode"],
+            plan_committed=plans["committed"], plan_disagreement_rad=plans["disagreement"],
+            plan_actions=plans["actions"],
+            cmd_t_slot=cmds["t_slot"], cmd_t_sent=cmds["t_sent"], cmd_q=cmds["q"], cmd_v=cmds["v"],
+            state_t=states["t"], state_q=states["q"],
+            period_error_hist_us=self.robot.loop.period_error_histogram() if self.robot.loop else np.zeros(0))
+        (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False))
+        written: list[str] = []
+        try:
+            plot_run(out, self, summary, obs, plans, cmds, states, written)
+        except Exception as err:   # a plot must never cost the run log or the exit code
+            print(f"serve: plotting stopped after {written}: {type(err).__name__}: {err}", file=sys.stderr)
+        del obs, plans, cmds, states    # the maps, before their files go
+        for stream in (self.observations, self.plans, log.commands, log.states):
+            stream.close(remove=True)   # folded into run.npz; a run that dies keeps them
+        return written
+
+
+def state_obs(window) -> dict[str, torch.Tensor]:
+    """The policy's observation from the last To task states: {"state": (1, To, Ds)}."""
+    return {"state": torch.from_numpy(np.ascontiguousarray(np.stack(window), dtype=np.float32))[None]}
+
+
+def json_safe(value):
+    """NaN/inf as null (JSON has no NaN: a bare NaN makes summary.json unreadable to strict parsers)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+def plot_run(out: Path, session: Session, summary: dict, obs, plans, cmds, states, written: list[str]) -> None:
+    """The run's plots from its logs; each file's name goes into `written` once it is saved."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def save(fig, name):
+        fig.savefig(out / name, dpi=90)
+        plt.close(fig)
+        written.append(name)
+
+    if len(cmds):
+        t_ref = cmds["t_slot"][0]
+        fig, axes = plt.subplots(6, 1, figsize=(10, 12), sharex=True)
+        for j, ax in enumerate(axes):
+            ax.plot(cmds["t_slot"] - t_ref, cmds["q"][:, j], lw=1.0, label="commanded")
+            if len(states):
+                ax.plot(states["t"] - t_ref, states["q"][:, j], lw=1.0, ls="--", label="actual")
+            ax.set_ylabel(f"q{j} (rad)")
+        axes[0].legend(loc="upper right")
+        axes[-1].set_xlabel("time (s)")
+        fig.suptitle(f"joint trajectories at {summary['frequency_hz']:.0f} Hz")
+        fig.tight_layout()
+        save(fig, "joints.png")
+    if len(plans):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist(plans["latency_ms"], bins=40)
+        ax.set(xlabel="plan latency (ms)", ylabel="plans",
+               title=f"planning latency ({session.planner.runtime}, {session.planner.mode})")
+        save(fig, "plan_latency.png")
+    hist = session.robot.loop.period_error_histogram() if session.robot.loop else np.zeros(0)
+    if hist.sum():
+        top = int(np.flatnonzero(hist)[-1]) + 2
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar(np.arange(top), hist[:top], width=1.0)
+        ax.set(xlabel="|period - nominal| (us)", ylabel="cycles", yscale="log",
+               title=f"servo loop period error at {summary['frequency_hz']:.0f} Hz")
+        save(fig, "loop_period.png")
+    if len(obs) and session.episodes:   # tool paths seen from above, with the obstacle
+        task = session.task
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.add_patch(plt.Circle(task.obstacle_center[:2], task.obstacle_radius, color="grey", alpha=0.5))
+        for i, m in enumerate(session.episodes):
+            tcp = frame_origins(np.asarray(obs["state"][obs["episode"] == i, :6], dtype=float))[:, 6]
+            line, = ax.plot(tcp[:, 0], tcp[:, 1], lw=1.2)
+            ax.plot(*m["goal"][:2], "*", ms=12, color=line.get_color())
+        ax.set(aspect="equal", xlabel="x (m)", ylabel="y (m)", title="TCP paths (top view), goals *")
+        save(fig, "tcp_paths.png")
+
+
+def bring_to_rest(robot: UR5Robot, timeout: float = 2.0) -> None:
+    """Submit nothing more and let the scheduler's hold decelerate the arm to rest."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and robot.running:
+        if robot.scheduler.stats["mode"] != "tracking":
+            cmd = robot.scheduler.commanded()
+            if cmd is None or np.max(np.abs(cmd[1])) < 1e-4:
+                return
+        time.sleep(0.01)
+
+
+def summarize(session: Session, code: int, message: str) -> dict:
+    plans = session.plans.rows()
+    lat = plans["latency_ms"] if len(plans) else np.array([math.nan])
+    jumps = plans["disagreement"]
+    loop = session.robot.loop.stats if session.robot.loop is not None else {}
+    eps = session.episodes
+    return {
+        "exit_code": code, "message": message,
+        "episodes": len(eps), "success_rate": float(np.mean([e["success"] for e in eps])) if eps else math.nan,
+        "collision_rate": float(np.mean([e["collided"] for e in eps])) if eps else math.nan,
+        "mean_jerk": float(np.mean([e["mean_jerk"] for e in eps])) if eps else math.nan,
+        "sides": [e["path_side"] for e in eps],
+        "plan_ms_p50": float(np.percentile(lat, 50)), "plan_ms_p99": float(np.percentile(lat, 99)),
+        "plans": len(plans), "runtime": session.planner.runtime, "mode": session.planner.mode,
+        "rtc": bool(session.args.rtc),
+        # How far each new chunk was from the executing one where it took over (the blend's job).
+        "chunk_disagreement_rad_mean": float(np.nanmean(jumps)) if np.isfinite(jumps).any() else math.nan,
+        "frequency_hz": session.robot.frequency or math.nan,
+        "loop": {k: loop.get(k) for k in ("cycles", "late_cycles", "period_error_p50_us", "period_error_p99_us",
+                                           "period_error_max_us", "rt_granted", "fault")},
+        "mailbox": session.robot.sink.stats if session.robot.sink is not None else {},
+        "scheduler": dict(session.robot.scheduler.stats) if session.robot.scheduler is not None else {},
+        "stop_sequence": [[t, what] for t, what in session.robot.stop_log],   # monotonic s
+        "per_episode": eps,
+    }
+
+
+def print_summary(s: dict, out: Path, plots: list[str]) -> None:
+    def num(x, fmt, scale=1.0):   # summary values that may be null (nothing measured)
+        return "n/a" if x is None or not math.isfinite(x) else format(x * scale, fmt)
+
+    loop = s["loop"]
+    print(f"\n== serve: {s['message']} (exit {s['exit_code']}) ==")
+    if s["episodes"]:
+        print(f"success {num(s['success_rate'], '.0f', 100)}% of {s['episodes']} episodes, collisions "
+              f"{num(s['collision_rate'], '.0f', 100)}%, sides {s['sides']}, mean jerk {num(s['mean_jerk'], '.1f')} rad/s^3")
+    if s["plans"]:
+        print(f"plan latency p50 {num(s['plan_ms_p50'], '.1f')} ms, p99 {num(s['plan_ms_p99'], '.1f')} ms over "
+              f"{s['plans']} plans ({s['mode']} on {s['runtime']}{', RTC' if s['rtc'] else ''}); chunk disagreement "
+              f"at takeover {num(s['chunk_disagreement_rad_mean'], '.1f', 1e3)} mrad")
+    if loop.get("cycles"):
+        print(f"servo loop {s['frequency_hz']:.0f} Hz: {loop['cycles']} cycles, period error p50 "
+              f"{loop['period_error_p50_us']:.0f} us, p99 {loop['period_error_p99_us']:.0f} us, max "
+              f"{loop['period_error_max_us']:.0f} us, late {loop['late_cycles']}, SCHED_FIFO {loop['rt_granted']}; "
+              f"mailbox overwritten {s['mailbox'].get('overwritten')} of {s['mailbox'].get('posted')}")
+    print(f"run log: {out / 'run.npz'}, {out / 'summary.json'}"
+          + (f"; plots: {', '.join(str(out / p) for p in plots)}" if plots else "; no plots (nothing ran)"))
