@@ -9,7 +9,7 @@
 namespace dpag {
 
 std::array<double, 3> ur5_tcp_position(const double* q) {
-    // Standard DH parameters of the classic UR5 (as dpag_engine/ursim/kinematics.py).
+    // Standard DH parameters of the classic UR5 (as dpag_engine/kinematics.py).
     static constexpr double kA[6] = {0.0, -0.425, -0.39225, 0.0, 0.0, 0.0};
     static constexpr double kD[6] = {0.089159, 0.0, 0.0, 0.10915, 0.09465, 0.0823};
     static constexpr double kPi = 3.14159265358979323846;

@@ -31,7 +31,7 @@
 namespace dpag {
 
 // Tool-centre position [x, y, z] (m, base frame) of a UR5 at joint positions q (6 values): the
-// standard DH chain of the classic UR5, identical to dpag_engine/ursim/kinematics.py.
+// standard DH chain of the classic UR5, identical to dpag_engine/kinematics.py.
 std::array<double, 3> ur5_tcp_position(const double* q);
 
 // An axis-aligned box in the base frame; the TCP must stay inside it.

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import _C
 from .runlog import StreamLog
-from .kinematics import forward_kinematics
+from .kinematics import UR5_LIMITS, forward_kinematics
 
 UR5_DOF = 6
 RT_PRIORITY = 80   # SCHED_FIFO level of the servo loop
@@ -46,12 +46,13 @@ SAFETY_NAMES = {1: "normal", 2: "reduced", 3: "protective stop", 4: "recovery", 
                 6: "system emergency stop", 7: "robot emergency stop", 8: "violation", 9: "fault"}
 
 
-# What the arm itself allows; SafetyLimits may only be tighter. Joint speed: 180 deg/s on every
-# joint in the UR5 and UR5e data sheets. Joint acceleration is not in the data sheets: 40 rad/s^2 is
-# the bound ur_rtde itself enforces on joint accelerations (UR_JOINT_ACCELERATION_MAX). Joint range
-# +-360 deg. Servo rates: a CB3 controller runs at 125 Hz, an e-Series at 500 Hz (divisors allowed).
-UR5_JOINT_RANGE = 2 * math.pi
-UR5_JOINT_SPEED_MAX = math.pi
+# What the arm itself allows; SafetyLimits may only be tighter. Range (+-360 deg) and joint speed
+# (180 deg/s on every joint of the UR5 and UR5e) are the data sheet's (kinematics.UR5_LIMITS). Joint
+# acceleration is not in the data sheets: 40 rad/s^2 is the bound ur_rtde itself enforces on joint
+# accelerations (UR_JOINT_ACCELERATION_MAX), above the emulated arm's own 25. Servo rates: a CB3
+# controller runs at 125 Hz, an e-Series at 500 Hz (divisors allowed).
+UR5_JOINT_RANGE = UR5_LIMITS.q_max
+UR5_JOINT_SPEED_MAX = UR5_LIMITS.v_max
 UR5_JOINT_ACCEL_MAX = 40.0
 CONTROLLER_RATES_HZ = {3: (125.0,), 5: (125.0, 250.0, 500.0)}   # by controller major version
 # No fresh state for longer than this cannot be a safety stop any more: at 0.2 m/s it is 20 cm.
