@@ -108,7 +108,7 @@ def _init(ckpt: str, task: str, mode: str | None, max_steps: int, state_keys: li
                    state_keys=state_keys, cameras=cameras, max_steps=max_steps)
 
 
-def rollout(args: tuple[int, bool]) -> dict:
+def run_episode(args: tuple[int, bool]) -> dict:
     seed, record = args
     w = _WORKER
     policy, task, n_obs = w["policy"], w["task"], w["policy"].cfg.n_obs_steps
@@ -170,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=init) as pool:
-            episodes = pool.map(rollout, jobs, chunksize=1)
+            episodes = pool.map(run_episode, jobs, chunksize=1)
     else:
         _init(*init)
-        episodes = [rollout(job) for job in jobs]
+        episodes = [run_episode(job) for job in jobs]
     for ep in episodes:
         frames = ep.pop("frames")
         if frames:

@@ -6,7 +6,7 @@ pytest.importorskip("gym_pusht")
 
 from dpag_engine.data import DataConfig, load_datasets, read_replay_buffer  # noqa: E402
 from dpag_engine.envs import GOAL_POSE, DynamicPushT, PushT, coverage, keypoints  # noqa: E402
-from dpag_engine.envs.expert import ScriptedExpert, kp_cost, run_expert_episode  # noqa: E402
+from dpag_engine.envs.expert import PushTExpert, kp_cost, run_expert_episode  # noqa: E402
 from dpag_engine.envs.generate import main as generate_main  # noqa: E402
 
 
@@ -76,7 +76,7 @@ def test_expert_reaches_goal(seed):
 def test_expert_makes_progress_quickly():
     task = PushT()
     task.reset(2)
-    expert, start = ScriptedExpert(2), kp_cost(task.block_pose)
+    expert, start = PushTExpert(2), kp_cost(task.block_pose)
     for _ in range(60):
         task.step(expert.act(task))
     assert kp_cost(task.block_pose) < 0.7 * start

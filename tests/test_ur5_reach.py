@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dpag_engine.data import load_datasets, read_replay_buffer
-from dpag_engine.envs.ur5_reach import (ReachTask, ScriptedExpert, evaluate, frame_origins, generate, ik,
+from dpag_engine.envs.ur5_reach import (ReachTask, ReachExpert, evaluate, frame_origins, generate, ik,
                                         mean_jerk, observe, rollout)
 from dpag_engine.training.config import build_configs, load_config_file, resolve_policy_config
 from dpag_engine.kinematics import UR5_LIMITS, fk_matrix, forward_kinematics, matrix_from_rotvec
@@ -50,7 +50,7 @@ def test_frame_origins_match_fk():
 
 
 def test_expert_reaches_goals_without_collision_on_both_sides():
-    expert = ScriptedExpert(TASK)
+    expert = ReachExpert(TASK)
     sides = []
     for seed in range(8):
         rng = np.random.default_rng([seed, 7])
@@ -80,7 +80,7 @@ def test_expert_reaches_goals_without_collision_on_both_sides():
 def test_expert_side_can_be_forced():
     goal = TASK.sample_goal(np.random.default_rng(3))
     for side in ("left", "right"):
-        traj, got = ScriptedExpert(TASK).run(np.random.default_rng(1), goal, side=side)
+        traj, got = ReachExpert(TASK).run(np.random.default_rng(1), goal, side=side)
         assert got == side and evaluate(traj, goal, TASK)["path_side"] == side
 
 
@@ -169,7 +169,7 @@ def _replay(traj):
 
 def test_rollout_replaying_the_expert_succeeds():
     goal = TASK.sample_goal(np.random.default_rng(11))
-    traj, _ = ScriptedExpert(TASK).run(np.random.default_rng(12), goal)
+    traj, _ = ReachExpert(TASK).run(np.random.default_rng(12), goal)
     fn, calls = _replay(traj)
     out = rollout(fn, TASK, goal, n_obs_steps=2)
     assert out.shape == traj.shape

@@ -23,7 +23,7 @@ def _maps(state_dim: int, action_dim: int) -> tuple[np.ndarray, np.ndarray]:
     return fixed.normal(size=(6, state_dim)) / np.sqrt(6), fixed.normal(size=(2, max(action_dim - 2, 0)))
 
 
-def observe(pos: np.ndarray, goal: np.ndarray, vel: np.ndarray, state_map: np.ndarray) -> np.ndarray:
+def synthetic_state(pos: np.ndarray, goal: np.ndarray, vel: np.ndarray, state_map: np.ndarray) -> np.ndarray:
     """(..., 2) position, goal and velocity -> the raw state vector the policy sees."""
     goal = np.broadcast_to(goal, pos.shape)
     return ((np.concatenate([pos, goal, vel * 5], axis=-1) @ state_map) * 50 + 10).astype(np.float32)
@@ -52,7 +52,7 @@ def make_episodes(n_episodes: int = 64, episode_length: int = 80, action_dim: in
         target = p[1:]                                   # commanded next position
         action = np.concatenate([target, target @ action_map], axis=1)[:, :action_dim]
         ep = {"action": (action * 200 + 256).astype(np.float32),   # pixel-like units, like Push-T
-              "state": observe(p[:-1], goal, v[:-1], state_map)}
+              "state": synthetic_state(p[:-1], goal, v[:-1], state_map)}
         for key in (cameras or {}).values():
             ep[key] = _render(p[:-1], image_shape)
         episodes.append(ep)

@@ -110,7 +110,7 @@ def push_targets(pre: np.ndarray, direction: np.ndarray, length: float, speed: f
     return targets + [targets[-1] - direction * 2 * AGENT_RADIUS]
 
 
-class ScriptedExpert:
+class PushTExpert:
     """`act(task)` returns the next action (target position, px) from the true state of `task`."""
 
     def __init__(self, seed: int = 0):
@@ -297,7 +297,7 @@ def _exit_point(p: np.ndarray, direction: np.ndarray, centre: np.ndarray) -> np.
 
 def run_expert_episode(task: PushT, seed: int, expert_seed: int | None = None) -> dict[str, np.ndarray]:
     """One demonstration: per-step observations and the actions taken from them."""
-    expert = ScriptedExpert(seed if expert_seed is None else expert_seed)
+    expert = PushTExpert(seed if expert_seed is None else expert_seed)
     obs = task.reset(seed)
     steps: dict[str, list] = {k: [] for k in obs}
     steps["action"] = []

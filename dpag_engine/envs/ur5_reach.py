@@ -147,7 +147,7 @@ def min_jerk(s: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class ScriptedExpert:
+class ReachExpert:
     """Goes round the obstacle on a random side via a Cartesian waypoint, then rests at the goal."""
 
     task: ReachTask = field(default_factory=ReachTask)
@@ -336,7 +336,7 @@ def evaluate_policy(policy, n_goals: int = 20, mode: str = "dp", seed: int = EVA
 # ----------------------------------------------------------------------------------------------
 # Demonstrations in Diffusion Policy's zarr layout
 # ----------------------------------------------------------------------------------------------
-def make_episode(task: ReachTask, expert: ScriptedExpert, rng: np.random.Generator) -> tuple[dict, dict]:
+def make_episode(task: ReachTask, expert: ReachExpert, rng: np.random.Generator) -> tuple[dict, dict]:
     """One demonstration: rows t = 0 .. T-1 with q_t, goal, and action_t = q_{t+1}; plus its score."""
     goal = task.sample_goal(rng)
     q0 = task.sample_start(rng)
@@ -356,7 +356,7 @@ def generate(out_path: str | Path, n_episodes: int, seed: int = 0, task: ReachTa
     """Write expert demonstrations (keys q, goal, action; meta/episode_ends). Episode i draws from
     np.random.default_rng([seed, i]), so any episode can be regenerated alone. Returns a summary."""
     task = task or ReachTask()
-    expert = ScriptedExpert(task)
+    expert = ReachExpert(task)
     scores, kept = [], 0
     with ReplayBufferWriter(out_path, overwrite=overwrite) as writer:
         for i in progress_bar(range(n_episodes), desc="ur5 reach expert", disable=not progress):
