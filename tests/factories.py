@@ -38,3 +38,9 @@ def make_batch(cfg: PolicyConfig, batch: int, generator: torch.Generator, dtype=
 # Overrides for a small two-camera image policy (64 px crops leave a 2x2 map for the spatial softmax).
 SMALL_IMAGE = dict(state_dim=4, action_dim=2,
                    image=ImageEncoderConfig(cameras=("front", "wrist"), image_shape=(3, 72, 72), crop_shape=(64, 64)))
+
+
+def normalised_error(policy: DPAGPolicy, a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in the sampler's normalised action units (independent of the dataset's units)."""
+    scale = policy.normalizer.affine("action", torch.float32).scale.to(a.device)
+    return float(((a - b.to(a.device)) * scale).abs().max())

@@ -12,7 +12,7 @@ import torch
 
 from dpag_engine.config import LatentUpdateConfig, SchedulerConfig
 
-from factories import make_obs, make_policy
+from factories import make_obs, make_policy, normalised_error
 
 TOL = 1e-5
 SAMPLERS = {"ddim-eta0": SchedulerConfig(num_inference_steps=6),
@@ -84,6 +84,5 @@ def test_runtime_matches_the_reference(runtime, mode, rtc, sampler, latent_eta, 
     want = policy.predict_action(obs, torch.Generator().manual_seed(seed + 2), mode=mode, **inpaint)["action_pred"]
     plan = build(runtime, policy, mode, 5 if inpaint else 0, tmp_path)
     got = plan(obs, torch.Generator(device).manual_seed(seed + 2), **inpaint)
-    scale = 2 / (policy.normalizer.action_max - policy.normalizer.action_min).to(got.device)
-    err = float(((got - want.to(got.device)) * scale).abs().max())
+    err = normalised_error(policy, got, want)
     assert err <= TOL, f"{runtime} {mode} {rtc} {sampler} latent eta {latent_eta}: normalised error {err:.2e}"

@@ -22,7 +22,7 @@ from dpag_engine.planner import draw_plan_noise
 from dpag_engine.ops import torch_ref
 from dpag_engine.runtime.cpu import CpuRuntime, engine_config, unet_weights
 
-from factories import make_obs, make_policy, SMALL_IMAGE
+from factories import SMALL_IMAGE, make_obs, make_policy, normalised_error
 
 ATOL = 1e-5
 # Three U-Net levels (the tiny recipe has two): a down-sampling, two up levels, skips at two scales.
@@ -38,14 +38,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def action_scale(policy) -> torch.Tensor:
-    return policy.normalizer.affine("action", torch.float32).scale
-
-
-def normalised_error(policy, a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(((a - b) * action_scale(policy)).abs().max())
 
 
 def check_matches_reference(policy, batch: int, seeds=(0,), mode: str = "dp", atol: float = ATOL) -> float:

@@ -18,7 +18,7 @@ from dpag_engine import ops
 from dpag_engine.config import SchedulerConfig
 from dpag_engine.ops import torch_ref as R
 from dpag_engine.rtc import DelayEstimator, committed_prefix, prefix_weights
-from factories import make_obs, make_policy
+from factories import make_obs, make_policy, normalised_error
 
 try:
     K = importlib.import_module("dpag_engine.kernels")
@@ -45,13 +45,6 @@ def _one_torch_thread():
     yield
     torch.set_num_threads(n)
 
-
-def scale_of(policy) -> torch.Tensor:
-    return policy.normalizer.affine("action", torch.float32).scale
-
-
-def norm_err(policy, a, b) -> float:
-    return float(((a - b) * scale_of(policy)).abs().max())
 
 
 def expected_prefix(policy, prefix):
@@ -99,10 +92,10 @@ def test_prefix_equals_committed_actions_at_the_end(backend, mode, sched):
     weights = prefix_weights(p, s)
     out = plan(policy, backend, obs, 7, mode, prefix=prefix, prefix_weight=weights)
     assert out.shape == (3, cfg.horizon, cfg.action_dim) and torch.isfinite(out).all()
-    err = norm_err(policy, out[:, start:start + p], expected_prefix(policy, prefix[:, :p]))
+    err = normalised_error(policy, out[:, start:start + p], expected_prefix(policy, prefix[:, :p]))
     assert err <= ATOL, f"committed rows differ from the committed actions by {err:.2e} (normalised)"
     # The soft rows are pulled, not pinned; the rest of the chunk is the model's.
-    assert norm_err(policy, out[:, start + p:start + p + s], expected_prefix(policy, prefix[:, p:])) > 1e-3
+    assert normalised_error(policy, out[:, start + p:start + p + s], expected_prefix(policy, prefix[:, p:])) > 1e-3
 
 
 # ---- (2) no prefix = the plain sampler, bit for bit, same draws ----
@@ -140,7 +133,7 @@ def test_backends_agree_with_a_prefix(mode, sched):
     if not others:
         pytest.skip("no other backend available")
     for backend in others:
-        err = norm_err(policy, plan(policy, backend, obs, 5, mode, **rtc), ref)
+        err = normalised_error(policy, plan(policy, backend, obs, 5, mode, **rtc), ref)
         assert err <= ATOL, f"{backend} vs torch: {err:.2e} (normalised)"
 
 
@@ -200,7 +193,7 @@ def test_rtc_removes_the_boundary_jump_of_a_multimodal_policy(backend, p, soft, 
     sched = policy.schedule
     policy.unet = ModeDenoiser(templates, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
     obs = make_obs(cfg, batch, torch.Generator().manual_seed(6))
-    scale = scale_of(policy)
+    scale = policy.normalizer.affine("action", torch.float32).scale
     with ops.use_backend(backend):
         old = policy.predict_action(obs, torch.Generator().manual_seed(100))["action_pred"]
         prefix = old[:, start:start + p + soft]    # chunk n's actions: committed, then the soft rows
