@@ -721,7 +721,7 @@ def test_command_log_is_a_bounded_ring_with_a_drop_counter():
 def test_full_command_log_is_small():
     """A long run's memory stays flat: the log is capped, and a full log costs a few MB."""
     import tracemalloc
-    from dpag_engine.ursim.emulator import _Connection
+    from dpag_engine.ursim.rtde import RtdeConnection as _Connection
     emu = URControllerEmulator(ROBUST_HOST, "5.11")            # not started: no sockets needed
     cap = emu.command_log_capacity
     assert cap >= 20_000                                        # 40 s of servoJ at 500 Hz
@@ -765,7 +765,7 @@ def test_setup_log_entries_are_bounded(robust):
 
 
 def test_connection_count_is_bounded(robust):
-    from dpag_engine.ursim.emulator import MAX_CLIENTS
+    from dpag_engine.ursim.server import MAX_CLIENTS
     emu, w = robust
     socks, banners = [], []
     try:

@@ -7,7 +7,8 @@ import sys
 import threading
 
 from .control import DEFAULT_CONTROL_PORT, ControlServer
-from .emulator import COMMAND_LOG_SIZE, URControllerEmulator
+from .emulator import URControllerEmulator
+from .logs import COMMAND_LOG_SIZE
 
 
 def main(argv=None):

@@ -33,14 +33,12 @@ from .arm import Arm
 from .controller import PLAYING, Controller
 from .dashboard import DashboardServer
 from .logs import COMMAND_LOG_SIZE, Logs
-from .rtde import RtdeConnection as _Connection, RtdeServer
+from .rtde import RtdeServer
 from .script import ControlScript, ScriptServer
-from .server import MAX_CLIENTS, Servers
+from .server import Servers
 
 RTDE_PORT, DASHBOARD_PORT, SCRIPT_PORT = 30004, 29999, 30003
-# Also importable from here: _Connection (an RTDE connection), MAX_CLIENTS, COMMAND_LOG_SIZE.
-__all__ = ["URControllerEmulator", "parse_version", "RTDE_PORT", "DASHBOARD_PORT", "SCRIPT_PORT",
-           "COMMAND_LOG_SIZE", "MAX_CLIENTS", "_Connection"]
+__all__ = ["URControllerEmulator", "parse_version", "RTDE_PORT", "DASHBOARD_PORT", "SCRIPT_PORT"]
 
 
 def parse_version(text):
