@@ -34,6 +34,8 @@
 // - Optional 16-bit convolution weights (bf16 or IEEE fp16, widened to fp32 in the kernel) halve
 //   the bytes each step streams; activations, accumulation, biases, norms and FiLM stay fp32.
 //   fp16 keeps 3 more mantissa bits than bf16 (8x smaller rounding error) at the same cost.
+//
+// The implementation is split by job over several files; unet_impl.h (the private Impl) lists them.
 #pragma once
 
 #include <array>

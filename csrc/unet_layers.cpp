@@ -1,0 +1,217 @@
+// The U-Net engine's layer building blocks (declared in unet_layers.h): the weight arena, conv
+// packing, im2col / col2im, GroupNorm+Mish forward and backward; and conv1d_forward
+// (unet_runtime.h), one standalone conv through the same path, for layer tests.
+#include "unet_layers.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+#include "unet_runtime.h"
+
+namespace dpag {
+namespace unet {
+namespace {
+
+constexpr float kGroupNormEps = 1e-5f;  // torch.nn.GroupNorm default
+
+// The input position that weight tap j meets at output position t, or -1 (padding / no tap).
+int source_index(const Conv& c, int t, int j, int t_in) {
+    int ti;
+    if (!c.transposed) {
+        ti = t * c.stride + j - c.pad;
+    } else {
+        // out[t] gathers in[ti] * w[j] for t = ti*stride - pad + j.
+        const int num = t + c.pad - j;
+        ti = (num >= 0 && num % c.stride == 0) ? num / c.stride : -1;
+    }
+    return ti < t_in ? ti : -1;
+}
+
+}  // namespace
+
+void WeightArena::build(const std::vector<Dense*>& layers) {
+    constexpr std::size_t kAlign = 2u << 20;
+    std::size_t total = 0;
+    for (const Dense* d : layers) total += (d->bytes() + 63) / 64 * 64;
+    total = (total + kAlign - 1) / kAlign * kAlign;
+    if (total == 0) return;
+    base_ = static_cast<char*>(std::aligned_alloc(kAlign, total));
+    if (!base_) throw std::bad_alloc();
+#ifdef __linux__
+    madvise(base_, total, MADV_HUGEPAGE);  // a hint: without THP it is just slower
+#endif
+    std::size_t off = 0;
+    for (Dense* d : layers) {
+        const std::size_t n = d->bytes();
+        std::memcpy(base_ + off, d->weights(), n);
+        d->data = base_ + off;
+        // The packed copies are no longer needed; keep only their sizes (bytes() still works).
+        d->w32.clear();
+        d->w32.shrink_to_fit();
+        d->w16.clear();
+        d->w16.shrink_to_fit();
+        d->stored_bytes = n;
+        off += (n + 63) / 64 * 64;
+    }
+}
+
+WeightArena::~WeightArena() { std::free(base_); }
+
+Conv make_conv(const float* w, const float* b, int c_in, int c_out, int k, int stride, int pad,
+               bool transposed, cpu::WeightType wtype, bool backward) {
+    Conv c;
+    c.c_in = c_in;
+    c.c_out = c_out;
+    c.ksize = k;
+    c.stride = stride;
+    c.pad = pad;
+    c.transposed = transposed;
+    auto at = [&](int co, int i) {
+        const int ci = i / k, j = i % k;
+        // Conv1d weight (C_out, C_in, k); ConvTranspose1d weight (C_in, C_out, k).
+        return transposed ? w[(static_cast<std::size_t>(ci) * c_out + co) * k + j]
+                          : w[(static_cast<std::size_t>(co) * c_in + ci) * k + j];
+    };
+    c.d.pack(c_out, c_in * k, wtype, at);
+    c.d.bias.assign(b, b + c_out);
+    if (backward) c.dt.pack(c_in * k, c_out, wtype, [&](int i, int co) { return at(co, i); });
+    return c;
+}
+
+void im2col(const Conv& c, const Src& s, int batch, int t_in, float* col) {
+    const int t_out = c.t_out(t_in), k = c.ksize, kp = c.d.k_pad;
+    for (int b = 0; b < batch; ++b) {
+        const float* src = s.ptr + b * s.bstride;
+        for (int t = 0; t < t_out; ++t) {
+            float* row = col + (static_cast<std::size_t>(b) * t_out + t) * kp;
+            for (int j = 0; j < k; ++j) {
+                const int ti = source_index(c, t, j, t_in);
+                if (ti < 0) {
+                    for (int ci = 0; ci < c.c_in; ++ci) row[ci * k + j] = 0.0f;
+                } else {
+                    const float* p = src + static_cast<std::size_t>(ti) * s.ts;
+                    for (int ci = 0; ci < c.c_in; ++ci) row[ci * k + j] = p[static_cast<std::size_t>(ci) * s.cs];
+                }
+            }
+            std::fill(row + c.c_in * k, row + kp, 0.0f);
+        }
+    }
+}
+
+void col2im_add(const Conv& c, const float* col, int batch, int t_in, float* din) {
+    const int t_out = c.t_out(t_in), k = c.ksize, width = c.c_in * k;
+    for (int b = 0; b < batch; ++b) {
+        float* dst = din + static_cast<std::size_t>(b) * c.c_in * t_in;
+        for (int t = 0; t < t_out; ++t) {
+            const float* row = col + (static_cast<std::size_t>(b) * t_out + t) * width;
+            for (int j = 0; j < k; ++j) {
+                const int ti = source_index(c, t, j, t_in);
+                if (ti < 0) continue;
+                for (int ci = 0; ci < c.c_in; ++ci) dst[static_cast<std::size_t>(ci) * t_in + ti] += row[ci * k + j];
+            }
+        }
+    }
+}
+
+void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& n, NormTape* tape) {
+    if (tape) std::copy_n(x, static_cast<std::size_t>(batch) * C * T, tape->pre.data());
+    const int cpg = C / groups;
+    const std::size_t len = static_cast<std::size_t>(cpg) * T;
+    for (int b = 0; b < batch; ++b) {
+        for (int g = 0; g < groups; ++g) {
+            float* p = x + (static_cast<std::size_t>(b) * C + g * cpg) * T;
+            // Two passes in double: the statistics of at most a few thousand values, exactly enough.
+            double sum = 0.0;
+            for (std::size_t i = 0; i < len; ++i) sum += p[i];
+            const double mean = sum / len;
+            double sq = 0.0;
+            for (std::size_t i = 0; i < len; ++i) sq += (p[i] - mean) * (p[i] - mean);
+            const float rstd = static_cast<float>(1.0 / std::sqrt(sq / len + kGroupNormEps));
+            const float m = static_cast<float>(mean);
+            if (tape) {
+                tape->mean[b * groups + g] = m;
+                tape->rstd[b * groups + g] = rstd;
+            }
+            for (int c = 0; c < cpg; ++c) {
+                const float a = rstd * n.gamma[g * cpg + c];
+                const float s = n.beta[g * cpg + c] - m * a;
+                float* row = p + static_cast<std::size_t>(c) * T;
+                for (int t = 0; t < T; ++t) row[t] = row[t] * a + s;
+            }
+        }
+    }
+    cpu::mish_inplace(x, static_cast<std::size_t>(batch) * C * T);
+}
+
+void group_norm_mish_backward(const float* dy, int batch, int C, int T, int groups, const Norm& n,
+                              const NormTape& tape, float* dx) {
+    const int cpg = C / groups;
+    const std::size_t len = static_cast<std::size_t>(cpg) * T;
+    // dx <- the Mish input u = xhat * gamma + beta, then d(u) = dy * Mish'(u) (vectorised, in place).
+    for (int b = 0; b < batch; ++b)
+        for (int g = 0; g < groups; ++g) {
+            const std::size_t off = (static_cast<std::size_t>(b) * C + g * cpg) * T;
+            const float m = tape.mean[b * groups + g], rs = tape.rstd[b * groups + g];
+            for (int c = 0; c < cpg; ++c)
+                for (int t = 0; t < T; ++t) {
+                    const std::size_t i = off + static_cast<std::size_t>(c) * T + t;
+                    dx[i] = (tape.pre[i] - m) * rs * n.gamma[g * cpg + c] + n.beta[g * cpg + c];
+                }
+        }
+    cpu::mish_backward(dx, dy, dx, static_cast<std::size_t>(batch) * C * T);
+    for (int b = 0; b < batch; ++b) {
+        for (int g = 0; g < groups; ++g) {
+            const std::size_t off = (static_cast<std::size_t>(b) * C + g * cpg) * T;
+            const float m = tape.mean[b * groups + g], rs = tape.rstd[b * groups + g];
+            double s1 = 0.0, s2 = 0.0;
+            for (int c = 0; c < cpg; ++c) {
+                const float gamma = n.gamma[g * cpg + c];
+                for (int t = 0; t < T; ++t) {
+                    const std::size_t i = off + static_cast<std::size_t>(c) * T + t;
+                    const float xhat = (tape.pre[i] - m) * rs;
+                    const float dxhat = dx[i] * gamma;
+                    dx[i] = dxhat;
+                    s1 += dxhat;
+                    s2 += static_cast<double>(dxhat) * xhat;
+                }
+            }
+            const float mean1 = static_cast<float>(s1 / len), mean2 = static_cast<float>(s2 / len);
+            for (std::size_t i = off; i < off + len; ++i) dx[i] = rs * (dx[i] - mean1 - (tape.pre[i] - m) * rs * mean2);
+        }
+    }
+}
+
+}  // namespace unet
+
+int conv1d_forward(const float* x, int batch, int c_in, int t_in, const float* weight, const float* bias,
+                   int c_out, int k, int stride, int padding, bool transposed, cpu::WeightType wtype, float* out,
+                   int t_out_capacity) {
+    if (batch < 1 || c_in < 1 || c_out < 1 || t_in < 1 || k < 1 || stride < 1 || padding < 0)
+        throw std::invalid_argument("conv1d: sizes must be positive (padding >= 0)");
+    const unet::Conv c = unet::make_conv(weight, bias, c_in, c_out, k, stride, padding, transposed, wtype);
+    const int t_out = c.t_out(t_in);
+    if (t_out < 1 || t_out > t_out_capacity) throw std::invalid_argument("conv1d: output length " + std::to_string(t_out) + " does not fit");
+    std::vector<float> col(static_cast<std::size_t>(batch) * t_out * c.d.k_pad);
+    unet::im2col(c, unet::Src{x, static_cast<std::size_t>(c_in) * t_in, t_in, 1}, batch, t_in, col.data());
+    cpu::DenseArgs a;
+    a.w32 = c.d.w32.empty() ? nullptr : c.d.w32.data();
+    a.w16 = c.d.w16.empty() ? nullptr : c.d.w16.data();
+    a.wtype = wtype;
+    a.bias = c.d.bias.data();
+    a.k_pad = c.d.k_pad;
+    a.x = col.data();
+    a.n_cols = batch * t_out;
+    a.out = out;
+    a.T = t_out;
+    a.out_bstride = static_cast<std::size_t>(c_out) * t_out;
+    cpu::dense_rows(a, 0, c_out);
+    return t_out;
+}
+
+}  // namespace dpag
