@@ -8,7 +8,7 @@
 
 namespace dpag::cpu {
 
-// Every convolution of the U-Net is lowered to this product (after an im2col, unet_runtime.cpp):
+// Every convolution of the U-Net is lowered to this product (after an im2col: unet_layers.cpp, unet_forward.cpp):
 //
 //   out[r, n] = bias[r] + sum_k W[r, k] * X[n, k]      for rows r in [r0, r1), columns n < n_cols
 //

@@ -154,9 +154,9 @@ py::array_t<float> conv1d(const py::array& x, const py::array& weight, const py:
 
 void bind_engine(py::module_& m) {
     // The engine's config is the C++ struct itself, bound field by field: one schema for C++ and
-    // Python (dpag_engine/runtime_cpu.py fills it from a policy).
+    // Python (dpag_engine/runtime/cpu.py fills it from a policy).
     using Cfg = dpag::PolicyEngineConfig;
-    py::class_<Cfg>(m, "EngineConfig", "csrc/unet_runtime.h PolicyEngineConfig; fill with runtime_cpu.engine_config.")
+    py::class_<Cfg>(m, "EngineConfig", "csrc/unet_runtime.h PolicyEngineConfig; fill with dpag_engine.runtime.cpu.engine_config.")
         .def(py::init<>())
         .def_readwrite("action_dim", &Cfg::action_dim)
         .def_readwrite("cond_dim", &Cfg::cond_dim)
@@ -196,7 +196,7 @@ void bind_engine(py::module_& m) {
         m, "PolicyEngine",
         "The whole sampler in C++, dp or guided mode (K U-Net forwards [+ the latent update's backward] +\n"
         "DDIM/DDPM steps, from the encoded mu to the normalised chunk); see csrc/unet_runtime.h. Build it\n"
-        "with dpag_engine.runtime_cpu.CpuRuntime.")
+        "with dpag_engine.runtime.cpu.CpuRuntime.")
         .def(py::init(&make_engine), py::arg("config"), py::arg("weights"),
              "config: EngineConfig; weights: the U-Net state_dict as float32 numpy arrays.")
         .def("plan", &engine_plan, py::arg("mu"), py::arg("x_init"), py::arg("step_noise"), py::arg("x_out"),
