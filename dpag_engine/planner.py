@@ -14,7 +14,8 @@ of what is returned, and the receding-horizon slice. A runtime supplies only
     encode(obs)                                -> (mu, log_var or None), (B, To, Do)
     denoise(mu, log_var, noise, mode, rtc)     -> the sampled chunk (B, H, Da), NORMALISED
 
-plus `name`, `modes` (what it can sample), `num_steps`, `device`, `dtype` and `max_batch` (None: any).
+plus `name`, `modes` (what it can sample, and `modes_note`, why not more), `num_steps`, `device`,
+`dtype` and `max_batch` (None: any).
 The runtimes: `TorchRuntime` (policy.py, the reference), `CpuRuntime` (runtime/cpu.py, the C++
 engine), `ExportedRuntime` (runtime/: ONNX Runtime, TensorRT) and `CudaGraphRuntime`
 (runtime/cuda_graph.py).
@@ -170,7 +171,7 @@ class Planner:
         mode = resolve_mode(cfg, mode)
         if mode not in runtime.modes:
             raise ValueError(f"mode={mode!r}: the {runtime.name} runtime samples only {' and '.join(runtime.modes)}"
-                             + (" (its graphs have no backward for the latent update)" if mode == "guided" else ""))
+                             f" ({runtime.modes_note})")
         obs, b = check_observation(obs, self.shapes, self.dtype)
         for key, x in obs.items():
             check_normalized(key, self.state.forward(x) if key == "state" and self.state is not None else x)

@@ -176,7 +176,7 @@ class DPAGPolicy(nn.Module):
 class TorchRuntime:
     """The reference runtime: the policy's own modules, in PyTorch, on the policy's device."""
 
-    name, modes, max_batch = "torch", ("dp", "guided"), None
+    name, modes, modes_note, max_batch = "torch", ("dp", "guided"), "", None
 
     def __init__(self, policy: DPAGPolicy):
         self.policy = policy

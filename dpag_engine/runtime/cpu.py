@@ -52,6 +52,7 @@ class CpuRuntime:
     def __init__(self, engine: "_C.PolicyEngine", encoder: TorchEncoder):
         self.engine, self.encoder = engine, encoder
         self.modes = ("dp", "guided") if engine.guided else ("dp",)
+        self.modes_note = "" if engine.guided else "built without the backward: CpuRuntime.planner(policy, guided=True)"
         self.num_steps, self.max_batch = engine.num_steps, engine.max_batch
 
     @classmethod

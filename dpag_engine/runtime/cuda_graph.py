@@ -39,6 +39,7 @@ class CudaGraphRuntime:
         self.policy, self.device = policy, device
         self.mode = resolve_mode(cfg, mode)
         self.modes, self.max_batch, self.num_steps = (self.mode,), batch, policy.schedule.num_steps
+        self.modes_note = f"captured for mode={self.mode!r}: capture another for the other mode"
         self.batch, self.prefix_len = batch, prefix_len
         # Static inputs: every replay reads these buffers, every plan refills them.
         self.obs = {key: torch.zeros((batch, *tail), device=device, dtype=self.dtype)

@@ -31,6 +31,7 @@ class ExportedRuntime(abc.ABC):
     `ExportedRuntime.planner()` or `dpag_engine.runtime.load_planner`."""
 
     device, dtype, modes, max_batch = torch.device("cpu"), torch.float32, ("dp",), None
+    modes_note = "an exported graph has no backward for the latent update: serve guided mode on torch or cpp"
 
     def __init__(self, export_dir: str | os.PathLike):
         self.dir = Path(export_dir)
