@@ -88,8 +88,11 @@ setup(
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],
         "pusht": ["gym-pusht>=0.1.8"],
         "wandb": ["wandb"],  # train.wandb=true (offline runs)
+        # Cameras and teleoperation devices: each reached through its own library.
+        "cameras": ["opencv-python-headless>=4.8"],
+        "realsense": ["pyrealsense2>=2.54"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "diffusers", "ur_rtde==1.6.5", "onnx>=1.16",
-                 "onnxruntime>=1.18", "gym-pusht>=0.1.8",
+                 "onnxruntime>=1.18", "gym-pusht>=0.1.8", "opencv-python-headless>=4.8",
                  "triton==3.6.0; platform_machine=='x86_64'"],
     },
 )
