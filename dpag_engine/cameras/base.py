@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Frame:
     image: np.ndarray     # uint8 (H, W, 3) RGB, C-contiguous, read-only (never modified after capture)
-    t_capture: float      # time.monotonic() seconds at capture (a driver's stamp converted to this clock)
+    t_capture: float      # time.monotonic() seconds at capture (a driver's stamp converted to this clock);
+                          # never decreasing per source
     index: int            # 0, 1, 2 ... per source since start
 
 
@@ -66,7 +67,6 @@ class Camera(abc.ABC):
         self._error: str | None = None
         self._frames = 0
         self._errors = 0
-        self._started_at: float | None = None
 
     # -- subclasses implement -------------------------------------------------------------------
     @abc.abstractmethod
@@ -96,7 +96,7 @@ class Camera(abc.ABC):
         none arrives within timeout_s). A stopped camera may be started again (index restarts at 0)."""
         with self._lifecycle:
             if self._thread is not None:
-                raise self._fault("already started")
+                raise self._fault("already started (stop() it before starting again)")
             with self._cond:
                 self._ring.clear()
                 self._error, self._frames, self._errors = None, 0, 0
@@ -107,7 +107,6 @@ class Camera(abc.ABC):
                 raise self._named(e) from e
             except Exception as e:   # a driver's own exception type: still a camera fault
                 raise self._fault(f"cannot open: {type(e).__name__}: {e}") from e
-            self._started_at = time.monotonic()
             self._thread = threading.Thread(target=self._run, name=f"camera-{self.name}", daemon=True)
             self._thread.start()
         with self._cond:
@@ -196,7 +195,7 @@ class Camera(abc.ABC):
                               f"(stall_timeout_s={self.stall_timeout_s:g})")
 
     def _run(self) -> None:
-        index = 0
+        index, t_last = 0, -float("inf")
         try:
             while not self._stopping.is_set():
                 got = self._grab()
@@ -217,7 +216,11 @@ class Camera(abc.ABC):
                 # read-only copy is what makes a Frame immutable for every reader.
                 image = np.array(image, order="C", copy=True)
                 image.flags.writeable = False
-                frame = Frame(image, float(t), index)
+                # Stamps never go back: a source that changes clocks mid-stream (RealSense moves from
+                # arrival stamps to the device's global time a few frames in) can step back by a
+                # frame or two; readers (nearest, recorders) rely on the order.
+                t_last = max(float(t), t_last)
+                frame = Frame(image, t_last, index)
                 with self._cond:
                     self._ring.append(frame)
                     self._frames += 1
@@ -258,7 +261,7 @@ def open_camera(source: str, name: str, **options) -> Camera:
     if sep and kind == "realsense" and re.fullmatch(r"[A-Za-z0-9_-]*", rest):
         from .realsense import RealSenseCamera
         return RealSenseCamera(name, rest or None, **options)
-    if sep and kind == "sim" and re.fullmatch(r"[A-Za-z0-9_.-]+", rest):
+    if sep and kind == "sim" and re.fullmatch(r"\S+", rest):
         from .sim import SimCamera   # the emulator's client; imported only when asked for
         return SimCamera(name, rest, **options)
     raise ValueError(f"camera {name!r}: unknown source {source!r}; accepted: " + ", ".join(_SOURCES))
