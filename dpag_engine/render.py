@@ -108,7 +108,7 @@ class Scene:
     block: Block | None = None
     table_color: tuple[int, int, int] = (186, 178, 164)
     table_color2: tuple[int, int, int] = (166, 158, 146)    # the other checker square
-    checker: float = 0.05                                   # square size, metres (0: plain table)
+    checker: float = 0.08                                   # square size, metres (0: plain table)
     table_extent: tuple[float, float, float, float] = (-1.0, 0.45, -0.75, 0.75)  # x0, x1, y0, y1
     background: tuple[int, int, int] = (58, 62, 70)
     arm_color: tuple[int, int, int] = (200, 203, 208)
