@@ -11,6 +11,8 @@ refuses anything else (a pickle that would import and call a function is rejecte
     raw_state_dict  {str: Tensor}  the optimiser's weights (absent when trained without EMA)
     step            int            optimiser steps taken
     metadata        dict           free-form builtins: train config, data info, library version
+    spec            dict | None    PolicySpec.to_dict(): what each input and action column is (dpag_engine/spec.py);
+                                   None when the data did not say (serving then refuses the file)
     checksum        dict           {"crc32": {key: CRC-32 of that value}} for every other key (added by atomic_save)
 
 Resuming training needs more (optimiser, scheduler, RNG); that lives next to it in
@@ -39,17 +41,26 @@ import torch
 
 from .config import PolicyConfig
 from .normalize import inverted_ranges
+from .spec import PolicySpec, SpecError, reach_spec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KIND = "dpag_engine.policy"
 # Every top-level key of the current format (the checksum is checked and removed by safe_load). Any
 # other is refused: a newer writer would have raised format_version, so it is damage, e.g. a flip
 # that renamed "checksum" and so would skip the check.
-KEYS = {"format_version", "kind", "config", "state_dict", "raw_state_dict", "step", "metadata"}
+KEYS = {"format_version", "kind", "config", "state_dict", "raw_state_dict", "step", "metadata", "spec"}
 
 # Migrations upgrade a checkpoint dict from version v to v + 1, so any supported old file walks up
 # to FORMAT_VERSION. A version with no path up is refused with the reason stored here.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+def _add_spec(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """1 -> 2: files from before specs. The only robot policy then was the reach task's (state 9 =
+    joints + goal, action 6 = joint targets, no camera): that is its spec. Others get none."""
+    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    reach = (cfg.get("state_dim"), cfg.get("action_dim"), cfg.get("image")) == (9, 6, None)
+    return {**ckpt, "spec": reach_spec().to_dict() if reach else None}
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _add_spec}
 UNSUPPORTED: dict[int, str] = {
     0: "format 0 was the pre-release layout (a bare state dict without config or normaliser); "
        "it cannot be rebuilt into a policy - retrain, or save it again with dpag_engine.checkpoint.save_checkpoint",
@@ -140,9 +151,13 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(path: str | os.PathLike, policy: torch.nn.Module, ema_policy: torch.nn.Module | None = None,
-                    step: int = 0, metadata: dict[str, Any] | None = None) -> Path:
-    """Write model.pt. `ema_policy` (if given) becomes `state_dict`; the trained weights are `raw_state_dict`."""
+                    step: int = 0, metadata: dict[str, Any] | None = None, spec: PolicySpec | None = None) -> Path:
+    """Write model.pt. `ema_policy` (if given) becomes `state_dict`; the trained weights are `raw_state_dict`.
+    `spec` defaults to the policy's own (`policy.spec`, set by training and by load_policy)."""
     cfg: PolicyConfig = policy.cfg
+    spec = spec if spec is not None else getattr(policy, "spec", None)
+    if spec is not None:
+        spec.check_policy(cfg)
     serving = ema_policy if ema_policy is not None else policy
     ckpt = {
         "format_version": FORMAT_VERSION,
@@ -151,6 +166,7 @@ def save_checkpoint(path: str | os.PathLike, policy: torch.nn.Module, ema_policy
         "state_dict": _plain(dict(serving.state_dict()), "state_dict"),
         "step": int(step),
         "metadata": _plain(metadata or {}, "metadata"),
+        "spec": spec.to_dict() if spec is not None else None,
     }
     if ema_policy is not None:
         ckpt["raw_state_dict"] = _plain(dict(policy.state_dict()), "raw_state_dict")
@@ -349,7 +365,13 @@ def _validated(ckpt: Any, path: Path,
     if fitted is not None and not bool(fitted):
         raise CheckpointError(f"{path}: state_dict['normalizer.fitted'] is False - the normaliser was never "
                               f"fitted, so actions would come out in the wrong units")
-    ckpt["policy_config"] = cfg
+    try:
+        spec = PolicySpec.from_dict(ckpt["spec"]) if ckpt.get("spec") is not None else None
+        if spec is not None:
+            spec.check_policy(cfg)
+    except SpecError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    ckpt["policy_config"], ckpt["policy_spec"] = cfg, spec
     return ckpt
 
 
@@ -379,4 +401,5 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "cpu", wei
     key = "raw_state_dict" if weights == "raw" and "raw_state_dict" in ckpt else "state_dict"
     policy.load_state_dict(ckpt[key])
     policy.checkpoint_step = int(ckpt["step"])
+    policy.spec = ckpt["policy_spec"]
     return policy.to(device).eval()

@@ -2,7 +2,7 @@
 
     python -m dpag_engine.demo [--out-dir outputs/demo] [--steps 6000] [--goals 5] [--retrain]
 
-1. Demonstrations of the embedded UR5 reach task (`dpag_engine.envs.ur5_reach`: go round a sphere,
+1. Demonstrations of the embedded UR5 reach task (`dpag_engine.tasks`, ur5_reach: go round a sphere,
    left or right) from the scripted expert, written to data/ur5_reach.zarr if it is not there.
 2. A small DP-AG trained on them with configs/ur5_reach.toml, unless OUT_DIR/model.pt exists.
 3. `python -m dpag_engine.serve --robot sim` on that model, twice: against an emulated CB3 (servo loop
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .envs.ur5_reach import generate
+from .tasks import get_task
 from .training.cli import main as train_main
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ur5_reach.toml"
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not data.exists():
         print(f"== 1. {args.episodes} expert demonstrations -> {data} ==", flush=True)
-        generate(data, args.episodes, seed=0)
+        get_task("ur5_reach").write_demonstrations(data, args.episodes, seed=0, progress=True)
     if args.retrain or not (out / "model.pt").exists():
         # One thread: the tiny U-Net gains little from a second one, and when another process holds
         # a core, OpenMP's spinning barriers slowed training ~100x (5 s/step) on a 2-core machine.

@@ -168,3 +168,40 @@ def _dls_iterations(t_target, q, iterations, tol, eps, damping):
         step = jac.T @ np.linalg.solve(jac @ jac.T + damping * np.eye(6), err)
         q = q + step
     return None
+
+
+def pose_matrix(pose) -> np.ndarray:
+    """[x, y, z, rx, ry, rz] -> 4x4."""
+    t = np.eye(4)
+    t[:3, :3] = matrix_from_rotvec(np.asarray(pose[3:6], dtype=float))
+    t[:3, 3] = pose[:3]
+    return t
+
+
+def matrix_pose(t) -> np.ndarray:
+    """4x4 -> [x, y, z, rx, ry, rz]."""
+    return np.concatenate([t[:3, 3], rotvec_from_matrix(t[:3, :3])])
+
+
+def tcp_pose(q, tcp_offset=None) -> np.ndarray:
+    """The tool centre point's pose: the flange pose composed with the tool offset (flange frame),
+    as the controller reports actual_TCP_pose with that TCP set."""
+    t = fk_matrix(q)
+    return matrix_pose(t if tcp_offset is None else t @ pose_matrix(tcp_offset))
+
+
+def flange_pose(tcp, tcp_offset=None) -> np.ndarray:
+    """Inverse of tcp_pose's composition: the flange pose that puts the TCP at `tcp`."""
+    return np.asarray(tcp, dtype=float) if tcp_offset is None else \
+        matrix_pose(pose_matrix(tcp) @ np.linalg.inv(pose_matrix(tcp_offset)))
+
+
+def tcp_speed(q, qd, tcp_offset=None, eps: float = 1e-5) -> np.ndarray:
+    """TCP velocity [vx, vy, vz, wx, wy, wz] (base frame) of joint velocity qd, by a forward difference."""
+    q, qd = np.asarray(q, dtype=float), np.asarray(qd, dtype=float)
+    t0 = fk_matrix(q)
+    t1 = fk_matrix(q + eps * qd)
+    if tcp_offset is not None:
+        off = pose_matrix(tcp_offset)
+        t0, t1 = t0 @ off, t1 @ off
+    return np.concatenate([(t1[:3, 3] - t0[:3, 3]) / eps, rotvec_from_matrix(t1[:3, :3] @ t0[:3, :3].T) / eps])

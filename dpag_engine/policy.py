@@ -42,6 +42,9 @@ class DPAGPolicy(nn.Module):
     def __init__(self, cfg: PolicyConfig):
         super().__init__()
         self.cfg = cfg
+        # What the inputs and action columns are in robot terms (dpag_engine/spec.py); training and
+        # load_policy set it, serving builds observations and commands from it.
+        self.spec = None
         dims = {"action": cfg.action_dim}
         if cfg.state_dim > 0:
             dims["state"] = cfg.state_dim

@@ -214,16 +214,22 @@ class UR5Robot:
         """The newest measured joint positions. While servoing they come from the pump, the only
         thread that calls ur_rtde then: its interfaces are not safe to call from two threads (a
         second reader froze the receive interface's data after ~24 s in our runs)."""
+        return self.joint_state()[0]
+
+    def joint_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """The newest measured (joint positions, joint velocities), from one controller sample."""
         if self._pump_thread is not None and self._pump_thread.is_alive():
-            return self._latest_q.copy()
-        return np.asarray(self.receive.getActualQ(), dtype=np.float64)
+            q, qd = self._latest
+            return q.copy(), qd.copy()
+        return (np.asarray(self.receive.getActualQ(), dtype=np.float64),
+                np.asarray(self.receive.getActualQd(), dtype=np.float64))
 
     # ---- servoing ----
     def start(self) -> None:
         """Start the C++ loop at the arm's position and the pump that feeds servoJ."""
         lim = self.limits
         q0 = self.joint_positions()
-        self._latest_q = q0
+        self._latest = (q0, np.zeros(UR5_DOF))
         self.scheduler = _C.ActionScheduler(UR5_DOF, lim.q_min, lim.q_max, lim.v_max, lim.a_max,
                                             blend_window=lim.blend_window_s)
         self.scheduler.reset(q0)
@@ -280,11 +286,12 @@ class UR5Robot:
             if stamp != last_stamp:
                 last_stamp = stamp
                 q_actual = np.asarray(self.receive.getActualQ())
-                if not np.all(np.isfinite(q_actual)):
-                    self.sink.post_fault("non-finite joint positions from the controller")
+                qd_actual = np.asarray(self.receive.getActualQd())
+                if not (np.all(np.isfinite(q_actual)) and np.all(np.isfinite(qd_actual))):
+                    self.sink.post_fault("non-finite joint positions or velocities from the controller")
                     return
                 self.sink.post_state(q_actual)
-                self._latest_q = q_actual
+                self._latest = (q_actual, qd_actual)   # one tuple: readers never see q and qd of two samples
                 log.states.append(now, q_actual)
 
     def _stop_arm(self) -> None:

@@ -1,13 +1,18 @@
-"""Run a trained policy on a UR5: `python -m dpag_engine.serve --ckpt model.pt --robot ur5 --host IP`.
+"""Run a trained policy on a UR5: `python -m dpag_engine.serve --ckpt model.pt --robot ur5 --config cell.toml`.
 
     python -m dpag_engine.serve --ckpt outputs/demo/model.pt                  # --robot sim: the emulator
-    python -m dpag_engine.serve --ckpt model.pt --robot ur5 --host 192.168.1.10 --episodes 3
+    python -m dpag_engine.serve --ckpt model.pt --robot ur5 --config cell.toml --episodes 3
 
-The task is the embedded UR5 reach task (`dpag_engine.envs.ur5_reach`): the policy sees the joint
-positions of the last To steps and the goal, and returns joint position targets at 10 Hz. Each
-episode the arm is brought to the task's home pose through the same servo path, then the policy
-drives it to a goal. `--robot sim` starts the project's UR controller emulator on loopback and
-talks to it through the real ur_rtde client, so it exercises exactly the code a real arm gets.
+Any policy trained here: the checkpoint's spec (dpag_engine/spec.py) says what it observes (joints,
+TCP pose, gripper width, named cameras, task inputs) and what its actions are (joint targets
+through servoJ, TCP pose targets through servoL, a gripper channel); the robot config
+(dpag_engine/cell.py) says where each comes from in this cell. Both are checked against each other
+before anything connects. The task plug-in (dpag_engine/tasks, from the checkpoint or --task)
+supplies what no sensor measures: its inputs (a goal), its scene, its score; `--task own` serves a
+policy of a task with no plug-in. Each episode the arm is brought to the home pose through the
+same servo path, then the policy drives it. `--robot sim` starts the project's UR controller
+emulator on loopback, with its rendered cameras and emulated Robotiq gripper, and talks to it
+through the real ur_rtde client, so it exercises exactly the code a real arm gets.
 
 Who runs what (see dpag_engine/robot.py): the C++ loop servos at 125 Hz (CB3) or 500 Hz (e-Series)
 with limits, blending and hold; this module's planner samples observations at the policy's rate,
@@ -19,36 +24,46 @@ scheduler drops what is already past). Safety, every case ending in servoStop + 
     arm to rest, then it stops; exit code 3;
   * a plan that misses its deadline: the previous chunk keeps executing; a chunk is only trusted
     for --hold-after seconds, after which the scheduler decelerates to rest; if no plan is accepted
-    for --abort-after seconds the run stops; exit code 4.
-Every option is checked against the policy, the task and the arm before anything connects or
-moves (`check_options`): a limit above the UR5's own (joint speed pi rad/s, acceleration 40 rad/s^2,
-servo rates 125 Hz CB3 / up to 500 Hz e-Series), a non-positive or non-finite value, is refused,
-never capped; exit code 1, as for an unreadable checkpoint. Any other error while running is a bug:
+    for --abort-after seconds the run stops; exit code 4;
+  * a camera or the gripper that stops delivering (disconnect, stall): as for NaN; exit code 6.
+Every option is checked against the policy, the task, the cell and the arm before anything connects
+or moves (`check_options`): a limit above the UR5's own (joint speed pi rad/s, acceleration 40 rad/s^2,
+servo rates 125 Hz CB3 / up to 500 Hz e-Series) or the cell's, a non-positive or non-finite value,
+is refused, never capped; exit code 1, as for an unreadable checkpoint or a robot config that does
+not provide what the policy observes. Any other error while running is a bug:
 the arm is brought to rest and stopped as for a fault, then exit code 5 with the traceback in
 summary.json. Every exit writes the true code and reason.
-At the end: summary.json, run.npz (every observation, plan and command with timestamps) and plots.
+At the end: summary.json (with each camera's frame age at the observations and the camera-to-command
+latency), run.npz (every observation, plan and command with timestamps) and plots.
 While running, these logs stream to <log-dir>/stream/ (memory stays flat); a run that dies leaves
 them there.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .cameras import CameraFault, open_camera
+from .cameras.sim import SIM_CAMERA_PORT, SimScene
+from .cell import Cell, CellError, bind, load_cell, needed_cameras, sim_cell
 from .checkpoint import CheckpointError, load_policy
-from .envs.ur5_reach import ReachTask, observe
+from .gripper import GripperFault, RobotiqGripper
 from .robot import (CONTROLLER_RATES_HZ, STATE_TIMEOUT_MAX_S, UR5_JOINT_ACCEL_MAX, UR5_JOINT_SPEED_MAX, LimitError,
                     SafetyLimits, UR5Robot, ur5_left_wedged)
-from .session import (EXIT_INTERNAL, EXIT_OK, EXIT_ROBOT_FAULT, EXIT_USAGE, SafetyStop, Session, TimedPlanner,
-                      bring_to_rest, print_summary, state_obs, summarize)
+from .session import (EXIT_INTERNAL, EXIT_OK, EXIT_ROBOT_FAULT, EXIT_SENSOR_FAULT, EXIT_USAGE, SafetyStop, Session,
+                      TimedPlanner, bring_to_rest, print_summary, rtc_applies, summarize)
+from .spec_io import ActionDecoder, ObservationBuilder
+from .tasks import OwnTask, Task, get_task
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):   # exit EXIT_USAGE, not argparse's 2: 2 means a robot fault here
@@ -71,27 +86,36 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--ckpt", required=True, help="model.pt written by dpag_engine.train")
     ap.add_argument("--robot", choices=("sim", "ur5"), default="sim",
                     help="ur5: a real arm at --host; sim: start the UR controller emulator on loopback")
-    ap.add_argument("--host", default=None, help="controller address (required for ur5; 127.0.0.1 for sim)")
+    ap.add_argument("--config", default=None,
+                    help="robot config TOML of the cell (dpag_engine/cell.py): host, limits, cameras, gripper, "
+                         "which source feeds each observation key. Default: the emulated cell (--robot sim) or "
+                         "an arm with no cameras or gripper at --host")
+    ap.add_argument("--task", default=None,
+                    help="task plug-in (dpag_engine/tasks): default the checkpoint's; 'own' for a task with none")
+    ap.add_argument("--host", default=None, help="controller address (required for ur5 unless the config "
+                                                 "names it; 127.0.0.1 for sim)")
     ap.add_argument("--sim-version", default="3.15", help="sim: controller version, 3.x (CB3) or 5.x (e-Series)")
     ap.add_argument("--frequency", type=finite, default=None,
                     help="servo rate in Hz: 125 on a CB3; 125, 250 or 500 on an e-Series (default: the "
                          "controller's own, 125 or 500)")
     ap.add_argument("--plan-hz", type=finite, default=5.0,
-                    help="how often to plan a new chunk, at most the policy's rate (10 Hz for the reach task)")
+                    help="how often to plan a new chunk, at most the policy's rate (its spec's dt; 10 Hz for reach)")
     ap.add_argument("--inference-steps", type=int, default=None,
                     help="DDIM steps, 1 .. the checkpoint's training timesteps (default: the checkpoint's)")
     ap.add_argument("--mode", choices=("dp", "guided"), default="dp", help="sampling mode")
     ap.add_argument("--runtime", choices=("cpp", "torch"), default="cpp",
                     help="what runs each plan: the C++ engine (dpag_engine.runtime.cpu) or the PyTorch reference")
     ap.add_argument("--threads", type=int, default=None,
-                    help="planner threads, 1 .. this machine's cores (default: torch's). Small policies plan "
-                         "as fast on 1, and a busy core stalls a multi-threaded planner's barriers")
+                    help="planner threads, 1 .. this machine's cores (default: all but two, at least one: the servo "
+                         "loop and the cameras keep theirs. A core taken by another thread stalls a multi-threaded "
+                         "planner's barriers: with cameras streaming on 2 cores, 2 threads gave 300 ms plans)")
     ap.add_argument("--episodes", type=int, default=3, help=f"goals to reach, 1 .. {MAX_EPISODES}")
     ap.add_argument("--duration", type=finite, default=None,
                     help=f"seconds per episode, up to {MAX_DURATION_S:g} (default: the task's)")
     ap.add_argument("--seed", type=int, default=100_000, help="goal and sampler seed (>= 0)")
-    ap.add_argument("--servo", choices=("servoJ", "servoL"), default="servoJ",
-                    help="servoJ: joint targets (default); servoL: the same trajectory as tool poses")
+    ap.add_argument("--servo", choices=("servoJ", "servoL"), default=None,
+                    help="servoJ: joint targets; servoL: the same limited trajectory as tool poses. Default: "
+                         "servoL for a policy with TCP pose actions, else servoJ")
     ap.add_argument("--lookahead-time", type=finite, default=0.1, help="servoJ lookahead, 0.03 .. 0.2 s")
     ap.add_argument("--gain", type=finite, default=300.0, help="servoJ gain, 100 .. 2000")
     ap.add_argument("--hold-after", type=finite, default=None,
@@ -99,19 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
                          "at most the chunk's length (default: the policy's n_action_steps * dt)")
     ap.add_argument("--abort-after", type=finite, default=2.0,
                     help=f"stop when no plan was accepted for this long, up to {MAX_ABORT_AFTER_S:g} s")
-    ap.add_argument("--v-max", type=finite, default=math.pi / 2,
-                    help=f"joint velocity limit (rad/s). Refused above the UR5's own {UR5_JOINT_SPEED_MAX:.2f} rad/s")
-    ap.add_argument("--a-max", type=finite, default=10.0,
-                    help=f"joint acceleration limit (rad/s^2). Refused above {UR5_JOINT_ACCEL_MAX:g} rad/s^2, "
-                         "the bound ur_rtde enforces")
+    ap.add_argument("--v-max", type=finite, default=None,
+                    help=f"joint velocity limit (rad/s; default the cell's, pi/2). Refused above the cell's and the "
+                         f"UR5's own {UR5_JOINT_SPEED_MAX:.2f} rad/s")
+    ap.add_argument("--a-max", type=finite, default=None,
+                    help=f"joint acceleration limit (rad/s^2; default the cell's, 10). Refused above the cell's and "
+                         f"{UR5_JOINT_ACCEL_MAX:g} rad/s^2, the bound ur_rtde enforces")
     ap.add_argument("--watchdog-hz", type=finite, default=5.0,
                     help="RTDE watchdog: the controller stops the program if commands arrive slower than this "
                          "(0 < hz <= the servo rate)")
-    ap.add_argument("--state-timeout", type=finite, default=SafetyLimits.state_timeout_s,
+    ap.add_argument("--state-timeout", type=finite, default=None,
                     help="stop when the arm's state has not updated for this long: frozen stream, lost link "
-                         f"(0 .. {STATE_TIMEOUT_MAX_S:g} s)")
+                         f"(0 .. {STATE_TIMEOUT_MAX_S:g} s; default the cell's, {SafetyLimits.state_timeout_s:g} s)")
     ap.add_argument("--workspace", type=finite, nargs=6, default=None, metavar=("XLO", "YLO", "ZLO", "XHI", "YHI", "ZHI"),
-                    help="TCP box (m, base frame); default the UR5 box of robot.SafetyLimits")
+                    help="TCP box (m, base frame), inside the cell's; default the cell's (robot.SafetyLimits' UR5 box)")
     ap.add_argument("--rtc", action=argparse.BooleanOptionalAction, default=True,
                     help="real-time chunking: inpaint the actions that execute while planning (dpag_engine/rtc.py); "
                          "on by default: it cut jerk and chunk-boundary jumps ~3-10x in bench/RTC.md")
@@ -128,15 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
 MAX_EPISODES, MAX_DURATION_S, MAX_ABORT_AFTER_S, MAX_SIMULATED_DELAY_MS = 10_000, 3600.0, 60.0, 10_000.0
 
 
-def check_options(args, cfg, task: ReachTask) -> SafetyLimits:
-    """Every option against what the policy, the task and the arm allow, before anything connects
-    or moves; returns the safety limits. Raises UsageError naming the first bad option."""
+def check_options(args, cfg, dt: float, cell: Cell, from_config: bool) -> SafetyLimits:
+    """Every option against what the policy, the cell and the arm allow, before anything connects
+    or moves; returns the safety limits. Raises UsageError naming the first bad option.
+
+    The limits are the cell's; an option may only tighten them when they come from a robot config
+    (a lab's own maxima), and never above the UR5's own."""
     def need(ok: bool, option: str, why: str) -> None:
         if not ok:
             raise UsageError(f"{option} {getattr(args, option[2:].replace('-', '_'))}: {why}")
 
-    chunk_s = (cfg.horizon - cfg.n_obs_steps + 1) * task.dt
-    need(args.robot == "sim" or bool(args.host), "--host", "--robot ur5 needs the controller's address")
+    chunk_s = (cfg.horizon - cfg.n_obs_steps + 1) * dt
+    need(args.robot == "sim" or bool(args.host or not cell.sim), "--host",
+         "--robot ur5 needs the controller's address (or [robot] host in --config)")
     if args.robot == "sim":
         major = parse_major(args.sim_version)
         need(major in (3, 5), "--sim-version", "the emulator is a CB3 (3.x) or an e-Series (5.x)")
@@ -145,7 +174,7 @@ def check_options(args, cfg, task: ReachTask) -> SafetyLimits:
         rates = CONTROLLER_RATES_HZ[5]   # the controller's version (read before streaming) narrows it
     need(args.frequency is None or args.frequency in rates, "--frequency",
          f"the controller servos at {' or '.join(f'{r:g}' for r in rates)} Hz")
-    need(0 < args.plan_hz <= 1 / task.dt, "--plan-hz", f"must be in (0, {1 / task.dt:g}] Hz (the policy's rate)")
+    need(0 < args.plan_hz <= 1 / dt, "--plan-hz", f"must be in (0, {1 / dt:g}] Hz (the policy's rate)")
     steps = cfg.scheduler.num_train_timesteps
     need(args.inference_steps is None or 1 <= args.inference_steps <= steps, "--inference-steps",
          f"must be in [1, {steps}] (the checkpoint's training timesteps)")
@@ -165,9 +194,24 @@ def check_options(args, cfg, task: ReachTask) -> SafetyLimits:
     need(0 <= args.rtc_soft_steps <= cfg.horizon, "--rtc-soft-steps", f"must be in [0, {cfg.horizon}] (the horizon)")
     need(0 <= args.simulate_delay <= MAX_SIMULATED_DELAY_MS, "--simulate-delay",
          f"must be in [0, {MAX_SIMULATED_DELAY_MS:g}] ms")
-    box = {"workspace_lo": tuple(args.workspace[:3]), "workspace_hi": tuple(args.workspace[3:])} if args.workspace else {}
+    base = cell.limits
+    if from_config:   # a lab's config holds its cell's maxima: options tighten, never loosen
+        need(args.v_max is None or args.v_max <= min(base.v_max), "--v-max", f"above the cell's {min(base.v_max):g} rad/s ({cell.path})")
+        need(args.a_max is None or args.a_max <= min(base.a_max), "--a-max", f"above the cell's {min(base.a_max):g} rad/s^2 ({cell.path})")
+        need(args.workspace is None or (all(a >= b for a, b in zip(args.workspace[:3], base.workspace_lo))
+                                        and all(a <= b for a, b in zip(args.workspace[3:], base.workspace_hi))),
+             "--workspace", f"outside the cell's box {base.workspace_lo} .. {base.workspace_hi} ({cell.path})")
+    changes = {}
+    if args.v_max is not None:
+        changes["v_max"] = (args.v_max,) * 6
+    if args.a_max is not None:
+        changes["a_max"] = (args.a_max,) * 6
+    if args.state_timeout is not None:
+        changes["state_timeout_s"] = args.state_timeout
+    if args.workspace:
+        changes.update(workspace_lo=tuple(args.workspace[:3]), workspace_hi=tuple(args.workspace[3:]))
     try:
-        return SafetyLimits(v_max=(args.v_max,) * 6, a_max=(args.a_max,) * 6, state_timeout_s=args.state_timeout, **box)
+        return dataclasses.replace(base, **changes)
     except LimitError as err:
         option = {"v_max": "--v-max", "a_max": "--a-max", "state_timeout_s": "--state-timeout"}.get(err.field, f"--{err.field}")
         raise UsageError(f"{option}: {err.reason}") from None
@@ -194,38 +238,53 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    task = ReachTask()
-    cfg = policy.cfg
+    cfg, spec = policy.cfg, policy.spec
     try:
-        if (cfg.state_dim, cfg.action_dim) != (9, 6):
-            raise UsageError(f"{args.ckpt}: expected a UR5 reach policy (state_dim 9, action_dim 6), "
-                             f"got state_dim {cfg.state_dim}, action_dim {cfg.action_dim}")
-        limits = check_options(args, cfg, task)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if spec is None:
+            raise UsageError(f"{args.ckpt}: the checkpoint has no spec (what its inputs and action columns are), so "
+                             f"it cannot be served; retrain it with data.spec set (dt, action; see dpag_engine/spec.py)")
+        cell = load_cell(args.config) if args.config else (sim_cell(args.sim_version) if args.robot == "sim"
+                                                           else Cell(host=args.host or "sim"))
+        task = resolve_task(args.task or spec.task, spec, cell, args.duration)
+        limits = check_options(args, cfg, spec.dt, cell, from_config=args.config is not None)
+        rng = np.random.default_rng(args.seed)
+        episodes = [task.sample_episode(rng) for _ in range(args.episodes)]
+        bindings = bind(spec, cell, task.inputs(episodes[0]))
+        check_scene(cell, args, task)
+    except (UsageError, CellError, KeyError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return EXIT_USAGE
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) - 2)
+    torch.set_num_threads(args.threads)
     sys.setswitchinterval(0.001)   # the servo pump waits at most ~1 ms for the GIL
     if args.inference_steps:
         policy.set_inference_steps(args.inference_steps)
     if args.hold_after is None:
-        args.hold_after = cfg.n_action_steps * task.dt
+        args.hold_after = cfg.n_action_steps * spec.dt
+    if args.rtc and not rtc_applies(spec):
+        print(f"serve: --rtc applies to absolute joint actions without a gripper; this policy's are "
+              f"{spec.action.kind}{' + gripper' if spec.action.gripper else ''}: planning without it", file=sys.stderr)
+        args.rtc = False
     out = Path(args.log_dir)
     stream_dir = out / "stream"
     planner = TimedPlanner(policy, args.mode, args.runtime, args.seed, args.simulate_delay / 1e3, args.threads)
-    rng = np.random.default_rng(args.seed)
-    goals = [task.sample_goal(rng) for _ in range(args.episodes)]
+    builder, decoder = ObservationBuilder(spec, bindings, cell.tcp_offset), ActionDecoder(spec, cell.tcp_offset)
 
-    host = args.host or "127.0.0.1"
+    host = args.host or ("127.0.0.1" if args.robot == "sim" or cell.sim else cell.host)
     emulator = None
     if args.robot == "sim":
         from .ursim import EmulatorProcess
         emulator = EmulatorProcess(host, args.sim_version, control_port=0)
-    robot = UR5Robot(host, limits, frequency=args.frequency, lookahead_time=args.lookahead_time,
+    servo = args.servo or ("servoL" if spec.action.kind == "tcp_pose" else "servoJ")
+    robot = UR5Robot(host, limits, frequency=args.frequency or cell.frequency, lookahead_time=args.lookahead_time,
                      gain=args.gain, watchdog_hz=args.watchdog_hz, rt_priority=not args.no_rt,
-                     servo=args.servo, log_dir=stream_dir)
-    session = Session(robot, planner, task, args, stream_dir)
+                     servo=servo, log_dir=stream_dir)
+    cameras = {name: cell_camera(cell, name, bindings, host) for name in needed_cameras(bindings)}
+    gripper = (RobotiqGripper(host, cell.gripper.port, cell.gripper.model, cell.gripper.speed, cell.gripper.force)
+               if cell.gripper.kind == "robotiq" and (spec.action.gripper or any(
+                   "gripper.width" in b.sources for b in bindings)) else None)
+    scene = scene_setter(task, args, cell, host)
+    session = Session(robot, planner, task, args, stream_dir, builder, decoder, cameras, gripper, scene)
     code, message, trace = EXIT_OK, "done", None
     try:
         try:
@@ -235,25 +294,36 @@ def main(argv: list[str] | None = None) -> int:
             robot.connect()
         except (ConnectionError, RuntimeError) as err:   # unreachable, refused, or not ready to move
             raise SafetyStop(EXIT_ROBOT_FAULT, f"cannot connect to the controller at {host}: {err}") from err
-        print(f"serve: connected to {host} (controller {robot.controller_major}.x), servo {robot.frequency:.0f} Hz, "
-              f"plan {args.plan_hz:g} Hz, {args.mode} mode on {planner.runtime}, DDIM-{policy.schedule.num_steps}",
+        try:
+            for cam in cameras.values():
+                cam.start()
+            if gripper is not None:
+                gripper.connect()
+        except (CameraFault, GripperFault) as err:
+            raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
+        print(f"serve: connected to {host} (controller {robot.controller_major}.x), servo {robot.frequency:.0f} Hz "
+              f"({servo}), plan {args.plan_hz:g} Hz, {args.mode} mode on {planner.runtime}, "
+              f"DDIM-{policy.schedule.num_steps}; task {task.name}; policy: {spec.describe()}"
+              + (f"; cameras {', '.join(cameras)}" if cameras else "") + ("; gripper" if gripper else ""),
               file=sys.stderr)
         # The first plan pays one-off costs (allocation, caches): pay them before the arm moves, so
         # it is not a late first chunk.
-        planner(state_obs([observe(robot.joint_positions(), goals[0])] * cfg.n_obs_steps))
+        session.set_scene(episodes[0])
+        _, state, images = session.observe(time.monotonic(), task.inputs(episodes[0]))
+        planner(builder.policy_obs([(state, images)] * cfg.n_obs_steps))
         planner.latencies_ms.clear()
         # Everything loaded so far (torch, the policy) is long-lived: move it out of the collector's
         # reach, so a full collection never stalls the servo pump on the GIL for 100+ ms.
         gc.collect()
         gc.freeze()
         robot.start()
-        for i, goal in enumerate(goals):
-            session.move_home(np.asarray(task.q_home))
-            m = session.run_episode(i, goal)
-            session._status(i, m["steps"] * task.dt, force=True)
-            print(f"\nepisode {i + 1}: {'success' if m['success'] else 'failure'}, final error "
-                  f"{m['final_error_m'] * 100:.1f} cm, {'collided, ' if m['collided'] else ''}side {m['path_side']}, "
-                  f"mean jerk {m['mean_jerk']:.1f} rad/s^3", file=sys.stderr)
+        home = np.asarray(cell.home if cell.home is not None else task.q_home)
+        for i, episode in enumerate(episodes):
+            session.move_home(home)
+            session.set_scene(episode)
+            m = session.run_episode(i, episode)
+            session._status(i, m["steps"] * spec.dt, force=True)
+            print(f"\nepisode {i + 1}: {describe_episode(m)}", file=sys.stderr)
     except SafetyStop as stop:
         code, message = stop.code, str(stop)
     except LimitError as err:   # an option the controller does not allow, found when it told its version
@@ -275,11 +345,77 @@ def main(argv: list[str] | None = None) -> int:
             summary["traceback"] = trace
             print(trace, file=sys.stderr)
         plots = session.save(out, summary)
+        for cam in cameras.values():
+            cam.stop()
+        if gripper is not None:
+            gripper.close()
         robot.close()
         if emulator is not None:
             emulator.stop()
     print_summary(summary, out, plots)
     return code
+
+
+def cell_camera(cell: Cell, name: str, bindings, host: str):
+    """The cell's camera `name`, not started. An emulated camera renders at the resolution the
+    policy was trained on (as its demonstrations were rendered), unless the config asks another."""
+    c = cell.cameras[name]
+    if c.kind != "sim":
+        return open_camera(c.source, name, fps=c.fps, resolution=c.resolution)
+    trained = next(b.field.shape[1:] for b in bindings if b.field.kind == "camera" and b.sources[0] == f"camera.{name}")
+    return open_camera(c.source, name, fps=c.fps, resolution=c.resolution or tuple(trained), address=(host, SIM_CAMERA_PORT))
+
+
+def resolve_task(name: str | None, spec, cell: Cell, duration: float | None) -> Task:
+    """The task plug-in by name; 'own' (or none named) is a task of the lab's own: it needs a home
+    pose in the robot config and --duration per episode."""
+    if name and name != "own":
+        task = get_task(name)
+        if abs(task.dt - spec.dt) > 1e-9:
+            raise UsageError(f"--task {name}: runs at {1 / task.dt:g} Hz, the policy at {1 / spec.dt:g} Hz")
+        return task
+    if cell.home is None:
+        raise UsageError("--task own: the policy has no task plug-in; give its home pose as [robot] home in --config")
+    if duration is None:
+        raise UsageError("--task own: give --duration (seconds per episode)")
+    return OwnTask(q_home=cell.home, dt=spec.dt, episode_steps=int(round(duration / spec.dt)))
+
+
+def check_scene(cell: Cell, args, task: Task) -> None:
+    """What the cell's sources need before anything opens: a scene only an operator can set needs an
+    operator at the terminal."""
+    if task.needs_scene and not emulated(args, cell) and not sys.stdin.isatty():
+        raise UsageError(f"task {task.name}: shows its goal in the scene only; on a real cell an operator sets "
+                         f"each episode's scene, so run serve at a terminal")
+
+
+def emulated(args, cell: Cell) -> bool:
+    """The arm is the emulator (started here, or one whose cell renders its cameras: sim: sources)."""
+    return args.robot == "sim" or any(c.kind == "sim" for c in cell.cameras.values())
+
+
+def scene_setter(task: Task, args, cell: Cell, host: str):
+    """How an episode's scene is shown: the emulator renders it; an operator sets up a real cell."""
+    if emulated(args, cell):
+        return lambda scene: SimScene((host, SIM_CAMERA_PORT)).set(**scene)
+    if not task.needs_scene:
+        return None
+
+    def ask(scene: dict) -> None:
+        input(f"serve: set up the scene {scene} and press Enter ")
+    return ask
+
+
+def describe_episode(m: dict) -> str:
+    words = [] if m.get("success") is None else ["success" if m["success"] else "failure"]
+    if "final_error_m" in m:
+        words.append(f"final error {m['final_error_m'] * 100:.1f} cm")
+    if m.get("collided"):
+        words.append("collided")
+    if "gripper_closed" in m:
+        words.append(f"gripper {'closed' if m['gripper_closed'] else 'open'}")
+    words.append(f"mean jerk {m['mean_jerk']:.1f} rad/s^3")
+    return ", ".join(words)
 
 
 if __name__ == "__main__":

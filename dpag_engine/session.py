@@ -17,13 +17,19 @@ import numpy as np
 import torch
 
 from . import _C
-from .envs.ur5_reach import ReachTask, evaluate, frame_origins, observe
+from .cameras import CameraFault
+from .gripper import GripperFault
+from .kinematics import frame_origins
 from .robot import UR5Robot
 from .runlog import StreamLog
 from .rtc import CommittedPrefix, DelayEstimator, committed_prefix
+from .spec_io import ActionDecoder, ObservationBuilder, Snapshot
+from .tasks import Task, Trace
 
-# 1: bad input (an option, a checkpoint), refused before anything connects or moves; 5: a bug.
-EXIT_OK, EXIT_USAGE, EXIT_ROBOT_FAULT, EXIT_BAD_VALUES, EXIT_PLANNER_STALLED, EXIT_INTERNAL = 0, 1, 2, 3, 4, 5
+# 1: bad input (an option, a checkpoint, a robot config), refused before anything connects or moves;
+# 5: a bug; 6: a camera or the gripper stopped delivering.
+EXIT_OK, EXIT_USAGE, EXIT_ROBOT_FAULT, EXIT_BAD_VALUES, EXIT_PLANNER_STALLED, EXIT_INTERNAL, EXIT_SENSOR_FAULT = \
+    0, 1, 2, 3, 4, 5, 6
 
 
 class SafetyStop(Exception):
@@ -75,30 +81,52 @@ class TimedPlanner:
 
 
 class Session:
-    """One connected arm, its planner and everything recorded for the run log."""
+    """One connected arm, its cameras and gripper, its planner, and everything recorded for the run log.
 
-    def __init__(self, robot: UR5Robot, planner: TimedPlanner, task: ReachTask, args, stream_dir: Path):
+    The observation and the commands come from the checkpoint's spec (spec_io.py), the episode
+    setup and the score from the task plug-in (dpag_engine/tasks): nothing here knows a task.
+    """
+
+    def __init__(self, robot: UR5Robot, planner: TimedPlanner, task: Task, args, stream_dir: Path,
+                 builder: ObservationBuilder, decoder: ActionDecoder, cameras: dict | None = None,
+                 gripper=None, scene=None):
         self.robot, self.planner, self.task, self.args = robot, planner, task, args
+        self.builder, self.decoder, self.cameras, self.gripper, self.scene = builder, decoder, cameras or {}, gripper, scene
         cfg = planner.cfg
-        self.n_obs, self.dt = cfg.n_obs_steps, task.dt
-        self.plan_every = max(1, round(1.0 / (args.plan_hz * task.dt)))
+        self.n_obs, self.dt = cfg.n_obs_steps, builder.spec.dt
+        self.plan_every = max(1, round(1.0 / (args.plan_hz * self.dt)))
         # Streamed to disk as they come (runlog.py): memory stays flat however long the run.
-        self.observations = StreamLog(stream_dir / "observations.bin",
-                                      [("t", "f8"), ("episode", "i4"), ("state", "f8", cfg.state_dim)])
+        cams = list(self.cameras)
+        self.observations = StreamLog(stream_dir / "observations.bin", [
+            ("t", "f8"), ("episode", "i4"), ("q", "f8", 6), ("state", "f8", max(1, cfg.state_dim)),
+            ("gripper_width", "f8"), ("frame_age_ms", "f8", max(1, len(cams)))])
         self.plans = StreamLog(stream_dir / "plans.bin", [
             ("t_obs", "f8"), ("t_done", "f8"), ("latency_ms", "f8"), ("accepted", "?"), ("kept", "i4"),
-            ("episode", "i4"), ("committed", "i4"), ("disagreement", "f8"),
-            ("actions", "f8", (cfg.horizon - cfg.n_obs_steps + 1, cfg.action_dim))])
+            ("episode", "i4"), ("committed", "i4"), ("disagreement", "f8"), ("camera_to_command_ms", "f8"),
+            ("actions", "f8", (cfg.horizon - cfg.n_obs_steps + 1, 6))])
         # Real-time chunking: the chunk executing now (all its future rows, time of its row 0, rows
         # submitted) and the delay to plan for.
         self.executing: tuple[np.ndarray, float, int] | None = None
         self.delay = DelayEstimator(initial_s=0.1)
         self.episodes: list[dict] = []
+        self.episode_setups: list[dict] = []
+        self.frames_seen: dict[str, list[np.ndarray]] = {c: [] for c in cams}   # a few, for the plot
         self._last_status = 0.0
 
     def _check_robot(self) -> None:
         if not self.robot.running or self.robot.fault:
             raise SafetyStop(EXIT_ROBOT_FAULT, f"robot fault: {self.robot.fault or 'the servo loop stopped'}")
+
+    def snapshot(self, t: float, task_inputs: dict) -> Snapshot:
+        """What the cell measures now: the arm, the gripper, each camera's frame nearest to t. A
+        camera or gripper that stopped delivering is a fault, like a frozen robot stream."""
+        q, qd = self.robot.joint_state()
+        try:
+            width = self.gripper.width()[0] if self.gripper is not None else None
+            frames = {name: cam.nearest(t) for name, cam in self.cameras.items()}
+        except (CameraFault, GripperFault) as err:
+            raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
+        return Snapshot(t, q, qd, width, frames, task_inputs)
 
     def _submit(self, actions: np.ndarray, t_first: float):
         """Submit a chunk whose action 0 is due at t_first, trusted for at most --hold-after seconds."""
@@ -109,8 +137,9 @@ class Session:
         return result
 
     def _committed(self, t_first: float) -> CommittedPrefix | None:
-        """--rtc: the executing chunk's actions due before the new plan can take over (+ soft rows)."""
-        if not self.args.rtc or self.executing is None:
+        """--rtc: the executing chunk's actions due before the new plan can take over (+ soft rows).
+        Real-time chunking inpaints in the policy's action space; only joint actions are continued."""
+        if not self.args.rtc or self.executing is None or not rtc_applies(self.builder.spec):
             return None
         prev, prev_first, _ = self.executing
         if t_first < prev_first:
@@ -134,7 +163,10 @@ class Session:
                          for j in range(actions.shape[1])))
 
     def move_home(self, q_home: np.ndarray, speed: float = 0.5) -> None:
-        """A straight joint-space ramp to home at `speed` rad/s (through the scheduler, so limited)."""
+        """A straight joint-space ramp to home at `speed` rad/s (through the scheduler, so limited);
+        the gripper opens on the way."""
+        if self.gripper is not None:
+            self._command_gripper(self.gripper.model.stroke_m)
         q = self.robot.joint_positions()
         n = max(2, int(math.ceil(np.max(np.abs(q_home - q)) / (speed * self.dt))) + 1)
         ramp = q + np.linspace(0.0, 1.0, n)[1:, None] * (q_home - q)
@@ -154,11 +186,31 @@ class Session:
             time.sleep(0.02)
         raise SafetyStop(EXIT_ROBOT_FAULT, "could not reach the home pose (is the arm tracking its commands?)")
 
-    def run_episode(self, index: int, goal: np.ndarray) -> dict:
+    def _command_gripper(self, width: float) -> None:
+        try:
+            self.gripper.command(width)
+        except GripperFault as err:
+            raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
+
+    def set_scene(self, episode: dict) -> None:
+        """Show the episode's scene: the emulator renders it; on a real cell the operator sets it."""
+        if self.scene is not None:
+            self.scene(self.task.scene(episode))
+
+    def observe(self, t: float, task_inputs: dict) -> tuple[Snapshot, np.ndarray, dict]:
+        """One policy step's snapshot and its policy inputs (state, images), checked finite."""
+        snap = self.snapshot(t, task_inputs)
+        state = self.builder.state(snap)
+        if not np.all(np.isfinite(state)):
+            raise SafetyStop(EXIT_BAD_VALUES, f"non-finite observation at t = {t:.3f}: {state.tolist()}")
+        return snap, state, self.builder.images(snap)
+
+    def run_episode(self, index: int, episode: dict) -> dict:
         """Observe at the policy's rate on an absolute time grid, plan every plan_every samples."""
         args, dt = self.args, self.dt
         steps = int(round(args.duration / dt)) if args.duration else self.task.episode_steps
-        history, q_traj = deque(maxlen=self.n_obs), []
+        inputs = self.task.inputs(episode)
+        history, q_traj, widths = deque(maxlen=self.n_obs), [], []
         t0 = time.monotonic()
         last_accept = t0
         for step in range(steps + 1):
@@ -166,46 +218,54 @@ class Session:
             time.sleep(max(0.0, t_obs - time.monotonic()))
             self._check_robot()
             t_obs = time.monotonic()   # the time the observation was really taken
-            q = self.robot.joint_positions()
-            state = observe(q, goal)
-            if not np.all(np.isfinite(state)):
-                raise SafetyStop(EXIT_BAD_VALUES, f"non-finite observation at step {step}: {state.tolist()}")
-            history.append(state)
-            q_traj.append(q)
-            self.observations.append(t_obs, index, state)
+            snap, state, images = self.observe(t_obs, inputs)
+            history.append((state, images))
+            q_traj.append(snap.q)
+            widths.append(math.nan if snap.gripper_width is None else snap.gripper_width)
+            ages = [(t_obs - f.t_capture) * 1e3 for f in snap.frames.values()] or [math.nan]
+            self.observations.append(t_obs, index, snap.q, state if len(state) else np.zeros(1),
+                                     widths[-1], np.asarray(ages))
+            if index == 0 and step in (0, steps):
+                for name, f in snap.frames.items():
+                    self.frames_seen[name].append(f.image)
             if step == steps:
                 break
             if step % self.plan_every == 0:
                 # Before To observations exist, the first one stands in for the missing ones (as in training).
                 window = [history[0]] * (self.n_obs - len(history)) + list(history)
-                # Action i of the chunk is the target for t_obs + (i + 1) dt (see envs/ur5_reach.py).
+                # Action i of the chunk is the target for t_obs + (i + 1) dt (see dpag_engine/spec.py).
                 t_first = t_obs + dt
                 prefix = self._committed(t_first)
                 try:
-                    actions = self.planner(state_obs(window), prefix)
-                except (ValueError, FloatingPointError) as err:   # the runtimes' observation/action checks
+                    actions = self.planner(self.builder.policy_obs(window), prefix)
+                    if not np.all(np.isfinite(actions)):
+                        raise ValueError("the policy returned non-finite actions")
+                    joints, grip = self.decoder(actions, snap)
+                except (ValueError, FloatingPointError) as err:   # the runtimes' checks, an unreachable target
                     raise SafetyStop(EXIT_BAD_VALUES, f"plan at step {step} refused: {err}") from err
-                if not np.all(np.isfinite(actions)):
-                    raise SafetyStop(EXIT_BAD_VALUES, f"the policy returned non-finite actions at step {step}")
                 now = time.monotonic()
                 self.delay.update(now - t_obs)
-                jump = self._disagreement(actions, t_first, now + dt)
-                result = self._submit(actions, t_first)
-                self._record_plan(t_obs, now, actions, result, index, prefix.n_committed if prefix else 0, jump)
+                jump = self._disagreement(joints, t_first, now + dt)
+                result = self._submit(joints, t_first)
+                if grip is not None and result.accepted:
+                    self._command_gripper(float(grip[0]))   # at the plan rate: the target for the next step
+                oldest = min((f.t_capture for f in snap.frames.values()), default=math.nan)
+                self._record_plan(t_obs, now, joints, result, index, prefix.n_committed if prefix else 0, jump,
+                                  (now - oldest) * 1e3)
                 if result.accepted:
                     last_accept = now
                 elif now - last_accept > args.abort_after:
                     raise SafetyStop(EXIT_PLANNER_STALLED,
                                      f"no plan accepted for {now - last_accept:.2f} s (--abort-after {args.abort_after})")
             self._status(index, step * dt)
-        metrics = evaluate(np.asarray(q_traj), goal, self.task)
-        metrics.update(goal=goal.tolist(), steps=steps)
+        metrics = self.task.evaluate(Trace(np.asarray(q_traj), np.asarray(widths) if self.gripper else None), episode)
+        metrics.update(episode=episode, steps=steps)
         self.episodes.append(metrics)
         return metrics
 
-    def _record_plan(self, t_obs, t_done, actions, result, episode, committed, disagreement) -> None:
+    def _record_plan(self, t_obs, t_done, actions, result, episode, committed, disagreement, cam_to_cmd_ms) -> None:
         self.plans.append(t_obs, t_done, self.planner.latencies_ms[-1], result.accepted, result.kept, episode,
-                          committed, disagreement, actions)
+                          committed, disagreement, cam_to_cmd_ms, actions)
 
     def _status(self, episode: int, t: float, force: bool = False) -> None:
         now = time.monotonic()
@@ -217,9 +277,11 @@ class Session:
         loop = self.robot.loop.stats
         cmd, state = self.robot.log.commands.last, self.robot.log.states.last
         track = float(np.max(np.abs(cmd["q"] - state["q"]))) * 1e3 if cmd is not None and state is not None else 0.0
+        ages = self.observations.last["frame_age_ms"] if self.cameras and self.observations.last is not None else None
         line = (f"ep {episode + 1}/{self.args.episodes} t {t:4.1f} s | plan p50 {np.percentile(lat, 50):5.1f} ms "
                 f"p99 {np.percentile(lat, 99):5.1f} ms | {loop['rate_hz']:.0f} Hz period err p99 "
-                f"{loop['period_error_p99_us']:.0f} us, late {loop['late_cycles']} | track err {track:.1f} mrad")
+                f"{loop['period_error_p99_us']:.0f} us, late {loop['late_cycles']} | track err {track:.1f} mrad"
+                + (f" | frame age {' '.join(f'{a:.0f}' for a in ages)} ms" if ages is not None else ""))
         print(("\r" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
     # ---- the run log ----
@@ -231,11 +293,13 @@ class Session:
                                     log.states.rows())
         np.savez_compressed(
             out / "run.npz",
-            obs_t=obs["t"], obs_state=obs["state"], obs_episode=obs["episode"],
+            obs_t=obs["t"], obs_q=obs["q"], obs_state=obs["state"], obs_episode=obs["episode"],
+            obs_gripper_width=obs["gripper_width"], obs_frame_age_ms=obs["frame_age_ms"],
+            camera_names=np.array(list(self.cameras), dtype=str),
             plan_t_obs=plans["t_obs"], plan_t_done=plans["t_done"], plan_latency_ms=plans["latency_ms"],
             plan_accepted=plans["accepted"], plan_kept=plans["kept"], plan_episode=plans["episode"],
             plan_committed=plans["committed"], plan_disagreement_rad=plans["disagreement"],
-            plan_actions=plans["actions"],
+            plan_camera_to_command_ms=plans["camera_to_command_ms"], plan_actions=plans["actions"],
             cmd_t_slot=cmds["t_slot"], cmd_t_sent=cmds["t_sent"], cmd_q=cmds["q"], cmd_v=cmds["v"],
             state_t=states["t"], state_q=states["q"],
             period_error_hist_us=self.robot.loop.period_error_histogram() if self.robot.loop else np.zeros(0))
@@ -251,9 +315,11 @@ class Session:
         return written
 
 
-def state_obs(window) -> dict[str, torch.Tensor]:
-    """The policy's observation from the last To task states: {"state": (1, To, Ds)}."""
-    return {"state": torch.from_numpy(np.ascontiguousarray(np.stack(window), dtype=np.float32))[None]}
+def rtc_applies(spec) -> bool:
+    """Real-time chunking inpaints the committed actions in the policy's own action space: that is
+    the executed joint chunk only for absolute joint targets with no gripper column."""
+    a = spec.action
+    return a.kind == "joint_pos" and a.absolute and not a.gripper
 
 
 def json_safe(value):
@@ -307,16 +373,31 @@ def plot_run(out: Path, session: Session, summary: dict, obs, plans, cmds, state
         ax.set(xlabel="|period - nominal| (us)", ylabel="cycles", yscale="log",
                title=f"servo loop period error at {summary['frequency_hz']:.0f} Hz")
         save(fig, "loop_period.png")
-    if len(obs) and session.episodes:   # tool paths seen from above, with the obstacle
-        task = session.task
+    if len(obs) and session.episodes:   # tool paths seen from above, with what the scene shows
         fig, ax = plt.subplots(figsize=(6, 6))
-        ax.add_patch(plt.Circle(task.obstacle_center[:2], task.obstacle_radius, color="grey", alpha=0.5))
         for i, m in enumerate(session.episodes):
-            tcp = frame_origins(np.asarray(obs["state"][obs["episode"] == i, :6], dtype=float))[:, 6]
+            scene = session.task.scene(m["episode"])
+            if i == 0 and scene.get("obstacle"):
+                ob = scene["obstacle"]
+                ax.add_patch(plt.Circle(ob["center"][:2], ob["radius"], color="grey", alpha=0.5))
+            tcp = frame_origins(np.asarray(obs["q"][obs["episode"] == i], dtype=float))[:, 6]
             line, = ax.plot(tcp[:, 0], tcp[:, 1], lw=1.2)
-            ax.plot(*m["goal"][:2], "*", ms=12, color=line.get_color())
+            if scene.get("goal") is not None:
+                ax.plot(*scene["goal"][:2], "*", ms=12, color=line.get_color())
         ax.set(aspect="equal", xlabel="x (m)", ylabel="y (m)", title="TCP paths (top view), goals *")
         save(fig, "tcp_paths.png")
+    if any(session.frames_seen.values()):   # what the policy saw: each camera at the first episode's start and end
+        names = [n for n, f in session.frames_seen.items() if f]
+        cols = max(len(session.frames_seen[n]) for n in names)
+        fig, axes = plt.subplots(len(names), cols, figsize=(3 * cols, 3 * len(names)), squeeze=False)
+        for r, name in enumerate(names):
+            for c in range(cols):
+                ax = axes[r][c]
+                ax.axis("off")
+                if c < len(session.frames_seen[name]):
+                    ax.imshow(session.frames_seen[name][c])
+                    ax.set_title(f"{name}, {'start' if c == 0 else 'end'}", fontsize=9)
+        save(fig, "camera_frames.png")
 
 
 def bring_to_rest(robot: UR5Robot, timeout: float = 2.0) -> None:
@@ -336,13 +417,26 @@ def summarize(session: Session, code: int, message: str) -> dict:
     jumps = plans["disagreement"]
     loop = session.robot.loop.stats if session.robot.loop is not None else {}
     eps = session.episodes
+
+    def rate(key):   # over the episodes the task scores on it (a task of your own has no success)
+        values = [e[key] for e in eps if e.get(key) is not None]
+        return float(np.mean(values)) if values else math.nan
+
+    obs = session.observations.rows()
+    ages = obs["frame_age_ms"] if session.cameras and len(obs) else np.zeros((0, 1))
+    cam_cmd = plans["camera_to_command_ms"][np.isfinite(plans["camera_to_command_ms"])] if len(plans) else []
+
+    def pct(x, p):
+        return float(np.percentile(x, p)) if len(x) else math.nan
     return {
-        "exit_code": code, "message": message,
-        "episodes": len(eps), "success_rate": float(np.mean([e["success"] for e in eps])) if eps else math.nan,
-        "collision_rate": float(np.mean([e["collided"] for e in eps])) if eps else math.nan,
-        "mean_jerk": float(np.mean([e["mean_jerk"] for e in eps])) if eps else math.nan,
-        "sides": [e["path_side"] for e in eps],
+        "exit_code": code, "message": message, "task": session.task.name,
+        "episodes": len(eps), "success_rate": rate("success"), "collision_rate": rate("collided"),
+        "mean_jerk": rate("mean_jerk"), "sides": [e.get("path_side") for e in eps],
         "plan_ms_p50": float(np.percentile(lat, 50)), "plan_ms_p99": float(np.percentile(lat, 99)),
+        "cameras": {name: {"frame_age_ms_p50": pct(ages[:, i], 50), "frame_age_ms_p99": pct(ages[:, i], 99),
+                           **session.cameras[name].stats} for i, name in enumerate(session.cameras)},
+        "camera_to_command_ms_p50": pct(cam_cmd, 50), "camera_to_command_ms_p99": pct(cam_cmd, 99),
+        "gripper": session.gripper.stats if session.gripper is not None else None,
         "plans": len(plans), "runtime": session.planner.runtime, "mode": session.planner.mode,
         "rtc": bool(session.args.rtc),
         # How far each new chunk was from the executing one where it took over (the blend's job).
@@ -366,6 +460,12 @@ def print_summary(s: dict, out: Path, plots: list[str]) -> None:
     if s["episodes"]:
         print(f"success {num(s['success_rate'], '.0f', 100)}% of {s['episodes']} episodes, collisions "
               f"{num(s['collision_rate'], '.0f', 100)}%, sides {s['sides']}, mean jerk {num(s['mean_jerk'], '.1f')} rad/s^3")
+    for name, c in s["cameras"].items():
+        print(f"camera {name}: frame age at each observation p50 {num(c['frame_age_ms_p50'], '.0f')} ms, "
+              f"p99 {num(c['frame_age_ms_p99'], '.0f')} ms")
+    if s["cameras"]:
+        print(f"camera-to-command latency p50 {num(s['camera_to_command_ms_p50'], '.0f')} ms, "
+              f"p99 {num(s['camera_to_command_ms_p99'], '.0f')} ms")
     if s["plans"]:
         print(f"plan latency p50 {num(s['plan_ms_p50'], '.1f')} ms, p99 {num(s['plan_ms_p99'], '.1f')} ms over "
               f"{s['plans']} plans ({s['mode']} on {s['runtime']}{', RTC' if s['rtc'] else ''}); chunk disagreement "

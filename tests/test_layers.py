@@ -12,12 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. Within a layer modules may import each other; across layers only downwards.
 LAYERS = [
     # 0 foundations: configuration, maths with no model, data formats, kinematics, logs, the C++ module
-    {"config", "progress", "normalize", "losses", "rtc", "diffusion", "kinematics", "runlog", "data", "_C"},
+    {"config", "progress", "normalize", "losses", "rtc", "diffusion", "kinematics", "runlog", "data", "_C",
+     "spec", "render"},
     {"ops", "kernels"},                                   # 1 per-op backends (torch, cpp, triton)
     {"guidance", "model"},                                # 2 the networks and the latent update
     {"planner", "policy"},                                # 3 the policy and the plan contract
     {"checkpoint", "export", "runtime"},                  # 4 files and runtimes
-    {"training", "train", "envs", "eval", "robot"},       # 5 training, tasks, the arm
+    {"training", "train", "envs", "tasks", "eval", "robot", "cameras", "gripper", "cell", "spec_io"},  # 5 training, tasks, the cell's hardware
     {"ursim"},                                            # 6 the controller emulator
     {"serve", "session", "demo"},                         # 7 applications
 ]

@@ -25,6 +25,8 @@ from dpag_engine.envs.ur5_reach import ReachTask
 from dpag_engine.kinematics import forward_kinematics
 from dpag_engine.policy import DPAGPolicy
 from dpag_engine.robot import SafetyLimits
+from dpag_engine.spec import reach_spec
+from dpag_engine.spec_io import ObservationBuilder
 from dpag_engine.ursim import EmulatorProcess, wait_until
 
 pytest.importorskip("rtde_control")
@@ -46,6 +48,7 @@ def ckpt(tmp_path_factory):
     q = torch.tensor(task.q_home, dtype=torch.float32) + 0.2 * (torch.rand(400, 6, generator=g) - 0.5)
     goal = torch.tensor(task.goal_low, dtype=torch.float32) + 0.05 * torch.rand(400, 3, generator=g)
     policy.normalizer.fit({"action": q, "state": torch.cat([q, goal], 1)})
+    policy.spec = reach_spec()
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", policy)
 
 
@@ -352,15 +355,15 @@ def test_a_crash_while_the_arm_moves_is_recorded_as_a_crash_after_bringing_it_to
 def test_a_huge_observation_is_refused_by_name_and_the_arm_brought_to_rest(cb3, ckpt, tmp_path, monkeypatch):
     """1e30 in one state element used to give all-NaN actions from the reference planner."""
     calls = {"n": 0}
-    real = session.observe
+    real = ObservationBuilder.state
 
-    def sensor_glitch(q, goal):
+    def sensor_glitch(self, snap):
         calls["n"] += 1
-        state = real(q, goal)
+        state = real(self, snap)
         if calls["n"] == 12:
             state[7] = 1e30
         return state
-    monkeypatch.setattr(session, "observe", sensor_glitch)
+    monkeypatch.setattr(ObservationBuilder, "state", sensor_glitch)
     run = ServeRun(cb3, ckpt, tmp_path, "--runtime", "torch", "--no-rtc", "--plan-hz", "10")
     assert run.join() == session.EXIT_BAD_VALUES
     assert "obs['state']: the value at index (0, 1, 7)" in run.summary["message"]

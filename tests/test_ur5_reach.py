@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from dpag_engine.data import load_datasets, read_replay_buffer
-from dpag_engine.envs.ur5_reach import (ReachTask, ReachExpert, evaluate, frame_origins, generate, ik,
+from dpag_engine.envs.ur5_reach import (ReachTask, ReachExpert, evaluate, frame_origins, ik,
                                         mean_jerk, observe, rollout)
+from dpag_engine.tasks import get_task
 from dpag_engine.training.config import build_configs, load_config_file, resolve_policy_config
 from dpag_engine.kinematics import UR5_LIMITS, fk_matrix, forward_kinematics, matrix_from_rotvec
 
@@ -196,7 +197,7 @@ def test_rollout_limits_joint_speed():
 
 def test_generated_zarr_loads_through_the_training_config(tmp_path):
     path = tmp_path / "ur5.zarr"
-    summary = generate(path, 3, seed=5)
+    summary = get_task("ur5_reach").write_demonstrations(path, 3, seed=5)
     assert summary["written"] == 3 and summary["success_rate"] == 1.0
     buf = read_replay_buffer(path)
     assert set(buf.data) == {"q", "goal", "action"}

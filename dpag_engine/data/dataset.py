@@ -39,6 +39,10 @@ class DataConfig:
     max_train_episodes: int | None = None   # train on a random subset of this many episodes (DP); null: all
     num_workers: int = 0                    # DataLoader workers; batches are gathered vectorised, 0 is fine
     cache_dir: str | None = "~/.cache/dpag_engine"  # LeRobot frames decode once into memory-mapped files here; null: into RAM every run
+    # What the data means in robot terms where the file does not say (dpag_engine/spec.py): task,
+    # dt or fps, kinds {key: joint_pos|joint_vel|tcp_pose|tcp_speed|gripper_width|task}, action
+    # {kind: joint_pos|tcp_pose, absolute, dims, fixed, gripper}. Wins over the dataset's own hints.
+    spec: dict[str, Any] = field(default_factory=dict)
     synthetic: bool = False                 # ignore path: generate a small point-reaching dataset (demo/tests)
     synthetic_episodes: int = 64            # episodes in the synthetic dataset
     synthetic_episode_length: int = 80      # steps per synthetic episode

@@ -256,7 +256,7 @@ def read_lerobot(root: str | os.PathLike, keys: Iterable[str] | None = None,
         else:
             data[k] = _column_to_numpy(table.column(k), k, available[k].shape, n, root / "data")
             check_finite(f"features/{k}", data[k])
-    return ReplayBuffer(data=data, episode_ends=ends, path=str(root))
+    return ReplayBuffer(data=data, episode_ends=ends, path=str(root), spec_hints={"fps": info["fps"]})
 
 
 def _video_frames(root: Path, info: dict, eps: dict, key: str, shape: tuple[int, int, int],

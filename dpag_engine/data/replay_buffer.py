@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -25,6 +25,7 @@ import numpy as np
 import zarr
 
 EPISODE_ENDS = "meta/episode_ends"
+SPEC_ATTR = "dpag_spec"   # root attribute: spec hints (see ReplayBuffer.spec_hints)
 
 
 class DataError(ValueError):
@@ -65,6 +66,10 @@ class ReplayBuffer:
     # The dataset's own (train, val) episode masks (robomimic's mask/train, mask/valid), used
     # instead of a random split; None: split at random (data.val_ratio).
     split: tuple[np.ndarray, np.ndarray] | None = None
+    # What the data means in robot terms, as far as the file says (dpag_engine/spec.py merge_hints):
+    # a zarr buffer's root attribute "dpag_spec" (written by this project's tasks and recorder),
+    # a LeRobot dataset's fps. Training completes it into the checkpoint's spec.
+    spec_hints: dict = field(default_factory=dict)
 
     @property
     def n_steps(self) -> int:
@@ -173,7 +178,8 @@ def read_replay_buffer(path: str | os.PathLike, keys: Iterable[str] | None = Non
                 raise DataError(f"data/{k}: missing in {path} (available: {', '.join('data/' + a for a in available)})")
             data[k] = np.asarray(group[k][:])
             check_finite(f"data/{k}", data[k])
-        return ReplayBuffer(data=data, episode_ends=ends, path=str(path))
+        hints = dict(root.attrs.get(SPEC_ATTR, {}) or {})
+        return ReplayBuffer(data=data, episode_ends=ends, path=str(path), spec_hints=hints)
     finally:
         if store is not None:
             store.close()
@@ -196,7 +202,7 @@ class ReplayBufferWriter:
     place, and DP's zip files are plain uncompressed zips of the directory).
     """
 
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, spec_hints: dict | None = None):
         self.path = Path(path)
         if self.path.exists():
             if not overwrite:
@@ -208,6 +214,8 @@ class ReplayBufferWriter:
         self._root = zarr.open_group(str(self._dir), mode="w", zarr_format=2)
         self._data = self._root.require_group("data")
         self._root.require_group("meta")
+        if spec_hints:   # plain JSON: the task, dt, kinds of keys, the action space (dpag_engine/spec.py)
+            self._root.attrs[SPEC_ATTR] = spec_hints
         self._ends: list[int] = []
         self._spec: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None
         self._closed = False
@@ -272,9 +280,9 @@ class ReplayBufferWriter:
 
 
 def write_replay_buffer(path: str | os.PathLike, episodes: Iterable[Mapping[str, np.ndarray]],
-                        overwrite: bool = False) -> Path:
+                        overwrite: bool = False, spec_hints: dict | None = None) -> Path:
     """Write a list (or generator) of episodes in one call."""
-    with ReplayBufferWriter(path, overwrite=overwrite) as writer:
+    with ReplayBufferWriter(path, overwrite=overwrite, spec_hints=spec_hints) as writer:
         for episode in episodes:
             writer.add_episode(episode)
     return writer.path

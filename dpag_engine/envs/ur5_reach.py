@@ -1,6 +1,6 @@
 """An embedded UR5 reach task: move the tool past a spherical obstacle to a goal, from demonstrations.
 
-    python -m dpag_engine.envs.ur5_reach --out data/ur5_reach.zarr --episodes 100 --seed 0 [--overwrite]
+    python -m dpag_engine.tasks --task ur5_reach --out data/ur5_reach.zarr --episodes 100   # (tasks/reach.py)
     python -m dpag_engine.train --config configs/ur5_reach.toml
     python -m dpag_engine.envs.ur5_reach --eval outputs/ur5_reach/model.pt --episodes 20 --mode dp
 
@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ..data.replay_buffer import ReplayBufferWriter
 from ..progress import progress_bar
 from ..kinematics import UR5_LIMITS, forward_kinematics, frame_origins, inverse_kinematics
 
@@ -333,68 +330,12 @@ def evaluate_policy(policy, n_goals: int = 20, mode: str = "dp", seed: int = EVA
             "mean_jerk": float(np.mean([r["mean_jerk"] for r in results])), "episodes": results}
 
 
-# ----------------------------------------------------------------------------------------------
-# Demonstrations in Diffusion Policy's zarr layout
-# ----------------------------------------------------------------------------------------------
-def make_episode(task: ReachTask, expert: ReachExpert, rng: np.random.Generator) -> tuple[dict, dict]:
-    """One demonstration: rows t = 0 .. T-1 with q_t, goal, and action_t = q_{t+1}; plus its score."""
-    goal = task.sample_goal(rng)
-    q0 = task.sample_start(rng)
-    traj, side = expert.run(rng, goal, q0)
-    score = evaluate(traj, goal, task)
-    score["expert_side"] = side
-    score["max_joint_speed"] = float(np.max(np.abs(np.diff(traj, axis=0))) / task.dt)
-    n = len(traj) - 1
-    episode = {"q": traj[:-1].astype(np.float32),
-               "goal": np.repeat(goal[None].astype(np.float32), n, axis=0),
-               "action": traj[1:].astype(np.float32)}
-    return episode, score
-
-
-def generate(out_path: str | Path, n_episodes: int, seed: int = 0, task: ReachTask | None = None,
-             overwrite: bool = False, keep_failed: bool = False, progress: bool = False) -> dict:
-    """Write expert demonstrations (keys q, goal, action; meta/episode_ends). Episode i draws from
-    np.random.default_rng([seed, i]), so any episode can be regenerated alone. Returns a summary."""
-    task = task or ReachTask()
-    expert = ReachExpert(task)
-    scores, kept = [], 0
-    with ReplayBufferWriter(out_path, overwrite=overwrite) as writer:
-        for i in progress_bar(range(n_episodes), desc="ur5 reach expert", disable=not progress):
-            episode, score = make_episode(task, expert, np.random.default_rng([seed, i]))
-            scores.append(score)
-            if score["success"] or keep_failed:  # like generate.py: the data shows the task done
-                writer.add_episode(episode)
-                kept += 1
-        if kept == 0:
-            raise RuntimeError("expert: no successful episode to write")
-    sides = [s["expert_side"] for s in scores]
-    return {"path": str(out_path), "episodes": n_episodes, "written": kept,
-            "success_rate": float(np.mean([s["success"] for s in scores])),
-            "left": sides.count("left"), "right": sides.count("right"),
-            "max_joint_speed": float(max(s["max_joint_speed"] for s in scores)),
-            "min_clearance_m": float(min(s["min_clearance_m"] for s in scores))}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="output .zarr directory or .zarr.zip (generate demonstrations)")
-    p.add_argument("--eval", metavar="MODEL_PT", help="roll out a trained policy on held-out goals instead")
-    p.add_argument("--episodes", type=int, default=100, help="demonstrations to generate / goals to evaluate")
-    p.add_argument("--seed", type=int, default=0, help="generation seed (evaluation uses held-out seeds)")
-    p.add_argument("--mode", default="dp", choices=["dp", "guided", "both"], help="inference mode for --eval")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--keep-failed", action="store_true")
+    p.add_argument("--eval", metavar="MODEL_PT", required=True, help="roll out a trained policy on held-out goals")
+    p.add_argument("--episodes", type=int, default=100, help="goals to evaluate")
+    p.add_argument("--mode", default="dp", choices=["dp", "guided", "both"], help="inference mode")
     args = p.parse_args(argv)
-    if bool(args.out) == bool(args.eval):
-        p.error("give exactly one of --out (generate) or --eval (evaluate a model.pt)")
-    t0 = time.perf_counter()
-    if args.out:
-        s = generate(args.out, args.episodes, args.seed, overwrite=args.overwrite,
-                     keep_failed=args.keep_failed, progress=True)
-        print(f"{s['path']}: {s['written']} episodes written; expert success {s['success_rate']:.1%}, "
-              f"sides left {s['left']} / right {s['right']}, max joint speed {s['max_joint_speed']:.2f} rad/s, "
-              f"min clearance {s['min_clearance_m'] * 100:.1f} cm, {time.perf_counter() - t0:.1f} s")
-        return 0
     from ..checkpoint import load_policy
     policy = load_policy(args.eval)
     for mode in (["dp", "guided"] if args.mode == "both" else [args.mode]):

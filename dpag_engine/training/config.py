@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, PolicyConfig, checked_fields, require
+import numpy as np
+
 from ..data import DataConfig
+from ..data.formats import parse_key_spec
+from ..spec import PolicySpec, SpecError, build_spec, merge_hints
 
 
 @dataclass
@@ -164,6 +168,24 @@ def resolve_policy_config(policy: dict[str, Any], action_dim: int, state_dim: in
             raise ConfigError(f"policy.{key}: config says {given}, but {src} give {actual} features per step")
         policy[key] = actual
     return PolicyConfig.from_dict(policy)
+
+
+def spec_of(buffer, data: DataConfig, policy: PolicyConfig) -> tuple[PolicySpec | None, str]:
+    """The checkpoint's spec (dpag_engine/spec.py) from the resolved data keys, the dataset's own
+    hints and data.spec; None with the reason when the data does not say enough to serve it."""
+    state = []
+    for item in data.state_keys:
+        key, part = parse_key_spec(item)
+        width = int(np.prod(buffer.data[key].shape[1:], dtype=np.int64))
+        a, b, _ = part.indices(width)
+        state.append((key, None if (a, b) == (0, width) else (a, b), b - a))
+    image = policy.image
+    cameras = [(cam, key, tuple(image.image_shape)) for cam, key in data.cameras.items()] if image else []
+    try:
+        return build_spec(state, cameras, tuple(image.crop_shape) if image else None, policy.action_dim,
+                          merge_hints(buffer.spec_hints, data.spec))
+    except SpecError as err:
+        raise ConfigError(str(err)) from None
 
 
 def run_config_dict(policy_cfg: PolicyConfig, data: DataConfig, train: TrainConfig) -> dict[str, Any]:

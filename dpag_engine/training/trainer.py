@@ -22,7 +22,7 @@ from ..data import DataConfig, GlobalBatchSampler, collate_batch, load_datasets,
 from ..progress import progress_bar
 from .checkpoints import (checkpoint_dirs, data_fingerprint, restore_training_checkpoint, run_dir_of,
                           save_training_checkpoint)
-from .config import TrainConfig, resolve_policy_config, run_config_dict
+from .config import TrainConfig, resolve_policy_config, run_config_dict, spec_of
 from .dist import Dist, all_reduce_mean, barrier, loss_module, main_first, setup_distributed
 from .ema import EMA
 from .logs import CsvLog, EventLog, plot_losses
@@ -67,6 +67,7 @@ class Trainer:
         seed_everything(train_cfg.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
         self.policy = DPAGPolicy(self.policy_cfg)
         self.policy.normalizer.fit(self.train_set.normalizer_data())  # train split only
+        self.policy.spec = self.spec   # written into every model.pt
         self.policy.to(self.device)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas),
                                            weight_decay=train_cfg.weight_decay)
@@ -109,6 +110,9 @@ class Trainer:
                                                      buffer=buffer)
         self.policy_cfg = resolve_policy_config(policy_dict, self.train_set.action_dim, self.train_set.state_dim)
         self.fingerprint = data_fingerprint(self.train_set)
+        self.spec, why = spec_of(buffer, data_cfg, self.policy_cfg)
+        if self.d.main:
+            print(f"spec: {self.spec.describe() if self.spec else 'none - serving will refuse this policy: ' + why}")
 
     def _synthetic_data(self, policy_dict: dict[str, Any], image_cfg: ImageEncoderConfig | None) -> Path:
         path = self.out_dir / "synthetic.zarr"

@@ -8,7 +8,9 @@ import threading
 
 from .control import DEFAULT_CONTROL_PORT, ControlServer
 from .emulator import URControllerEmulator
+from ..cameras.sim import SIM_CAMERA_PORT
 from .logs import COMMAND_LOG_SIZE
+from .robotiq import ROBOTIQ_PORT
 
 
 def main(argv=None):
@@ -26,6 +28,10 @@ def main(argv=None):
                     help="start with the control script already running (clients that do not upload)")
     ap.add_argument("--log-size", type=int, default=COMMAND_LOG_SIZE,
                     help="commands the command log keeps (a ring: older ones are dropped and counted)")
+    ap.add_argument("--gripper-port", type=int, default=ROBOTIQ_PORT,
+                    help="the emulated Robotiq gripper's URCap socket (0: a free port; -1: no gripper)")
+    ap.add_argument("--camera-port", type=int, default=SIM_CAMERA_PORT,
+                    help="the rendered cameras' stream (the sim: camera source; 0: a free port; -1: none)")
     ap.add_argument("--parent-pid", type=int, default=None,
                     help="exit when this process is no longer our parent (EmulatorProcess passes it, so "
                          "an emulator never outlives a crashed test run and keeps its ports)")
@@ -33,7 +39,9 @@ def main(argv=None):
 
     emu = URControllerEmulator(args.host, args.version, q0=args.q0,
                                servo_horizon_s=args.servo_horizon, preload=args.preload,
-                               log_size=args.log_size)
+                               log_size=args.log_size,
+                               gripper_port=None if args.gripper_port < 0 else args.gripper_port,
+                               camera_port=None if args.camera_port < 0 else args.camera_port)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

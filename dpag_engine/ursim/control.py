@@ -22,7 +22,8 @@ MAX_REQUEST = 1 << 20       # bytes of one JSON request line
 # The emulator methods the control port exposes (everything else is refused).
 OPS = ("protective_stop", "emergency_stop", "stop_program", "freeze_stream", "unfreeze_stream",
        "drop_connections", "reset_faults", "set_joint_positions", "command_log",
-       "clear_command_log", "event_log", "clear_event_log", "setup_log", "snapshot", "now")
+       "clear_command_log", "event_log", "clear_event_log", "setup_log", "snapshot", "now",
+       "gripper_freeze", "gripper_drop", "set_gripper_object", "camera_freeze", "camera_delay")
 
 
 class ControlServer:

@@ -32,7 +32,9 @@ from ..kinematics import UR5_LIMITS
 from .arm import Arm
 from .controller import PLAYING, Controller
 from .dashboard import DashboardServer
+from .cameras import CameraServer
 from .logs import COMMAND_LOG_SIZE, Logs
+from .robotiq import GripperSim, RobotiqServer
 from .rtde import RtdeServer
 from .script import ControlScript, ScriptServer
 from .server import Servers
@@ -64,7 +66,7 @@ class URControllerEmulator:
 
     def __init__(self, host="127.0.0.1", version="3.15", q0=None, limits=UR5_LIMITS,
                  servo_horizon_s=0.04, preload=False, serial_number="2017300000",
-                 log_size=COMMAND_LOG_SIZE):
+                 log_size=COMMAND_LOG_SIZE, gripper_port=None, camera_port=None):
         self.host = host
         self.version = parse_version(version)
         self.cb3 = self.version[0] < 5
@@ -91,6 +93,11 @@ class URControllerEmulator:
         self._update_values()       # complete from the start, even if a later update fails
         if preload:
             self.controller.start_program("rtde_control", 0)
+        # The cell around the arm, each on its own port when asked for: a Robotiq gripper on the
+        # URCap socket, and cameras rendering the cell from the arm's state (scene + wrist).
+        self.gripper = GripperSim()
+        self.robotiq = RobotiqServer(self.gripper, host, gripper_port) if gripper_port is not None else None
+        self.cameras = CameraServer(self._camera_state, host=host, port=camera_port) if camera_port is not None else None
 
     # ----------------------------------------------------------------- lifecycle
     def start(self):
@@ -98,12 +105,23 @@ class URControllerEmulator:
         self.servers.listen(DASHBOARD_PORT, "dashboard_client", self.dashboard.client)
         self.servers.listen(SCRIPT_PORT, "script_client", self.script_server.client)
         self.servers.spawn(self._ticker)
+        for part in (self.robotiq, self.cameras):
+            if part is not None:
+                part.start()
         self.logs.event(f"started: {self.describe()}")
         return self
 
     def stop(self):
         self._stopping.set()
         self.servers.stop()
+        for part in (self.robotiq, self.cameras):
+            if part is not None:
+                part.stop()
+
+    def _camera_state(self):
+        """What the cameras render: the arm's joints and the gripper's opening, read together."""
+        with self._lock:
+            return self.controller.arm.q.copy(), self.gripper.width_m
 
     def __enter__(self):
         return self.start()
@@ -113,8 +131,10 @@ class URControllerEmulator:
 
     def describe(self):
         v = ".".join(map(str, self.version))
+        cell = "".join([f", gripper {self.robotiq.port}" if self.robotiq else "",
+                        f", cameras {self.cameras.port}" if self.cameras else ""])
         return (f"UR5 emulator, controller {v} ({'CB3' if self.cb3 else 'e-Series'}, {self.rate} Hz) "
-                f"on {self.host}: rtde {RTDE_PORT}, dashboard {DASHBOARD_PORT}, script {SCRIPT_PORT}")
+                f"on {self.host}: rtde {RTDE_PORT}, dashboard {DASHBOARD_PORT}, script {SCRIPT_PORT}{cell}")
 
     @property
     def command_log_capacity(self):
@@ -170,6 +190,26 @@ class URControllerEmulator:
             self._frozen_until = self.servers.refuse_until = 0.0
             self.logs.event("faults reset")
 
+    # The cell's faults (the gripper's socket, the cameras' stream), for the tests of serve and record.
+    def gripper_freeze(self, seconds):
+        self.robotiq.freeze(seconds)
+
+    def gripper_drop(self):
+        self.robotiq.drop_connections()
+
+    def set_gripper_object(self, width_m=None):
+        self.gripper.object_width_m = width_m
+
+    def camera_freeze(self, camera, seconds=None):
+        """That camera sends nothing for `seconds` (None: until 0 is given)."""
+        if seconds == 0:
+            self.cameras.unfreeze(camera)
+        else:
+            self.cameras.freeze(camera, seconds)
+
+    def camera_delay(self, camera, seconds):
+        self.cameras.set_delay(camera, seconds)
+
     def set_joint_positions(self, q):
         with self._lock:
             self.controller.arm.set_joint_positions(q)
@@ -204,7 +244,8 @@ class URControllerEmulator:
                     "rtde_clients": len(self.rtde.conns),
                     "frozen": time.monotonic() < self._frozen_until,
                     "log_dropped": self.logs.commands_dropped(),
-                    "tick_errors": self.logs.tick_errors, "handler_errors": self.logs.handler_errors}
+                    "tick_errors": self.logs.tick_errors, "handler_errors": self.logs.handler_errors,
+                    "gripper_width": self.gripper.width_m}
 
     # ------------------------------------------------------------ controller clock
     def _ticker(self):
