@@ -50,7 +50,12 @@ class GripperFault(RuntimeError):
 @dataclass(frozen=True)
 class GripperModel:
     name: str
-    stroke_m: float         # full opening, metres
+    stroke_m: float              # full opening, metres
+    full_stroke_s: float = 0.7   # open -> closed at full speed (SPE 255): Robotiq's 2F-85 data sheet, ~150 mm/s
+
+    @property
+    def speed_m_s(self) -> float:
+        return self.stroke_m / self.full_stroke_s
 
 
 GRIPPER_MODELS = {"2f85": GripperModel("2f85", 0.085), "2f140": GripperModel("2f140", 0.140)}

@@ -73,7 +73,7 @@ def ask(sock, line, expect_ack=False):
 
 
 def counts_per_s(spe):
-    return 255.0 / R.FULL_STROKE_S * max(spe / 255.0, R.MIN_SPEED_FRACTION)
+    return 255.0 / GRIPPER_MODELS["2f85"].full_stroke_s * max(spe / 255.0, R.MIN_SPEED_FRACTION)
 
 
 def gripper_threads():
@@ -100,7 +100,7 @@ def test_model_activation_speed_and_gating():
     while sim.register("OBJ") != 3:
         sim.step(dt)
         steps += 1
-    assert steps * dt == pytest.approx(R.FULL_STROKE_S, abs=2 * dt)    # full stroke at SPE 255
+    assert steps * dt == pytest.approx(GRIPPER_MODELS["2f85"].full_stroke_s, abs=2 * dt)    # full stroke at SPE 255
     assert sim.width_m == 0.0
     sim.handle("SET GTO 0 POS 0")
     sim.step(0.2)

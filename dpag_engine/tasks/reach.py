@@ -18,13 +18,14 @@ import numpy as np
 
 from ..data.replay_buffer import ReplayBufferWriter
 from ..envs.ur5_reach import ReachExpert, ReachTask, evaluate
+from ..gripper import GRIPPER_MODELS
 from ..kinematics import forward_kinematics
 from ..progress import progress_bar
 from .base import Task, Trace
 
-# The gripper of the image variant: a Robotiq 2F-85 opens to 85 mm and crosses its stroke in about
-# 0.7 s at full speed (dpag_engine/gripper.py; the emulator's model moves at the same rate).
-GRIPPER_OPEN_M, GRIPPER_CLOSED_M, GRIPPER_SPEED_M_S = 0.085, 0.0, 0.085 / 0.7
+# The gripper of the image variant: a Robotiq 2F-85 at full speed (the emulator's model moves the same).
+GRIPPER = GRIPPER_MODELS["2f85"]
+GRIPPER_OPEN_M, GRIPPER_CLOSED_M, GRIPPER_SPEED_M_S = GRIPPER.stroke_m, 0.0, GRIPPER.speed_m_s
 GRIPPER_CLOSED_TOL_M = 0.01   # "closed" at the end of an episode: at most this open
 VARIANTS = ("joint", "tcp", "image")
 IMAGE_HW = (64, 64)           # stored camera resolution of the image variant (a CPU-sized encoder's input)

@@ -29,14 +29,10 @@ import socket
 import threading
 import time
 
-__all__ = ["GripperSim", "RobotiqServer", "ROBOTIQ_PORT", "STROKES_M"]
+from ..gripper import GRIPPER_MODELS, ROBOTIQ_PORT
 
-ROBOTIQ_PORT = 63352
-# Finger stroke (full opening) of each model, metres. dpag_engine.gripper.GRIPPER_MODELS holds the
-# same numbers for the client; the emulator does not import the client.
-STROKES_M = {"2f85": 0.085, "2f140": 0.140}
+__all__ = ["GripperSim", "RobotiqServer", "ROBOTIQ_PORT"]
 
-FULL_STROKE_S = 0.7             # 0 -> 255 at SPE 255
 MIN_SPEED_FRACTION = 20 / 150   # SPE 0 still moves: the 2F-85 spans 20..150 mm/s
 ACTIVATION_S = 0.2              # STA 1 -> 3
 STEP_HZ = 100.0                 # RobotiqServer's model thread
@@ -56,9 +52,10 @@ class GripperSim:
     """
 
     def __init__(self, model="2f85", object_width_m=None):
-        if model not in STROKES_M:
-            raise ValueError(f"model: {model!r} is not one of {sorted(STROKES_M)}")
-        self.model, self.stroke_m = model, STROKES_M[model]
+        if model not in GRIPPER_MODELS:
+            raise ValueError(f"model: {model!r} is not one of {sorted(GRIPPER_MODELS)}")
+        self.model, self.stroke_m = model, GRIPPER_MODELS[model].stroke_m
+        self.full_stroke_s = GRIPPER_MODELS[model].full_stroke_s   # 0 -> 255 at SPE 255
         self._lock = threading.Lock()
         self._reg = {"ACT": 0, "GTO": 0, "ATR": 0, "ADR": 0, "POS": 0, "SPE": 0, "FOR": 0,
                      "STA": 0, "OBJ": 0, "FLT": 0, "COU": 0}
@@ -178,7 +175,7 @@ class GripperSim:
             else:
                 reg["OBJ"] = 0  # the manual: ignore OBJ while GTO is 0
                 return
-            move = 255.0 / FULL_STROKE_S * fraction * dt
+            move = 255.0 / self.full_stroke_s * fraction * dt
             pos, blocked = self._pos, False
             if target > pos:                        # closing: an object may stop the fingers
                 new = min(target, pos + move)
