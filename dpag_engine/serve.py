@@ -53,11 +53,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cameras import CameraFault, open_camera
 from .cameras.sim import SIM_CAMERA_PORT, SimScene
 from .cell import Cell, CellError, bind, load_cell, needed_cameras, sim_cell
 from .checkpoint import CheckpointError, load_policy
-from .gripper import GripperFault, RobotiqGripper
+from .rig import Rig, SensorFault
 from .robot import (CONTROLLER_RATES_HZ, STATE_TIMEOUT_MAX_S, UR5_JOINT_ACCEL_MAX, UR5_JOINT_SPEED_MAX, LimitError,
                     SafetyLimits, UR5Robot, ur5_left_wedged)
 from .session import (EXIT_INTERNAL, EXIT_OK, EXIT_ROBOT_FAULT, EXIT_SENSOR_FAULT, EXIT_USAGE, SafetyStop, Session,
@@ -279,28 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     robot = UR5Robot(host, limits, frequency=args.frequency or cell.frequency, lookahead_time=args.lookahead_time,
                      gain=args.gain, watchdog_hz=args.watchdog_hz, rt_priority=not args.no_rt,
                      servo=servo, log_dir=stream_dir)
-    cameras = {name: cell_camera(cell, name, bindings, host) for name in needed_cameras(bindings)}
-    gripper = (RobotiqGripper(host, cell.gripper.port, cell.gripper.model, cell.gripper.speed, cell.gripper.force)
-               if cell.gripper.kind == "robotiq" and (spec.action.gripper or any(
-                   "gripper.width" in b.sources for b in bindings)) else None)
-    scene = scene_setter(task, args, cell, host)
-    session = Session(robot, planner, task, args, stream_dir, builder, decoder, cameras, gripper, scene)
+    trained = {b.sources[0][7:]: tuple(b.field.shape[1:]) for b in bindings if b.field.kind == "camera"}
+    needs_gripper = spec.action.gripper or any("gripper.width" in b.sources for b in bindings)
+    rig = Rig.for_cell(cell, robot, needed_cameras(bindings), needs_gripper, trained, host, emulator)
+    session = Session(rig, planner, task, args, stream_dir, builder, decoder, scene_setter(task, args, cell, host))
+    cameras, gripper = rig.cameras, rig.gripper
     code, message, trace = EXIT_OK, "done", None
     try:
         try:
-            if emulator is not None:
-                emulator.start()
-                print(f"serve: {emulator.banner}", file=sys.stderr)
-            robot.connect()
+            rig.connect()
         except (ConnectionError, RuntimeError) as err:   # unreachable, refused, or not ready to move
+            if isinstance(err, SensorFault):
+                raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
             raise SafetyStop(EXIT_ROBOT_FAULT, f"cannot connect to the controller at {host}: {err}") from err
-        try:
-            for cam in cameras.values():
-                cam.start()
-            if gripper is not None:
-                gripper.connect()
-        except (CameraFault, GripperFault) as err:
-            raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
         print(f"serve: connected to {host} (controller {robot.controller_major}.x), servo {robot.frequency:.0f} Hz "
               f"({servo}), plan {args.plan_hz:g} Hz, {args.mode} mode on {planner.runtime}, "
               f"DDIM-{policy.schedule.num_steps}; task {task.name}; policy: {spec.describe()}"
@@ -345,25 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             summary["traceback"] = trace
             print(trace, file=sys.stderr)
         plots = session.save(out, summary)
-        for cam in cameras.values():
-            cam.stop()
-        if gripper is not None:
-            gripper.close()
-        robot.close()
-        if emulator is not None:
-            emulator.stop()
+        rig.close()
     print_summary(summary, out, plots)
     return code
-
-
-def cell_camera(cell: Cell, name: str, bindings, host: str):
-    """The cell's camera `name`, not started. An emulated camera renders at the resolution the
-    policy was trained on (as its demonstrations were rendered), unless the config asks another."""
-    c = cell.cameras[name]
-    if c.kind != "sim":
-        return open_camera(c.source, name, fps=c.fps, resolution=c.resolution)
-    trained = next(b.field.shape[1:] for b in bindings if b.field.kind == "camera" and b.sources[0] == f"camera.{name}")
-    return open_camera(c.source, name, fps=c.fps, resolution=c.resolution or tuple(trained), address=(host, SIM_CAMERA_PORT))
 
 
 def resolve_task(name: str | None, spec, cell: Cell, duration: float | None) -> Task:

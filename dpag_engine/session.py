@@ -16,11 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import _C
-from .cameras import CameraFault
-from .gripper import GripperFault
 from .kinematics import frame_origins
-from .robot import UR5Robot
+from .rig import Rig, SensorFault
 from .runlog import StreamLog
 from .rtc import CommittedPrefix, DelayEstimator, committed_prefix
 from .spec_io import ActionDecoder, ObservationBuilder, Snapshot
@@ -87,11 +84,11 @@ class Session:
     setup and the score from the task plug-in (dpag_engine/tasks): nothing here knows a task.
     """
 
-    def __init__(self, robot: UR5Robot, planner: TimedPlanner, task: Task, args, stream_dir: Path,
-                 builder: ObservationBuilder, decoder: ActionDecoder, cameras: dict | None = None,
-                 gripper=None, scene=None):
-        self.robot, self.planner, self.task, self.args = robot, planner, task, args
-        self.builder, self.decoder, self.cameras, self.gripper, self.scene = builder, decoder, cameras or {}, gripper, scene
+    def __init__(self, rig: Rig, planner: TimedPlanner, task: Task, args, stream_dir: Path,
+                 builder: ObservationBuilder, decoder: ActionDecoder, scene=None):
+        self.rig, self.robot, self.planner, self.task, self.args = rig, rig.robot, planner, task, args
+        self.cameras, self.gripper = rig.cameras, rig.gripper
+        self.builder, self.decoder, self.scene = builder, decoder, scene
         cfg = planner.cfg
         self.n_obs, self.dt = cfg.n_obs_steps, builder.spec.dt
         self.plan_every = max(1, round(1.0 / (args.plan_hz * self.dt)))
@@ -116,17 +113,6 @@ class Session:
     def _check_robot(self) -> None:
         if not self.robot.running or self.robot.fault:
             raise SafetyStop(EXIT_ROBOT_FAULT, f"robot fault: {self.robot.fault or 'the servo loop stopped'}")
-
-    def snapshot(self, t: float, task_inputs: dict) -> Snapshot:
-        """What the cell measures now: the arm, the gripper, each camera's frame nearest to t. A
-        camera or gripper that stopped delivering is a fault, like a frozen robot stream."""
-        q, qd = self.robot.joint_state()
-        try:
-            width = self.gripper.width()[0] if self.gripper is not None else None
-            frames = {name: cam.nearest(t) for name, cam in self.cameras.items()}
-        except (CameraFault, GripperFault) as err:
-            raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
-        return Snapshot(t, q, qd, width, frames, task_inputs)
 
     def _submit(self, actions: np.ndarray, t_first: float):
         """Submit a chunk whose action 0 is due at t_first, trusted for at most --hold-after seconds."""
@@ -162,34 +148,20 @@ class Session:
         return float(max(abs(np.interp(t_switch, grid_new, actions[:, j]) - np.interp(t_switch, grid_prev, prev[:, j]))
                          for j in range(actions.shape[1])))
 
-    def move_home(self, q_home: np.ndarray, speed: float = 0.5) -> None:
-        """A straight joint-space ramp to home at `speed` rad/s (through the scheduler, so limited);
-        the gripper opens on the way."""
-        if self.gripper is not None:
-            self._command_gripper(self.gripper.model.stroke_m)
-        q = self.robot.joint_positions()
-        n = max(2, int(math.ceil(np.max(np.abs(q_home - q)) / (speed * self.dt))) + 1)
-        ramp = q + np.linspace(0.0, 1.0, n)[1:, None] * (q_home - q)
-        # Repeat the end so the spline's tangent there is zero: the ramp stops at home, no overshoot.
-        ramp = np.vstack([ramp, np.repeat(ramp[-1:], 3, axis=0)])
-        result = self.robot.scheduler.submit(ramp, _C.monotonic() + self.dt, self.dt)
-        if not result.accepted:
-            raise RuntimeError(f"home ramp rejected: {result.reason}")
+    def move_home(self, q_home: np.ndarray) -> None:
+        """To the home pose through the scheduler (limited), the gripper opening on the way."""
+        try:
+            self.rig.move_home(q_home, self.dt, self._check_robot)
+        except SensorFault as err:
+            raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
+        except TimeoutError as err:
+            raise SafetyStop(EXIT_ROBOT_FAULT, str(err)) from err
         self.executing = None   # the next plan continues nothing
-        deadline = time.monotonic() + n * self.dt + 3.0
-        while time.monotonic() < deadline:
-            self._check_robot()
-            cmd = self.robot.scheduler.commanded()
-            if cmd is not None and np.max(np.abs(self.robot.joint_positions() - q_home)) < 2e-3 \
-                    and np.max(np.abs(cmd[1])) < 1e-3:
-                return
-            time.sleep(0.02)
-        raise SafetyStop(EXIT_ROBOT_FAULT, "could not reach the home pose (is the arm tracking its commands?)")
 
     def _command_gripper(self, width: float) -> None:
         try:
-            self.gripper.command(width)
-        except GripperFault as err:
+            self.rig.command_gripper(width)
+        except SensorFault as err:
             raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
 
     def set_scene(self, episode: dict) -> None:
@@ -199,7 +171,10 @@ class Session:
 
     def observe(self, t: float, task_inputs: dict) -> tuple[Snapshot, np.ndarray, dict]:
         """One policy step's snapshot and its policy inputs (state, images), checked finite."""
-        snap = self.snapshot(t, task_inputs)
+        try:
+            snap = self.rig.snapshot(t, task_inputs)
+        except SensorFault as err:   # a camera or the gripper that stopped is a fault, like a frozen robot stream
+            raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
         state = self.builder.state(snap)
         if not np.all(np.isfinite(state)):
             raise SafetyStop(EXIT_BAD_VALUES, f"non-finite observation at t = {t:.3f}: {state.tolist()}")
@@ -400,7 +375,7 @@ def plot_run(out: Path, session: Session, summary: dict, obs, plans, cmds, state
         save(fig, "camera_frames.png")
 
 
-def bring_to_rest(robot: UR5Robot, timeout: float = 2.0) -> None:
+def bring_to_rest(robot, timeout: float = 2.0) -> None:
     """Submit nothing more and let the scheduler's hold decelerate the arm to rest."""
     end = time.monotonic() + timeout
     while time.monotonic() < end and robot.running:
