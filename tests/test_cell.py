@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -301,3 +302,16 @@ def test_home_default_limits_are_the_ur5_range():
     assert cell.home[0] == pytest.approx(2 * math.pi - 0.01)
     with pytest.raises(CellError, match=r"^x\.toml: \[robot\] home: outside"):
         parse_cell({"robot": {"home": [2 * math.pi + 0.01] + [0.0] * 5}}, "x.toml")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/cells/*.toml")),
+                         ids=lambda p: p.name)
+def test_the_shipped_cell_configs_parse(path):
+    cell = load_cell(path)
+    assert len(cell.cameras) == 2 and cell.gripper.kind == "robotiq" and max(cell.limits.v_max) <= math.pi
+    if path.name == "sim.toml":   # the file says what the built-in emulated cell is
+        built_in = sim_cell()
+        assert (cell.host, cell.version, cell.cameras, cell.gripper) == \
+            (built_in.host, built_in.version, built_in.cameras, built_in.gripper)
+        assert np.allclose(cell.limits.v_max, built_in.limits.v_max, atol=1e-4)
+        assert cell.limits.workspace_lo == built_in.limits.workspace_lo
