@@ -75,7 +75,7 @@ def fitting_tasks(ckpt_path: str, cfg: PolicyConfig, state_keys: list[str], came
     fits = [f"{t} (--task {t})" for t in TASKS if task_problem(t, cfg, state_keys, cameras) is None]
     # The UR5 reach task has its own rollout; its state is ur5_reach.observe's concat(q, goal).
     if (cfg.state_dim, cfg.action_dim, cfg.image) == (ur5_reach.STATE_DIM, ur5_reach.ACTION_DIM, None):
-        fits.append(f"ur5_reach (python -m dpag_engine.envs.ur5_reach --eval {ckpt_path})")
+        fits.append(f"ur5_reach (python -m dpag_engine.tasks --task ur5_reach --eval {ckpt_path})")
     return fits
 
 

@@ -21,7 +21,7 @@ def test_eval_names_the_tasks_a_ur5_checkpoint_fits(tmp_path, capsys):
     assert eval_main(["--ckpt", str(path), "--task", "pusht", "--episodes", "1", "--out-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: cannot be evaluated on pusht"), err
-    assert "['q', 'goal']" in err and "ur5_reach" in err and "python -m dpag_engine.envs.ur5_reach --eval" in err
+    assert "['q', 'goal']" in err and "ur5_reach" in err and "python -m dpag_engine.tasks --task ur5_reach --eval" in err
     assert "Traceback" not in err and not (tmp_path / "results.json").exists()
 
 

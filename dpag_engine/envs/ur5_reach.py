@@ -2,7 +2,7 @@
 
     python -m dpag_engine.tasks --task ur5_reach --out data/ur5_reach.zarr --episodes 100   # (tasks/reach.py)
     python -m dpag_engine.train --config configs/ur5_reach.toml
-    python -m dpag_engine.envs.ur5_reach --eval outputs/ur5_reach/model.pt --episodes 20 --mode dp
+    python -m dpag_engine.tasks --task ur5_reach --eval outputs/ur5_reach/model.pt --episodes 100 (tasks/rollout.py)
 
 The UR5 starts at a table-top pose with the tool pointing down, and must bring its TCP (the flange;
 no tool offset) to a goal on the far side of a sphere at the same height, keeping the tool
@@ -20,14 +20,12 @@ Conventions (the serve command uses exactly these, so keep them in sync with `ob
 """
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from ..progress import progress_bar
 from ..kinematics import UR5_LIMITS, forward_kinematics, frame_origins, inverse_kinematics
 
 STATE_DIM = 9   # q (6) + goal (3)
@@ -298,54 +296,3 @@ def rollout(policy_fn: PolicyFn, task: ReachTask | None, goal: np.ndarray, q0: n
             history.append(observe(q, goal))
     return np.asarray(traj)
 
-
-def policy_fn_from(policy, mode: str = "dp", seed: int = 0) -> PolicyFn:
-    """Wrap a DPAGPolicy (raw units in and out) as a rollout policy_fn, on the policy's device."""
-    import torch
-
-    device = next(policy.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-
-    def fn(history: np.ndarray) -> np.ndarray:
-        obs = {"state": torch.as_tensor(history, device=device).unsqueeze(0)}
-        return policy.predict_action(obs, generator=generator, mode=mode)["action"][0].cpu().numpy()
-    return fn
-
-
-def evaluate_policy(policy, n_goals: int = 20, mode: str = "dp", seed: int = EVAL_SEED,
-                    task: ReachTask | None = None, progress: bool = True) -> dict:
-    """Roll out `n_goals` held-out goals (from home) and summarise success, collisions and sides."""
-    task = task or ReachTask()
-    results = []
-    fn = policy_fn_from(policy, mode, seed)
-    for i in progress_bar(range(n_goals), desc=f"rollout ({mode})", disable=not progress):
-        goal = task.sample_goal(np.random.default_rng([seed, i]))
-        traj = rollout(fn, task, goal, n_obs_steps=policy.cfg.n_obs_steps)
-        results.append(evaluate(traj, goal, task))
-    sides = [r["path_side"] for r in results]
-    return {"n": n_goals, "success_rate": float(np.mean([r["success"] for r in results])),
-            "collision_rate": float(np.mean([r["collided"] for r in results])),
-            "left": sides.count("left"), "right": sides.count("right"), "none": sides.count(None),
-            "mean_final_error_m": float(np.mean([r["final_error_m"] for r in results])),
-            "mean_jerk": float(np.mean([r["mean_jerk"] for r in results])), "episodes": results}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--eval", metavar="MODEL_PT", required=True, help="roll out a trained policy on held-out goals")
-    p.add_argument("--episodes", type=int, default=100, help="goals to evaluate")
-    p.add_argument("--mode", default="dp", choices=["dp", "guided", "both"], help="inference mode")
-    args = p.parse_args(argv)
-    from ..checkpoint import load_policy
-    policy = load_policy(args.eval)
-    for mode in (["dp", "guided"] if args.mode == "both" else [args.mode]):
-        s = evaluate_policy(policy, args.episodes, mode)
-        print(f"{mode}: success {s['success_rate']:.0%}, collisions {s['collision_rate']:.0%}, "
-              f"sides left {s['left']} / right {s['right']} / none {s['none']}, "
-              f"final error {s['mean_final_error_m'] * 100:.1f} cm, mean jerk {s['mean_jerk']:.2f} rad/s^3 "
-              f"({s['n']} goals)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,7 +1,8 @@
-"""Expert demonstrations of a task plug-in, in Diffusion Policy's zarr layout with the spec hints:
+"""Expert demonstrations of a task plug-in (zarr, with the spec hints), or a policy evaluated on it:
 
     python -m dpag_engine.tasks --task ur5_reach_image --out data/ur5_reach_image.zarr --episodes 100
     python -m dpag_engine.train --config configs/ur5_reach_image.toml
+    python -m dpag_engine.tasks --task ur5_reach_image --eval outputs/ur5_reach_image/model.pt --episodes 100
 """
 from __future__ import annotations
 
@@ -15,14 +16,27 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dpag_engine.tasks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--out", required=True, help="output .zarr directory or .zarr.zip")
+    p.add_argument("--out", help="write demonstrations here (.zarr directory or .zarr.zip)")
+    p.add_argument("--eval", metavar="MODEL_PT", help="instead: roll a trained policy out on held-out episodes "
+                                                      "(the kinematic cell, tasks/rollout.py)")
+    p.add_argument("--mode", default="dp", choices=["dp", "guided"], help="--eval: inference mode")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="generation seed (serving and evaluation draw from held-out seeds)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error("--episodes: at least 1")
+    if bool(args.out) == bool(args.eval):
+        p.error("give exactly one of --out (demonstrations) or --eval (a model.pt)")
     t0 = time.perf_counter()
+    if args.eval:
+        from ..checkpoint import load_policy
+        from .rollout import evaluate_policy
+        r = evaluate_policy(get_task(args.task), load_policy(args.eval), args.episodes, args.mode)
+        print(f"{args.task} {args.mode}: success {r['success_rate']:.0%}, collisions {r['collision_rate']:.0%}, "
+              f"mean jerk {r['mean_jerk']:.1f} rad/s^3 over {args.episodes} held-out episodes "
+              f"({time.perf_counter() - t0:.0f} s)")
+        return 0
     s = get_task(args.task).write_demonstrations(args.out, args.episodes, args.seed, overwrite=args.overwrite,
                                                   progress=True)
     print(f"{s['path']}: {s['written']} episodes written; expert success {s['success_rate']:.1%}, sides left "
