@@ -234,3 +234,26 @@ def test_record_train_serve_the_image_task_end_to_end(emu, tmp_path):
     assert run.join() == session.EXIT_OK, run.summary["message"]
     assert run.summary["task"] == "ur5_reach_image" and math.isfinite(run.summary["mean_jerk"])
     assert run.summary["success_rate"] in (0.0, 1.0)
+
+
+def test_a_policy_of_a_task_with_no_plug_in_is_served_with_task_own(emu, tmp_path):
+    """A lab's own task: the spec names no task, the config gives the home pose, --duration the
+    episode; the summary has no success rate (nobody scores it) but everything else."""
+    data = read_replay_buffer(get_task("ur5_reach").write_demonstrations(tmp_path / "d.zarr", 2)["path"])
+    spec, _ = build_spec([("q", None, 6)], [], None, 6, merge_hints({"dt": 0.1}))
+    assert spec.task is None
+    policy = DPAGPolicy(PolicyConfig(recipe="tiny", state_dim=6, action_dim=6))
+    policy.normalizer.fit({"action": torch.from_numpy(data.data["action"]), "state": torch.from_numpy(data.data["q"])})
+    policy.spec = spec
+    ckpt = save_checkpoint(tmp_path / "own.pt", policy)
+    config = tmp_path / "own.toml"
+    home = ", ".join(f"{q:.4f}" for q in get_task("ur5_reach").q_home)
+    config.write_text(f'[robot]\nhost = "{HOST}"\nhome = [{home}]\n[limits]\nv_max = 1.0\na_max = 8.0\n')
+    run = Run(emu, ckpt, tmp_path, "--task", "own", config=str(config))
+    assert run.join() == session.EXIT_OK, run.summary["message"]
+    assert run.summary["task"] == "own" and run.summary["success_rate"] is None
+    assert math.isfinite(run.summary["mean_jerk"])
+    # Without --duration an own task has no episode length: refused before connecting.
+    code = serve.main(["--ckpt", str(ckpt), "--robot", "ur5", "--config", str(config), "--task", "own",
+                       "--log-dir", str(tmp_path / "s2")])
+    assert code == session.EXIT_USAGE
