@@ -37,6 +37,7 @@ import numpy as np
 
 from ..cameras.sim import FRAME_HEADER, FRAME_MAGIC, MAX_LINE, SIM_CAMERA_PORT
 from ..render import DEFAULT_SCENE, SCENE_CAMERA, WRIST_CAMERA, CameraModel, Scene, render
+from .listener import Listener
 
 __all__ = ["CameraServer", "SIM_CAMERA_PORT", "MAX_CLIENTS", "SEND_TIMEOUT_S"]
 
@@ -100,14 +101,19 @@ class _Subscriber:
             self.cond.notify_all()
 
 
-class CameraServer:
+class CameraServer(Listener):
     """The emulator's rendered cameras on one TCP port (see the module docstring).
 
     state: a callable returning (q (6,) rad, gripper width m), read consistently (the emulator
     reads both under its lock). cameras: name -> CameraModel (default scene + wrist at 96x96).
     scene: what the cell shows besides the arm (default: the reach task's obstacle, no goal).
-    port=0 binds a free port (read .port after start()).
+    port=0 binds a free port (read .port after start()). The lifecycle (start, stop, port,
+    drop_connections) and the accept loop are Listener's.
     """
+
+    thread_prefix = "ursim-cameras-"
+    max_clients = MAX_CLIENTS
+    client_timeout_s = 0.1          # request reads wake up to notice stop(); _stream sets its own
 
     def __init__(self, state: Callable[[], tuple[np.ndarray, float]],
                  cameras: dict[str, CameraModel] | None = None, scene: Scene | None = None,
@@ -119,70 +125,25 @@ class CameraServer:
             raise ValueError("cameras: a non-empty dict of name -> CameraModel")
         if not (isinstance(fps, (int, float)) and 0 < fps <= 240):
             raise ValueError(f"fps must be in (0, 240], got {fps!r}")
-        self._state, self.cameras, self.host, self._port, self.fps = state, cameras, host, port, float(fps)
-        self._scene = DEFAULT_SCENE if scene is None else self._check_scene(scene)
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._listener = None
-        self._acceptor = None
-        self._threads: list[threading.Thread] = []
-        self._clients: set = set()
+        scene = DEFAULT_SCENE if scene is None else self._check_scene(scene)
+        super().__init__(host, port)
+        self._state, self.cameras, self.fps, self._scene = state, cameras, float(fps), scene
         self._subs: list[_Subscriber] = []
         self._frozen_until = {name: 0.0 for name in cameras}
         self._delay = {name: 0.0 for name in cameras}
         self._models: dict = {}              # (camera, (h, w)) -> CameraModel at that resolution
         self._index: dict = collections.Counter()
         self._render_ms: dict = {}
-        self._counts = collections.Counter()
         self._last_error: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    @property
-    def port(self) -> int:
-        """The bound port (the one asked for until start())."""
-        return self._port
-
-    def start(self) -> "CameraServer":
-        if self._listener is not None:
-            raise RuntimeError("CameraServer already started (a stopped one cannot restart)")
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((self.host, self._port))
-            s.listen(8)
-        except OSError:
-            s.close()
-            raise
-        s.settimeout(0.1)       # accept() wakes up to notice stop()
-        self._listener, self._port = s, s.getsockname()[1]
-        self._acceptor = self._spawn(self._accept)
-        self._spawn(self._render_loop)
-        return self
-
-    def stop(self) -> None:
-        """Close every connection and the listener; wait for the threads. Idempotent."""
-        self._stopping.set()
-        if self._acceptor is not None:
-            self._acceptor.join(timeout=2.0)
+    def _on_stop(self) -> None:
+        # Listener.stop() calls this before it shuts the connections down: a closed subscriber
+        # wakes its sender now, not at its next take() timeout.
         with self._lock:
-            socks, subs, threads = list(self._clients), list(self._subs), list(self._threads)
+            subs = list(self._subs)
         for sub in subs:
             sub.close()
-        for sock in socks:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in threads:
-            t.join(timeout=2.0)
-        if self._listener is not None:
-            self._listener.close()
-
-    def __enter__(self) -> "CameraServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # ------------------------------------------------------------------ side channel
     def set_scene(self, scene: Scene) -> None:
@@ -235,7 +196,8 @@ class CameraServer:
         return out
 
     # ------------------------------------------------------------------ render thread
-    def _render_loop(self) -> None:
+    def _loop(self) -> None:
+        """The render thread (Listener's background thread): one _tick every 1/fps s."""
         period = 1.0 / self.fps
         next_t = time.monotonic()
         while not self._stopping.is_set():
@@ -289,51 +251,25 @@ class CameraServer:
                 s.push(t + delay, payload, limit)
 
     # ------------------------------------------------------------------ connections
-    def _spawn(self, fn, *args) -> threading.Thread:
-        t = threading.Thread(target=fn, args=args, daemon=True, name=f"ursim-cameras-{fn.__name__}")
-        t.start()
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        return t
-
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                sock, addr = self._listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            with self._lock:
-                full = len(self._clients) >= MAX_CLIENTS
-                self._counts["refused" if full else "accepted"] += 1      # under the lock
-                if not full:
-                    self._clients.add(sock)
-            if full:
-                sock.close()
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(0.1)        # reads wake up to notice stop()
-            self._spawn(self._client, sock, addr)
-
-    def _client(self, sock, addr) -> None:
+    def _serve(self, sock, addr) -> None:
+        """One connection: requests, then its frames once it subscribes."""
         sub = None
         try:
             sub = self._requests(sock, addr)
             if sub is not None:
                 self._stream(sub)
         except OSError:
-            pass                        # the peer went away
+            raise                       # the peer went away: Listener closes it, nothing to report
         except Exception as e:          # an input nobody foresaw: it closes this connection only
             self._error(f"client {addr[0]}:{addr[1]}: {type(e).__name__}: {e}")
         finally:
-            with self._lock:
-                self._clients.discard(sock)
-                if sub is not None and sub in self._subs:
-                    self._subs.remove(sub)
-                    self._counts["sent"] += sub.sent
-                    self._counts["skipped"] += sub.skipped
             if sub is not None:
+                with self._lock:        # its frame counts outlive it in stats()
+                    if sub in self._subs:
+                        self._subs.remove(sub)
+                        self._counts["sent"] += sub.sent
+                        self._counts["skipped"] += sub.skipped
                 sub.close()
-            sock.close()
 
     def _requests(self, sock, addr) -> _Subscriber | None:
         """Answer request lines until a subscribe succeeds (its subscriber) or the client goes (None)."""
@@ -452,10 +388,6 @@ class CameraServer:
                             for name, m in self.cameras.items()},
                 "header": {"struct": FRAME_HEADER.format, "magic": FRAME_MAGIC.decode()},
                 "scene": scene_dict(self.scene)}
-
-    def _count(self, what: str) -> None:
-        with self._lock:
-            self._counts[what] += 1
 
     def _refuse(self, what: str, error: str) -> dict:
         self._count(what)

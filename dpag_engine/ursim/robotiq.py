@@ -30,6 +30,7 @@ import threading
 import time
 
 from ..gripper import GRIPPER_MODELS, ROBOTIQ_PORT
+from .listener import Listener
 
 __all__ = ["GripperSim", "RobotiqServer", "ROBOTIQ_PORT"]
 
@@ -188,75 +189,23 @@ class GripperSim:
             reg["OBJ"] = 2 if blocked else 3 if new == target else 0
 
 
-class RobotiqServer:
+class RobotiqServer(Listener):
     """The URCap's socket for one GripperSim: multi-client, bounded input, own model thread.
 
     port=0 binds a free port (read .port after start()). drop_connections() and freeze() inject
     faults for tests: every connection closed / no replies for a while (connections stay open).
+    The lifecycle (start, stop, port, drop_connections) and the accept loop are Listener's.
     """
 
+    thread_prefix = "robotiq-sim-"
+    max_clients = MAX_CLIENTS
+    client_timeout_s = REPLY_TIMEOUT_S      # bounds both a blocked send and the wait for input
+
     def __init__(self, gripper, host="127.0.0.1", port=ROBOTIQ_PORT):
-        self.gripper, self.host, self._port = gripper, host, port
-        self._stopping = threading.Event()
-        self._lock = threading.Lock()
-        self._listener = None
-        self._acceptor = None
-        self._threads = []
-        self._clients = set()
+        super().__init__(host, port, counters=("accepted", "refused", "dropped_long_line",
+                                               "dropped_not_reading", "requests", "errors"))
+        self.gripper = gripper
         self._frozen_until = 0.0
-        self._counts = {"accepted": 0, "refused": 0, "dropped_long_line": 0,
-                        "dropped_not_reading": 0, "requests": 0, "errors": 0}
-
-    @property
-    def port(self):
-        """The bound port (the one asked for until start())."""
-        return self._port
-
-    def start(self):
-        if self._listener is not None:
-            raise RuntimeError("RobotiqServer already started (a stopped one cannot restart)")
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((self.host, self._port))
-            s.listen(8)
-        except OSError:
-            s.close()
-            raise
-        s.settimeout(0.1)       # accept() wakes up to notice stop()
-        self._listener, self._port = s, s.getsockname()[1]
-        self._acceptor = self._spawn(self._accept)
-        self._spawn(self._step)
-        return self
-
-    def stop(self):
-        """Close every connection and the listener; wait for the threads. Idempotent."""
-        self._stopping.set()
-        if self._acceptor is not None:
-            self._acceptor.join(timeout=2.0)        # no new connections from here on
-        self.drop_connections()
-        with self._lock:
-            threads = list(self._threads)
-        for t in threads:
-            t.join(timeout=2.0)
-        if self._listener is not None:
-            self._listener.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def drop_connections(self):
-        """Close every client connection now (new ones are still accepted)."""
-        with self._lock:
-            socks = list(self._clients)
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def freeze(self, seconds):
         """No replies for `seconds` (requests wait, connections stay open); 0 ends a freeze."""
@@ -269,49 +218,16 @@ class RobotiqServer:
                         frozen=time.monotonic() < self._frozen_until)
 
     # ---------------------------------------------------------------- threads
-    def _spawn(self, fn, *args):
-        t = threading.Thread(target=fn, args=args, daemon=True, name=f"robotiq-sim-{fn.__name__}")
-        t.start()
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()] + [t]
-        return t
-
-    def _step(self):
+    def _loop(self):
+        """The model thread: steps the gripper at STEP_HZ with the time that really passed."""
         last = time.monotonic()
         while not self._stopping.wait(1.0 / STEP_HZ):
             now = time.monotonic()
             self.gripper.step(min(now - last, 0.1))     # a stalled machine must not teleport
             last = now
 
-    def _accept(self):
-        while not self._stopping.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except (socket.timeout, OSError):
-                continue
-            with self._lock:
-                full = len(self._clients) >= MAX_CLIENTS
-                self._counts["refused" if full else "accepted"] += 1
-                if not full:
-                    self._clients.add(sock)
-            if full:
-                sock.close()
-                continue
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(REPLY_TIMEOUT_S)
-            self._spawn(self._client, sock)
-
-    def _client(self, sock):
-        try:
-            self._serve(sock)
-        except OSError:
-            pass                                    # the peer went away or stopped reading
-        finally:
-            with self._lock:
-                self._clients.discard(sock)
-            sock.close()
-
-    def _serve(self, sock):
+    def _serve(self, sock, addr):
+        """Answer request lines until the peer goes, misbehaves or the server stops."""
         buf = b""
         while not self._stopping.is_set():
             try:
@@ -322,8 +238,7 @@ class RobotiqServer:
                 return
             *lines, buf = (buf + chunk).split(b"\n")
             if len(buf) > MAX_LINE or any(len(line) > MAX_LINE for line in lines):
-                with self._lock:
-                    self._counts["dropped_long_line"] += 1
+                self._count("dropped_long_line")
                 return                              # no request is that long: hang up
             requests = [t for t in (x.decode("ascii", errors="replace").strip() for x in lines)
                         if t]                       # a blank line is no request
@@ -341,8 +256,7 @@ class RobotiqServer:
             try:
                 sock.sendall(b"".join(replies))
             except socket.timeout:
-                with self._lock:
-                    self._counts["dropped_not_reading"] += 1
+                self._count("dropped_not_reading")
                 return
 
     def _wait_unfrozen(self):
