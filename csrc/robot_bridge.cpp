@@ -8,7 +8,7 @@
 
 namespace dpag {
 
-std::array<double, 3> ur5_tcp_position(const double* q) {
+std::array<double, 3> ur5_tcp_position(const double* q, const std::array<double, 3>& tool) {
     // Standard DH parameters of the classic UR5 (as dpag_engine/kinematics.py).
     static constexpr double kA[6] = {0.0, -0.425, -0.39225, 0.0, 0.0, 0.0};
     static constexpr double kD[6] = {0.089159, 0.0, 0.0, 0.10915, 0.09465, 0.0823};
@@ -31,7 +31,11 @@ std::array<double, 3> ur5_tcp_position(const double* q) {
         }
         std::copy(&r[0][0], &r[0][0] + 12, &t[0][0]);
     }
-    return {t[0][3], t[1][3], t[2][3]};
+    std::array<double, 3> p{};
+    for (int row = 0; row < 3; ++row) {
+        p[row] = t[row][0] * tool[0] + t[row][1] * tool[1] + t[row][2] * tool[2] + t[row][3];
+    }
+    return p;
 }
 
 MailboxSink::MailboxSink(std::size_t dof, std::vector<double> q_initial, double state_timeout_s,
@@ -86,7 +90,7 @@ bool MailboxSink::command(std::int64_t cycle, std::int64_t t_ns, std::int64_t wa
         if (!std::isfinite(q[j]) || !std::isfinite(v[j])) return fail("non-finite joint command");
     }
     if (box_enabled_) {
-        const std::array<double, 3> p = ur5_tcp_position(q);
+        const std::array<double, 3> p = ur5_tcp_position(q, box_.tool);
         for (int i = 0; i < 3; ++i) {
             if (p[i] < box_.lo[i] || p[i] > box_.hi[i]) {
                 char msg[200];

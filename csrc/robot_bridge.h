@@ -31,12 +31,15 @@
 namespace dpag {
 
 // Tool-centre position [x, y, z] (m, base frame) of a UR5 at joint positions q (6 values): the
-// standard DH chain of the classic UR5, identical to dpag_engine/kinematics.py.
-std::array<double, 3> ur5_tcp_position(const double* q);
+// standard DH chain of the classic UR5, identical to dpag_engine/kinematics.py, then the tool's
+// offset (the TCP's position in the flange frame, m; zero: the flange itself).
+std::array<double, 3> ur5_tcp_position(const double* q, const std::array<double, 3>& tool = {});
 
-// An axis-aligned box in the base frame; the TCP must stay inside it.
+// An axis-aligned box in the base frame; the TCP (the flange plus `tool`, e.g. the fingertips of
+// a gripper 17 cm out) must stay inside it.
 struct WorkspaceBox {
     std::array<double, 3> lo{}, hi{};
+    std::array<double, 3> tool{};
 };
 
 struct MailboxCommand {

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import _C
 from .runlog import StreamLog
-from .kinematics import UR5_LIMITS, forward_kinematics
+from .kinematics import UR5_LIMITS, tcp_pose
 
 UR5_DOF = 6
 RT_PRIORITY = 80   # SCHED_FIFO level of the servo loop
@@ -149,8 +149,11 @@ class CommandLog:
 class UR5Robot:
     def __init__(self, host: str, limits: SafetyLimits = SafetyLimits(), frequency: float | None = None,
                  lookahead_time: float = 0.1, gain: float = 300.0, watchdog_hz: float = 5.0,
-                 rt_priority: bool = True, servo: str = "servoJ", log_dir: str | os.PathLike | None = None):
-        """log_dir: where the command and state logs stream to (default: a fresh temporary folder)."""
+                 rt_priority: bool = True, servo: str = "servoJ", log_dir: str | os.PathLike | None = None,
+                 tcp_offset=None):
+        """log_dir: where the command and state logs stream to (default: a fresh temporary folder).
+        tcp_offset: flange -> TCP (x, y, z, rx, ry, rz), as set on the pendant: the workspace box
+        bounds that point, and servoL targets are its poses (the controller's IK removes it)."""
         if not 0.03 <= lookahead_time <= 0.2:
             raise ValueError(f"lookahead_time: ur_rtde accepts [0.03, 0.2] s, got {lookahead_time}")
         if not 100 <= gain <= 2000:
@@ -158,6 +161,7 @@ class UR5Robot:
         if servo not in ("servoJ", "servoL"):
             raise ValueError(f"servo: 'servoJ' or 'servoL', got {servo!r}")
         self.host, self.limits, self.frequency, self.servo = host, limits, frequency, servo
+        self.tcp_offset = np.zeros(6) if tcp_offset is None else np.asarray(tcp_offset, dtype=float).reshape(6)
         self.lookahead_time, self.gain, self.watchdog_hz, self.rt_priority = lookahead_time, gain, watchdog_hz, rt_priority
         self.receive = self.control = None
         self.scheduler = self.sink = self.loop = None
@@ -224,6 +228,46 @@ class UR5Robot:
         return (np.asarray(self.receive.getActualQ(), dtype=np.float64),
                 np.asarray(self.receive.getActualQd(), dtype=np.float64))
 
+    def teach_mode(self, on: bool, timeout: float = 5.0) -> None:
+        """Freedrive (ur_rtde teachMode / endTeachMode) on or off: the operator moves the arm by hand
+        and joint_state() reads where it is. Only while the servo loop is not running: freedrive and
+        servoing are exclusive. If a stop() ended the control script (its stopScript), the script is
+        uploaded again first (reuploadScript). Raises RuntimeError when the loop runs, when a ur_rtde
+        call fails or does not return within `timeout` (never hangs; the interface is then wedged
+        and no further call is made), or when the controller did not execute the command."""
+        if self.control is None:
+            raise RuntimeError("teach_mode: not connected (connect() first)")
+        if self.running or (self._pump_thread is not None and self._pump_thread.is_alive()):
+            raise RuntimeError("teach_mode: the servo loop is running; freedrive and servoing are exclusive: "
+                               "stop() servoing first")
+        if self._wedged:
+            raise RuntimeError("teach_mode: an earlier ur_rtde call never returned (dead stream); reconnect")
+        name = "teachMode" if on else "endTeachMode"
+
+        def call(fn_name):
+            returned, problem = bounded_call(getattr(self.control, fn_name), timeout)
+            if problem is not None:
+                if "did not return" in problem:
+                    self._wedged = True   # ur_rtde is not thread-safe: no call while that one is blocked
+                raise RuntimeError(f"{name}: {fn_name} {problem}")
+            return returned
+
+        if not call("isProgramRunning"):
+            if not on:
+                return   # no control script, no teach mode: the program's end ended it
+            if not call("reuploadScript"):
+                raise RuntimeError(f"{name}: the control script is not running and reuploadScript failed")
+            # reuploadScript returns before ur_rtde's own state shows the program running, and until
+            # it does teachMode refuses (returns False): wait for it, bounded.
+            deadline = time.monotonic() + timeout
+            while not call("isProgramRunning"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name}: the control script was uploaded again but is not running "
+                                       f"after {timeout:g} s")
+                time.sleep(0.01)
+        if call(name) is False:
+            raise RuntimeError(f"{name}: the controller did not execute it (is the arm in a safety stop?)")
+
     # ---- servoing ----
     def start(self) -> None:
         """Start the C++ loop at the arm's position and the pump that feeds servoJ."""
@@ -233,7 +277,8 @@ class UR5Robot:
         self.scheduler = _C.ActionScheduler(UR5_DOF, lim.q_min, lim.q_max, lim.v_max, lim.a_max,
                                             blend_window=lim.blend_window_s)
         self.scheduler.reset(q0)
-        self.sink = _C.MailboxSink(UR5_DOF, q0, lim.state_timeout_s, (lim.workspace_lo, lim.workspace_hi))
+        self.sink = _C.MailboxSink(UR5_DOF, q0, lim.state_timeout_s, (lim.workspace_lo, lim.workspace_hi),
+                                   tool_offset=tuple(self.tcp_offset[:3]))
         self.loop = _C.ControlLoop(self.sink, self.scheduler, rate_hz=self.frequency,
                                    rt_priority=self.rt_priority, rt_priority_level=RT_PRIORITY)
         # The RTDE watchdog stops the program if commands stop arriving (this process hangs or dies).
@@ -268,9 +313,10 @@ class UR5Robot:
             if problem:
                 self.sink.post_fault(problem)
                 return
-            # servoL gets the same limited trajectory as a tool pose (UR5 forward kinematics): the
-            # scheduler's joint limits still hold, and the controller's IK maps it back.
-            target = q.tolist() if self.servo == "servoJ" else forward_kinematics(q).tolist()
+            # servoL gets the same limited trajectory as TCP poses (UR5 forward kinematics and the
+            # tool offset the controller has set): the scheduler's joint limits still hold, and
+            # the controller's IK maps it back.
+            target = q.tolist() if self.servo == "servoJ" else tcp_pose(q, self.tcp_offset).tolist()
             # The time to reach it is the span of trajectory since the last command sent: one period,
             # or more when a late pump found newer commands that replaced ones it never sent.
             span = period if last_slot is None else max(period, (t_slot_ns - last_slot) * 1e-9)

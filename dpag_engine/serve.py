@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="task plug-in (dpag_engine/tasks): default the checkpoint's; 'own' for a task with none")
     ap.add_argument("--host", default=None, help="controller address (required for ur5 unless the config "
                                                  "names it; 127.0.0.1 for sim)")
-    ap.add_argument("--sim-version", default="3.15", help="sim: controller version, 3.x (CB3) or 5.x (e-Series)")
+    ap.add_argument("--sim-version", default=None, help="sim: controller version, 3.x (CB3) or 5.x (e-Series); "
+                                                        "default the config's [robot] version, 3.15")
     ap.add_argument("--frequency", type=finite, default=None,
                     help="servo rate in Hz: 125 on a CB3; 125, 250 or 500 on an e-Series (default: the "
                          "controller's own, 125 or 500)")
@@ -242,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         if spec is None:
             raise UsageError(f"{args.ckpt}: the checkpoint has no spec (what its inputs and action columns are), so "
                              f"it cannot be served; retrain it with data.spec set (dt, action; see dpag_engine/spec.py)")
-        cell = load_cell(args.config) if args.config else (sim_cell(args.sim_version) if args.robot == "sim"
+        cell = load_cell(args.config) if args.config else (sim_cell(args.sim_version or "3.15") if args.robot == "sim"
                                                            else Cell(host=args.host or "sim"))
+        args.sim_version = args.sim_version or cell.version
         task = resolve_task(args.task or spec.task, spec, cell, args.duration)
         limits = check_options(args, cfg, spec.dt, cell, from_config=args.config is not None)
         rng = np.random.default_rng(args.seed)
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     servo = args.servo or ("servoL" if spec.action.kind == "tcp_pose" else "servoJ")
     robot = UR5Robot(host, limits, frequency=args.frequency or cell.frequency, lookahead_time=args.lookahead_time,
                      gain=args.gain, watchdog_hz=args.watchdog_hz, rt_priority=not args.no_rt,
-                     servo=servo, log_dir=stream_dir)
+                     servo=servo, log_dir=stream_dir, tcp_offset=cell.tcp_offset)
     trained = {b.sources[0][7:]: tuple(b.field.shape[1:]) for b in bindings if b.field.kind == "camera"}
     needs_gripper = spec.action.gripper or any("gripper.width" in b.sources for b in bindings)
     rig = Rig.for_cell(cell, robot, needed_cameras(bindings), needs_gripper, trained, host, emulator)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cameras import CameraFault
 from .kinematics import frame_origins
 from .rig import Rig, SensorFault
 from .runlog import StreamLog
@@ -166,8 +167,20 @@ class Session:
 
     def set_scene(self, episode: dict) -> None:
         """Show the episode's scene: the emulator renders it; on a real cell the operator sets it."""
-        if self.scene is not None:
-            self.scene(self.task.scene(episode))
+        if self.scene is None:
+            return
+        self.scene(self.task.scene(episode))
+        # The episode's first observation must show the new scene: wait for a frame captured after it.
+        t_set, deadline = time.monotonic(), time.monotonic() + 1.0
+        for cam in self.cameras.values():
+            while time.monotonic() < deadline and self._latest_capture(cam) <= t_set:
+                time.sleep(0.005)
+
+    def _latest_capture(self, cam) -> float:
+        try:
+            return cam.latest().t_capture
+        except CameraFault as err:
+            raise SafetyStop(EXIT_SENSOR_FAULT, f"sensor fault: {err}") from err
 
     def observe(self, t: float, task_inputs: dict) -> tuple[Snapshot, np.ndarray, dict]:
         """One policy step's snapshot and its policy inputs (state, images), checked finite."""

@@ -239,10 +239,14 @@ void bind_control(py::module_& m) {
         "that thread. The loop-side checks (finite commands, TCP inside the workspace box, state\n"
         "fresher than state_timeout) stop the loop with a fault. See csrc/robot_bridge.h.")
         .def(py::init([](std::size_t dof, const F64& q_initial, double state_timeout,
-                         std::optional<std::pair<std::array<double, 3>, std::array<double, 3>>> box) {
+                         std::optional<std::pair<std::array<double, 3>, std::array<double, 3>>> box,
+                         std::array<double, 3> tool) {
                  if (dof == 0) throw py::value_error("dof: must be > 0");
+                 for (double x : tool) {
+                     if (!std::isfinite(x)) throw py::value_error("tool_offset: must be finite");
+                 }
                  dpag::WorkspaceBox b;
-                 if (box) b = {box->first, box->second};
+                 if (box) b = {box->first, box->second, tool};
                  try {
                      return std::make_shared<dpag::MailboxSink>(dof, joint_vector(q_initial, dof, "q_initial"),
                                                                 state_timeout, box.has_value(), b);
@@ -250,8 +254,9 @@ void bind_control(py::module_& m) {
                      throw py::value_error(e.what());
                  }
              }), py::arg("dof"), py::arg("q_initial"), py::arg("state_timeout"),
-             py::arg("workspace_box") = py::none(),
-             "workspace_box: ((x_lo, y_lo, z_lo), (x_hi, y_hi, z_hi)) in m for a UR5, or None.")
+             py::arg("workspace_box") = py::none(), py::arg("tool_offset") = std::array<double, 3>{},
+             "workspace_box: ((x_lo, y_lo, z_lo), (x_hi, y_hi, z_hi)) in m for a UR5, or None.\n"
+             "tool_offset: the TCP's position in the flange frame (m): the box bounds that point.")
         .def("wait_command", [](dpag::MailboxSink& s, double timeout) -> py::object {
                  dpag::MailboxCommand c;
                  bool got;
@@ -288,11 +293,12 @@ void bind_control(py::module_& m) {
             return d;
         });
 
-    m.def("ur5_tcp_position", [](const F64& q) {
+    m.def("ur5_tcp_position", [](const F64& q, std::array<double, 3> tool) {
               const std::vector<double> v = joint_vector(q, 6, "q");
-              const std::array<double, 3> p = dpag::ur5_tcp_position(v.data());
+              const std::array<double, 3> p = dpag::ur5_tcp_position(v.data(), tool);
               return py::make_tuple(p[0], p[1], p[2]);
-          }, py::arg("q"), "UR5 tool-centre position (m) by the DH chain the MailboxSink's box check uses.");
+          }, py::arg("q"), py::arg("tool_offset") = std::array<double, 3>{},
+          "UR5 tool-centre position (m) by the DH chain the MailboxSink's box check uses.");
 
     py::class_<dpag::ControlLoop, std::shared_ptr<dpag::ControlLoop>>(
         m, "ControlLoop",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dpag_engine import _C
-from dpag_engine.kinematics import forward_kinematics
+from dpag_engine.kinematics import forward_kinematics, tcp_pose
 from dpag_engine.ursim import wait_until
 
 HOME = np.array([0.0, -1.7, 2.2, -2.0708, -1.5708, 0.0])
@@ -55,6 +55,34 @@ def test_ur5_tcp_position_matches_python_kinematics():
     rng = np.random.default_rng()
     for q in rng.uniform(-2 * np.pi, 2 * np.pi, size=(50, 6)):
         assert np.allclose(_C.ur5_tcp_position(q), forward_kinematics(q)[:3], atol=1e-12)
+
+
+def test_the_box_bounds_the_tool_centre_not_the_flange():
+    """With a tool offset the checked point is the TCP (flange pose x offset), as kinematics.tcp_pose;
+    a tool 17 cm long pointing down takes the fingertips under a floor the flange stays above."""
+    rng = np.random.default_rng()
+    for q in rng.uniform(-2 * np.pi, 2 * np.pi, size=(20, 6)):
+        tool = rng.uniform(-0.2, 0.2, 3)
+        assert np.allclose(_C.ur5_tcp_position(q, tool_offset=tuple(tool)),
+                           tcp_pose(q, np.concatenate([tool, rng.normal(size=3)]))[:3], atol=1e-12)
+    flange_z = forward_kinematics(HOME)[2]
+    floor = flange_z - 0.1                       # 10 cm under the flange: the flange is fine, the tip is not
+    tool = (0.0, 0.0, 0.17)                      # along the tool axis, which points down at HOME
+    assert _C.ur5_tcp_position(HOME, tool_offset=tool)[2] < floor < flange_z
+    box = ((-2.0, -2.0, floor), (2.0, 2.0, 2.0))
+    for offset, faults in (((0.0, 0.0, 0.0), False), (tool, True)):
+        sink = _C.MailboxSink(6, HOME, state_timeout=0.2, workspace_box=box, tool_offset=offset)
+        sched = scheduler()
+        pump = Pump(sink)
+        sched.submit(np.repeat(HOME[None], 3, axis=0), _C.monotonic() + 0.02, 0.05)
+        loop = _C.ControlLoop(sink, sched, rate_hz=500.0)
+        loop.start()
+        time.sleep(0.2)
+        running = loop.running
+        loop.stop()
+        pump.join()
+        assert running is not faults, loop.stats["fault"]
+        assert ("outside the workspace box" in loop.stats["fault"]) is faults
 
 
 def test_commands_reach_the_client_in_order():

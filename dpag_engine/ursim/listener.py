@@ -51,7 +51,7 @@ class Listener:
         return self._port
 
     def start(self):
-        if self._listener is not None:
+        if self._listener is not None or self._stopping.is_set():
             raise RuntimeError(f"{type(self).__name__} already started (a stopped one cannot restart)")
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
