@@ -6,6 +6,9 @@ address: one JSON object per line in, one per line out.
 
     {"op": "protective_stop"}                      -> {"ok": true, "result": null}
     {"op": "command_log", "args": {"since": 1.5}}  -> {"ok": true, "result": [...]}
+    {"op": "teach_path", "args": {"q": [[...6], ...], "dt": 0.02}} -> {"ok": true, "result": t0}
+    (outside teach mode: {"ok": false, "error": "ValueError: teach_path refused: ..."};
+    ControlClient raises RuntimeError with that text)
 """
 import json
 import os
@@ -23,7 +26,8 @@ MAX_REQUEST = 1 << 20       # bytes of one JSON request line
 OPS = ("protective_stop", "emergency_stop", "stop_program", "freeze_stream", "unfreeze_stream",
        "drop_connections", "reset_faults", "set_joint_positions", "command_log",
        "clear_command_log", "event_log", "clear_event_log", "setup_log", "snapshot", "now",
-       "gripper_freeze", "gripper_drop", "set_gripper_object", "camera_freeze", "camera_delay")
+       "gripper_freeze", "gripper_drop", "set_gripper_object", "camera_freeze", "camera_delay",
+       "teach_path", "teach_path_done")
 
 
 class ControlServer:

@@ -4,7 +4,10 @@ registers, around one Arm (arm.py).
 What changes these states: the dashboard (play, pause, power, unlock ...), the side channel's
 injected faults (protective and emergency stops, program stops), the control script's commands
 (script.py) and the arm itself (a joint limit reached). A protective stop halts the arm and
-pauses a running program; a program end brakes the arm to a stop. publish() writes the state
+pauses a running program; a program end brakes the arm to a stop. Teach mode (freedrive, the
+script's teach_mode() / end_teach_mode()) lasts until end_teach_mode, the program's end or a
+safety stop; while it lasts the operator's hand moves the arm (Arm.teach_path) and the script's
+motion commands are ignored (script.py counts them in teach_ignored). publish() writes the state
 as RTDE output variables, the table every RTDE stream is packed from.
 
 Nothing here locks: every caller holds the emulator's lock.
@@ -49,14 +52,32 @@ class Controller:
         self.in_int, self.in_double = [0] * 48, [0.0] * 48
         self.out_int, self.out_double = [0] * 48, [0.0] * 48
         self.inputs = {}            # other input variables (IO, external_force_torque ...)
+        self.teach_ignored = 0      # script passes that ignored a motion command in teach mode (ever)
 
     def can_run(self):
         return self.robot_mode == RUNNING and self.safety_mode == NORMAL
 
-    def step(self):
-        """The arm's motion for one cycle; a joint limit reached is a protective stop."""
-        if not self.arm.step(self.can_run()):
+    def step(self, t=None):
+        """The arm's motion for one cycle at controller time t; a joint limit reached is a
+        protective stop."""
+        if not self.arm.step(self.can_run(), t):
             self.protective_stop("joint position limit reached")
+
+    def event(self, text):
+        """A line in the event log (for the control script)."""
+        self._event(text)
+
+    # --------------------------------------------------------------- teach mode
+    def teach_mode(self, on):
+        """Freedrive on or off (the control script's teach_mode() / end_teach_mode())."""
+        if bool(on) != self.arm.teaching:
+            self.arm.teach(on)
+            self._event("teach mode (freedrive) on: the operator's hand moves the arm" if on else
+                        "teach mode ended (end_teach_mode)")
+
+    def _teach_ends(self, why):
+        if self.arm.teaching:
+            self._event(f"teach mode ended: {why}")
 
     # ------------------------------------------------------------------- safety
     def protective_stop(self, reason):
@@ -64,6 +85,7 @@ class Controller:
         if self.safety_mode != NORMAL:
             return
         self.safety_mode = PROTECTIVE_STOP
+        self._teach_ends("protective stop")
         self.arm.halt()
         if self.runtime_state == PLAYING:
             self.runtime_state = PAUSED     # a protective stop pauses the running program
@@ -98,6 +120,7 @@ class Controller:
 
     def power_off(self, reason="powered off"):
         self.robot_mode = POWER_OFF
+        self._teach_ends(reason)
         self.arm.halt()
         self.end_program(reason)
 
@@ -118,7 +141,8 @@ class Controller:
         self.out_int[self.reg_off] = 0
         self.executing = self.blocking = False
         self._wd_freq = 0.0
-        self.arm.brake()            # like a real program end: brake to a stop
+        self._teach_ends(f"the program ended ({reason})")
+        self.arm.brake()            # like a real program end: brake to a stop (ends teach mode)
 
     def stop_program(self, reason):
         """End the program; False if none is running or paused."""

@@ -9,6 +9,10 @@ One controller thread ticks at the controller rate (125 Hz CB3, 500 Hz e-Series)
 one pass of the emulated script, moves the UR5 joints within their limits and streams
 RTDE data. Faults are injected through the public methods (see also control.py).
 
+Teach mode (freedrive): ur_rtde's teachMode() / endTeachMode() (commands 18 / 19) put the arm in
+and out of it; while in it, the operator's hand is teach_path(q, dt) (the arm follows the hand
+along those joint vectors within its limits) and the script's motion commands are ignored.
+
 No client can stop the stream for the others: a malformed or oversized request gets the
 protocol's failure reply, every connection's input is bounded (RTDE packages 64 KiB, dashboard
 lines 4 KiB, programs 1 MiB), a client that stops reading is dropped instead of blocking the
@@ -77,6 +81,7 @@ class URControllerEmulator:
         self._stopping = threading.Event()
         self._frozen_until = 0.0
         self._t0 = time.monotonic()
+        self._t_cycle = None        # the controller time of the cycle in progress (the ticker's)
         self.logs = Logs(self._lock, self.now, log_size)
         self.servers = Servers(host, self._lock, self._stopping, self.logs)
         chunks = self.servers.chunks
@@ -214,6 +219,27 @@ class URControllerEmulator:
         with self._lock:
             self.controller.arm.set_joint_positions(q)
 
+    # The operator's hand in teach mode (freedrive), for the tests of recording.
+    def teach_path(self, q, dt):
+        """The operator's hand moves the arm along `q` (joint vectors), one every `dt` seconds,
+        starting now: the arm follows within its velocity and acceleration limits, and holds the
+        last point. Only in teach mode (ur_rtde's teachMode()); refused otherwise (ValueError,
+        with the reason). Returns the controller time (the RTDE timestamp) of the path's first point."""
+        with self._lock:
+            t0 = self.now()
+            refused = self.controller.arm.teach_path(q, dt, t0)
+            if refused is None:
+                self.logs.event(f"teach path: {len(q)} points at {dt} s from t={t0:.3f}")
+        if refused is not None:
+            raise ValueError(refused)
+        return t0
+
+    def teach_path_done(self):
+        """True when no hand path is in progress (it has ended and the arm has reached its last
+        point, or teach mode has ended)."""
+        with self._lock:
+            return self.controller.arm.teach_path_done(self.now())
+
     def command_log(self, since=0.0):
         """Commands received from clients: dicts with t (controller time), id, name, ints, doubles.
 
@@ -245,7 +271,8 @@ class URControllerEmulator:
                     "frozen": time.monotonic() < self._frozen_until,
                     "log_dropped": self.logs.commands_dropped(),
                     "tick_errors": self.logs.tick_errors, "handler_errors": self.logs.handler_errors,
-                    "gripper_width": self.gripper.width_m}
+                    "gripper_width": self.gripper.width_m,
+                    "teach": arm.teaching, "teach_ignored": ctl.teach_ignored}
 
     # ------------------------------------------------------------ controller clock
     def _ticker(self):
@@ -255,10 +282,13 @@ class URControllerEmulator:
             t_start = time.monotonic()
             with self._lock:
                 try:
+                    # The cycle's time: the arm moves to it, the stream stamps it (one clock reading).
+                    self._t_cycle = self.now()
                     self._cycle()
                     self._update_values()
                 except Exception as e:      # one bad cycle must not end the stream for everyone
                     self._cycle_error(e)
+                self._t_cycle = None
                 conns = list(self.rtde.conns) if t_start >= self._frozen_until else []
             for c in conns:
                 self.rtde.stream(c, self._values)
@@ -270,12 +300,13 @@ class URControllerEmulator:
                 next_t = time.monotonic()   # fell far behind (machine stalled): do not burst
 
     def _cycle(self):
-        """One controller cycle: the watchdog, one pass of the program, the arm's motion."""
+        """One controller cycle (at the ticker's cycle time): the watchdog, one pass of the program,
+        the arm's motion."""
         ctl = self.controller
         ctl.check_watchdog()
         if ctl.runtime_state == PLAYING and ctl.program_name:
             self.control_script.run_pass()
-        ctl.step()
+        ctl.step(self._cycle_time())
 
     def _cycle_error(self, e):
         """Log an unexpected error of a controller cycle (once per distinct error) and end the
@@ -287,8 +318,12 @@ class URControllerEmulator:
         except Exception:
             pass
 
+    def _cycle_time(self):
+        """The running cycle's controller time (the ticker reads the clock once per cycle), or now."""
+        return self.now() if self._t_cycle is None else self._t_cycle
+
     def _update_values(self):
-        self.controller.publish(self._values, self.now(), self._exec_time)
+        self.controller.publish(self._values, self._cycle_time(), self._exec_time)
 
     def _data_package(self, conn, payload):
         """One RTDE input package: its values into the registers; a command logged."""

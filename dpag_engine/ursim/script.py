@@ -9,6 +9,16 @@ stream its realtime state here).
 ControlScript is one pass of rtde_control.script's main loop per controller cycle: the command
 id in input_int_register_<offset>, its arguments in input_double_register_<offset>..., the
 answer (ready 1, done 2) in output_int_register_<offset>.
+
+Teach mode (ur_rtde 1.6.5 teachMode() / endTeachMode(): commands 18 / 19, no arguments, each
+answered done like any non-realtime command; the script calls teach_mode() / end_teach_mode()).
+In teach mode the motion commands (servoJ, servoL, speedJ, moveJ, the stops) are ignored: the
+URScript manual says the robot "will not be able to follow a trajectory (eg. a movej) in this
+mode", and ur_rtde does not check for it (its script hands servoJ's target to its servo thread as
+always). The client still gets its ready / done answer (servoJ returns True), no protective stop
+is raised, the arm stays with the hand. The passes that ignore one are counted (teach_ignored: a
+realtime command such as servoJ counts once per cycle it stays in the register), and the first of
+each kind per teach session is in the event log.
 """
 import re
 
@@ -23,6 +33,11 @@ REALTIME_COMMANDS = {24, 11, 9, 10, 6, 25, 26, 27, 38, 58, 66, 67, 68, 69, 70, 7
 # offset would index past the 48 registers, which on a controller is a runtime error.
 MAX_REG_OFFSET = 24
 MAX_PROGRAM = 1 << 20               # ur_rtde's control script is 38-42 kB
+TEACH_MODE, END_TEACH_MODE = 18, 19  # ur_rtde's RobotCommand::Type TEACH_MODE / END_TEACH_MODE
+# The commands that move the arm (or stop its motion), which teach mode ignores.
+MOTION_COMMANDS = {1: "moveJ", 2: "moveJ_IK", 3: "moveL", 4: "moveL_FK", 9: "speedJ", 10: "speedL",
+                   11: "servoJ", 12: "servoC", 15: "speedStop", 16: "servoStop", 24: "servoL",
+                   33: "stopL", 34: "stopJ"}
 
 # The uploaded script has "global reg_offset_int = # int register offset\n24" (the offset
 # is injected after the comment), so allow a comment and a newline before the number.
@@ -38,6 +53,7 @@ class ControlScript:
     def __init__(self, controller):
         self.ctl = controller
         self._servol_cache = (None, None)   # (pose, IK solution) of the last servoL target
+        self._teach_logged = set()          # motion commands already logged as ignored this teach session
 
     def run_pass(self):
         """One pass of the main loop (one controller cycle)."""
@@ -49,6 +65,8 @@ class ControlScript:
                 ctl.out_int[off] = SIGNAL_DONE
             return
         cmd = ctl.in_int[off]
+        if not ctl.arm.teaching:
+            self._teach_logged.clear()
         if cmd in REALTIME_COMMANDS:
             self._realtime_command(cmd)
             if ctl.runtime_state == PLAYING:
@@ -64,8 +82,21 @@ class ControlScript:
         base = self.ctl.reg_off + i
         return self.ctl.in_double[base:base + n] if n > 1 else self.ctl.in_double[base]
 
+    def _ignored_in_teach_mode(self, cmd):
+        """True (and counted) if cmd is a motion command and the arm is in teach mode."""
+        if not (self.ctl.arm.teaching and cmd in MOTION_COMMANDS):
+            return False
+        self.ctl.teach_ignored += 1
+        if cmd not in self._teach_logged:
+            self._teach_logged.add(cmd)
+            self.ctl.event(f"{MOTION_COMMANDS[cmd]} ignored: the arm is in teach mode (freedrive), "
+                            "it follows the operator's hand, not a trajectory")
+        return True
+
     def _realtime_command(self, cmd):
         ctl, arm = self.ctl, self.ctl.arm
+        if self._ignored_in_teach_mode(cmd):
+            return
         if cmd == 11:                                   # servoJ
             self._stop_if_refused(arm.servo(np.array(self._d(0, 6))))
         elif cmd == 24:                                 # servoL: IK near the current joints
@@ -89,7 +120,12 @@ class ControlScript:
         """Non-realtime commands; each ends with SIGNAL_DONE (now or when its motion ends)."""
         ctl, arm = self.ctl, self.ctl.arm
         async_flag = ctl.in_int[ctl.reg_off + 1]
-        if cmd in (1, 2):                               # moveJ, moveJ_IK
+        if self._ignored_in_teach_mode(cmd):
+            self._finish()                              # done at once: no motion to wait for
+        elif cmd in (TEACH_MODE, END_TEACH_MODE):
+            ctl.teach_mode(cmd == TEACH_MODE)
+            self._finish()
+        elif cmd in (1, 2):                               # moveJ, moveJ_IK
             target = np.array(self._d(0, 6))
             if cmd == 2:
                 target = inverse_kinematics(target, arm.q) if np.all(np.isfinite(target)) else None
