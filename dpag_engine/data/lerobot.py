@@ -16,16 +16,27 @@ by lerobot 0.4.4 itself):
 Reading produces exactly what the zarr path holds (`data[key]` (N, ...) numpy concatenated by
 episode, `episode_ends`), so windowing, padding, splits and batches are shared. Frames stay as
 stored, (N, H, W, C) uint8.
+
+Crashes (LeRobotWriter): lerobot's packed files (a parquet file is only readable once its writer
+closed it; videos are joined; info.json and stats.json cover all episodes) cannot be kept valid
+episode by episode, so the writer keeps a journal, `<root>/.recording/`: each finished episode is
+staged there, complete and synced (its data as a parquet file, its video per camera, its stats,
+then a commit record), when add_episode returns; close() packs the journal into the layout above
+and removes it. After a crash (SIGKILL, power loss, an exception inside `with`) the journal holds
+every finished episode: `python -m dpag_engine.data.lerobot finalize <root>` (finalize_lerobot)
+packs them into a normal dataset, and LeRobotWriter(root, fps, resume=True) goes on recording into
+it. read_lerobot on an unfinalized dataset says so and names that command.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
 import re
 import shutil
-import tempfile
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -47,11 +58,13 @@ BOOKKEEPING = {
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+JOURNAL = ".recording"      # LeRobotWriter's staged episodes until close() (see the module notes)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def is_lerobot(path: Path) -> bool:
-    return path.is_dir() and (path / INFO).is_file()
+    """A LeRobot dataset directory, or one whose recording was not finalized (its journal)."""
+    return path.is_dir() and ((path / INFO).is_file() or (path / JOURNAL / "writer.json").is_file())
 
 
 def hub_id_error(path: str) -> DataError | None:
@@ -77,6 +90,11 @@ def _parquet():
 def load_info(root: Path) -> dict:
     path = root / INFO
     if not path.is_file():
+        if (root / JOURNAL / "writer.json").is_file():
+            n = len(_committed(root / JOURNAL))
+            raise DataError(f"{path}: missing: {root} is a recording that was not finalized (its writer stopped "
+                            f"before close(): a crash or a kill); its {n} finished episodes are in {root / JOURNAL}. "
+                            f"Finalize it: `python -m dpag_engine.data.lerobot finalize {root}`")
         raise DataError(f"{path}: missing (not a LeRobot dataset directory)")
     try:
         info = json.loads(path.read_text())
@@ -420,52 +438,128 @@ class LeRobotWriter:
 
     Arrays are (T, ...) with equal T: vectors (T, D) or (T,), cameras (T, H, W, 3) uint8, stored as
     AV1 video (`use_videos`, lerobot's default) or PNG images inside the parquet. Features are
-    inferred from the first episode unless given as LeRobot feature dicts.
+    inferred from the first episode unless given as LeRobot feature dicts. extra_info: more entries
+    for meta/info.json (after lerobot's own), e.g. {"dpag_spec": hints}.
+
+    Durable per episode: when add_episode returns, the episode is staged complete and synced in
+    `<root>/.recording/`; close() packs the staged episodes into lerobot's layout (the same files,
+    byte for byte, as when they were written directly). Killed before close(), or left by an
+    exception inside `with`, the staged episodes stay: finalize_lerobot(root) packs them, and
+    resume=True (fps and the other settings are then the recording's own) records more first.
+    One process writes a dataset at a time (a lock in the journal; a dead process holds none).
     """
 
-    def __init__(self, root: str | os.PathLike, fps: int, features: dict | None = None, robot_type: str | None = None,
-                 use_videos: bool = True, vcodec: str = "libsvtav1", overwrite: bool = False,
-                 chunks_size: int = 1000, data_files_size_in_mb: int = 100, video_files_size_in_mb: int = 200):
+    def __init__(self, root: str | os.PathLike, fps: int | None = None, features: dict | None = None,
+                 robot_type: str | None = None, use_videos: bool = True, vcodec: str = "libsvtav1",
+                 overwrite: bool = False, chunks_size: int = 1000, data_files_size_in_mb: int = 100,
+                 video_files_size_in_mb: int = 200, extra_info: dict | None = None, resume: bool = False):
         self.root = Path(root)
+        self._journal = self.root / JOURNAL
+        self._closed = False
+        self._lock = None
+        if resume:
+            if overwrite:
+                raise ValueError("LeRobotWriter: resume=True and overwrite=True exclude each other")
+            self._resume(fps)
+            return
         if self.root.exists():
             if not overwrite:
                 raise FileExistsError(f"{self.root}: exists (pass overwrite=True to replace it)")
             shutil.rmtree(self.root) if self.root.is_dir() else self.root.unlink()
         self.root.mkdir(parents=True)
-        self.fps, self.use_videos, self.vcodec = int(fps), use_videos, vcodec
-        self.info = {"codebase_version": CODEBASE_VERSION, "robot_type": robot_type, "total_episodes": 0,
-                     "total_frames": 0, "total_tasks": 0, "chunks_size": chunks_size,
-                     "data_files_size_in_mb": data_files_size_in_mb, "video_files_size_in_mb": video_files_size_in_mb,
-                     "fps": self.fps, "splits": {}, "data_path": DATA_PATH,
-                     "video_path": VIDEO_PATH if use_videos else None, "features": None}
-        self.features: dict[str, dict] | None = None
+        self._journal.mkdir()
+        self._take_lock()
+        self.settings = {"fps": int(fps), "features": None, "robot_type": robot_type, "use_videos": use_videos,
+                         "vcodec": vcodec, "chunks_size": chunks_size, "data_files_size_in_mb": data_files_size_in_mb,
+                         "video_files_size_in_mb": video_files_size_in_mb, "extra_info": extra_info or {}}
+        self._setup()
         if features is not None:
             self._set_features(features)
+        self._save_settings()
+
+    def _setup(self) -> None:
+        st = self.settings
+        self.fps, self.use_videos, self.vcodec = st["fps"], st["use_videos"], st["vcodec"]
+        self.info = {"codebase_version": CODEBASE_VERSION, "robot_type": st["robot_type"], "total_episodes": 0,
+                     "total_frames": 0, "total_tasks": 0, "chunks_size": st["chunks_size"],
+                     "data_files_size_in_mb": st["data_files_size_in_mb"],
+                     "video_files_size_in_mb": st["video_files_size_in_mb"],
+                     "fps": self.fps, "splits": {}, "data_path": DATA_PATH,
+                     "video_path": VIDEO_PATH if self.use_videos else None, "features": None}
+        self.features: dict[str, dict] | None = None
         self.tasks: dict[str, int] = {}
-        self.episode_rows: list[dict] = []        # meta/episodes rows not yet flushed
-        self.stats: list[dict] = []
-        self._data = None                         # (pq.ParquetWriter, path, chunk, file, first frame)
-        self._episodes_writer = None
-        self._videos: dict[str, dict] = {}        # key -> {chunk, file, parts, duration}
-        self._tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
-        self._closed = False
+
+    def _resume(self, fps) -> None:
+        if not (self._journal / "writer.json").is_file():
+            what = "a finalized dataset (resume continues an unfinalized recording only)" \
+                if (self.root / INFO).is_file() else "no recording journal"
+            raise DataError(f"{self._journal / 'writer.json'}: missing: {self.root} is {what}")
+        self._take_lock()
+        self.settings = json.loads((self._journal / "writer.json").read_text())
+        if fps is not None and int(fps) != self.settings["fps"]:
+            raise DataError(f"fps: {fps} given, the recording in {self.root} is at {self.settings['fps']}")
+        self._setup()
+        if self.settings["features"] is not None:
+            self._set_features(self.settings["features"])
+        for name in os.listdir(self._journal):      # what a killed episode left behind
+            if name.endswith((".tmp", ".tmp.mp4")) or name == "pack":
+                _remove(self._journal / name)
+        records = _committed(self._journal)
+        committed = {f"ep-{r['episode_index']:06d}" for r in records}
+        for f in self._journal.glob("ep-*"):
+            if f.name.split(".")[0] not in committed:
+                f.unlink()
+        for r in records:
+            self._count(r["task"], r["length"])
+
+    def _take_lock(self) -> None:
+        self._lock = open(self._journal / "lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise DataError(f"{self.root}: another process is writing this dataset (its journal is locked)") from None
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def _save_settings(self) -> None:
+        _atomic_write(self._journal / "writer.json", json.dumps(self.settings, indent=1).encode())
 
     def _set_features(self, features: dict) -> None:
         if not self.use_videos and any(ft["dtype"] == "video" for ft in features.values()):
             raise DataError("features: video features need use_videos=True")
         self.features = {k: {**ft, "shape": list(ft["shape"])} for k, ft in features.items()}
         self.info["features"] = {**self.features, **BOOKKEEPING}
+        self.settings["features"] = {k: {**ft} for k, ft in self.features.items()}
 
     @property
     def n_frames(self) -> int:
         return self.info["total_frames"]
 
+    @property
+    def n_episodes(self) -> int:
+        return self.info["total_episodes"]
+
+    def _count(self, task: str, T: int) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = len(self.tasks)
+        self.info["total_episodes"] += 1
+        self.info["total_frames"] += T
+        self.info["total_tasks"] = len(self.tasks)
+        self.info["splits"] = {"train": f"0:{self.info['total_episodes']}"}
+
     def add_episode(self, episode: Mapping[str, np.ndarray], task: str = "") -> None:
+        """Stage one episode in the journal; when this returns it survives a crash (see the class notes)."""
         if self._closed:
             raise RuntimeError("LeRobotWriter: already closed")
         arrays = {k: np.asarray(v) for k, v in episode.items()}
         if self.features is None:
             self._set_features(infer_features(arrays, self.use_videos))
+            self._save_settings()
         if set(arrays) != set(self.features):
             raise DataError(f"{sorted(set(arrays) ^ set(self.features))[0]}: episode keys differ from the features "
                             f"({sorted(self.features)})")
@@ -484,28 +578,83 @@ class LeRobotWriter:
                 raise DataError(f"{k}: per-step shape {a.shape[1:]} differs from the feature shape {ft['shape']}")
             check_finite(k, a)
         ep = self.info["total_episodes"]
-        if task not in self.tasks:
-            self.tasks[task] = len(self.tasks)
+        task_index = self.tasks.get(task, len(self.tasks))
         start = self.n_frames
         frame_index = np.arange(T, dtype=np.int64)
         columns = {**arrays, "timestamp": (frame_index / self.fps).astype(np.float32), "frame_index": frame_index,
                    "episode_index": np.full(T, ep, np.int64), "index": np.arange(start, start + T, dtype=np.int64),
-                   "task_index": np.full(T, self.tasks[task], np.int64)}
+                   "task_index": np.full(T, task_index, np.int64)}
         # lerobot takes the stats before the parquet cast: its timestamps are still float64 then.
         stats = episode_stats({**columns, "timestamp": frame_index / self.fps}, self.info["features"])
-        row = {"episode_index": ep, "tasks": [task], "length": T, **self._write_data(columns, T)}
+        # The journal: every file whole and synced, the commit record last.
+        _, pq = _parquet()
+        name = f"ep-{ep:06d}"
+        tmp = self._journal / f"{name}.parquet.tmp"
+        pq.write_table(self._data_table(columns, T), tmp, compression="snappy", use_dictionary=True)
+        _commit_file(tmp, self._journal / f"{name}.parquet")
+        videos = {}
         for key, ft in self.features.items():
             if ft["dtype"] == "video":
-                row.update(self._write_video(key, arrays[key], ep))
-        row.update({f"stats/{k}/{s}": v.tolist() for k, st in stats.items() for s, v in st.items()})
-        self.episode_rows.append(row)
-        self.stats.append(stats)
-        self.info["total_episodes"] += 1
-        self.info["total_frames"] += T
-        self.info["total_tasks"] = len(self.tasks)
-        self.info["splits"] = {"train": f"0:{self.info['total_episodes']}"}
-        if len(self.episode_rows) >= 10:  # lerobot flushes its episode metadata every 10 episodes
-            self._flush_episodes()
+                tmp = self._journal / f"{name}.{key}.tmp.mp4"      # (the container is named by its suffix)
+                videos[key] = encode_frames(arrays[key], tmp, self.fps, self.vcodec)
+                _commit_file(tmp, self._journal / f"{name}.{key}.mp4")
+        with open(self._journal / f"{name}.stats.npz.tmp", "wb") as f:
+            np.savez(f, **{f"{k}|{s}": v for k, st in stats.items() for s, v in st.items()})
+        _commit_file(self._journal / f"{name}.stats.npz.tmp", self._journal / f"{name}.stats.npz")
+        record = {"episode_index": ep, "task": task, "length": T, "videos": videos}
+        _atomic_write(self._journal / f"{name}.json", json.dumps(record).encode())
+        self._count(task, T)
+
+    # ---- packing the journal into lerobot's layout ----
+    def _pack(self) -> None:
+        pa, pq = _parquet()
+        for d in ("data", "videos", "meta"):        # what an interrupted pack wrote
+            shutil.rmtree(self.root / d, ignore_errors=True)
+        records = _committed(self._journal)
+        self._tmp = self._journal / "pack"          # links to the staged videos, which joining consumes
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir()
+        self._setup()
+        self._set_features(self.settings["features"])
+        self.episode_rows: list[dict] = []        # meta/episodes rows not yet flushed
+        self.stats: list[dict] = []
+        self._data = None                         # (pq.ParquetWriter, path, chunk, file, first frame)
+        self._episodes_writer = None
+        self._videos: dict[str, dict] = {}        # key -> {chunk, file, parts, duration}
+        for r in records:
+            name, ep, T, task = f"ep-{r['episode_index']:06d}", r["episode_index"], r["length"], r["task"]
+            table = pq.read_table(self._journal / f"{name}.parquet")
+            with np.load(self._journal / f"{name}.stats.npz") as z:
+                stats: dict[str, dict] = {}
+                for entry in z.files:
+                    k, st = entry.rsplit("|", 1)
+                    stats.setdefault(k, {})[st] = z[entry]
+            row = {"episode_index": ep, "tasks": [task], "length": T, **self._write_data(table, T)}
+            for key, ft in self.features.items():
+                if ft["dtype"] == "video":
+                    part = self._tmp / f"{key}-{ep:06d}.mp4"
+                    try:
+                        os.link(self._journal / f"{name}.{key}.mp4", part)
+                    except OSError:     # a file system without hard links
+                        shutil.copyfile(self._journal / f"{name}.{key}.mp4", part)
+                    row.update(self._write_video(key, part, r["videos"][key]))
+            row.update({f"stats/{k}/{s}": v.tolist() for k, st in stats.items() for s, v in st.items()})
+            self.episode_rows.append(row)
+            self.stats.append(stats)
+            self._count(task, T)
+            if len(self.episode_rows) >= 10:  # lerobot flushes its episode metadata every 10 episodes
+                self._flush_episodes()
+        if self._data is not None:
+            self._data[0].close()
+        for key in self._videos:
+            self._finish_video(key)
+        self._flush_episodes()
+        self._episodes_writer.close()
+        self._write_tasks()
+        self.info["features"] = {**self.features, **BOOKKEEPING}
+        self.info.update(self.settings.get("extra_info") or {})
+        _write_json(self.root / "meta/stats.json", _plain(aggregate_stats(self.stats)))
+        _write_json(self.root / INFO, self.info)     # last: a dataset with info.json is complete
 
     # ---- data/ ----
     def _data_table(self, columns: dict, T: int):
@@ -531,7 +680,7 @@ class LeRobotWriter:
         meta = {"info": {"features": fields}, "fingerprint": fingerprint}
         return table.replace_schema_metadata({"huggingface": json.dumps(meta)})
 
-    def _write_data(self, columns: dict, T: int) -> dict:
+    def _write_data(self, table, T: int) -> dict:
         _, pq = _parquet()
         start = self.n_frames
         if self._data is None:
@@ -543,7 +692,6 @@ class LeRobotWriter:
                 writer.close()
                 self._data = None
                 (chunk, file), first = _next_file(chunk, file, self.info["chunks_size"]), start
-        table = self._data_table(columns, T)
         if self._data is None:
             path = self.root / DATA_PATH.format(chunk_index=chunk, file_index=file)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -554,9 +702,7 @@ class LeRobotWriter:
                 "dataset_to_index": start + T}
 
     # ---- videos/ ----
-    def _write_video(self, key: str, frames: np.ndarray, ep: int) -> dict:
-        part = self._tmp / f"{key}-{ep:06d}.mp4"
-        duration = encode_frames(frames, part, self.fps, self.vcodec)
+    def _write_video(self, key: str, part: Path, duration: float) -> dict:
         v = self._videos.get(key)
         if v is None:
             v = self._videos[key] = {"chunk": 0, "file": 0, "parts": [], "duration": 0.0}
@@ -615,23 +761,18 @@ class LeRobotWriter:
                        compression="snappy")
 
     def close(self) -> Path:
+        """Pack the staged episodes into the dataset and remove the journal."""
         if self._closed:
             return self.root
         self._closed = True
-        if self.info["total_episodes"] == 0:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            raise DataError(f"{self.root}: no episodes were added")
-        if self._data is not None:
-            self._data[0].close()
-        for key in self._videos:
-            self._finish_video(key)
-        self._flush_episodes()
-        self._episodes_writer.close()
-        self._write_tasks()
-        self.info["features"] = {**self.features, **BOOKKEEPING}
-        _write_json(self.root / "meta/stats.json", _plain(aggregate_stats(self.stats)))
-        _write_json(self.root / INFO, self.info)
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        try:
+            if not _committed(self._journal):
+                shutil.rmtree(self._journal, ignore_errors=True)
+                raise DataError(f"{self.root}: no episodes were added")
+            self._pack()
+            shutil.rmtree(self._journal)
+        finally:
+            self._release_lock()
         return self.root
 
     def __enter__(self) -> "LeRobotWriter":
@@ -640,11 +781,64 @@ class LeRobotWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None:
             self.close()
-        else:
-            for w in (self._data[0] if self._data else None, self._episodes_writer):
-                if w is not None:
-                    w.close()
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        else:   # the finished episodes stay in the journal (finalize_lerobot, or resume=True)
+            self._closed = True
+            self._release_lock()
+
+
+def _committed(journal: Path) -> list[dict]:
+    """The journal's commit records, in episode order; they must be episodes 0, 1, 2, ..."""
+    records = []
+    for f in sorted(journal.glob("ep-*.json")):
+        try:
+            records.append(json.loads(f.read_text()))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{f}: unreadable commit record ({e})") from e
+    for i, r in enumerate(records):
+        if r.get("episode_index") != i:
+            raise DataError(f"{journal}: episode {i} has no commit record (records: "
+                            f"{[r.get('episode_index') for r in records]})")
+    return records
+
+
+def finalize_lerobot(root: str | os.PathLike) -> Path:
+    """Finish a recording whose LeRobotWriter never closed (a crash, a kill): pack the finished
+    episodes of `<root>/.recording/` into a normal LeRobot v3 dataset (a half-written episode is
+    dropped). A finalized dataset is left as it is. Refused while a writer still holds the journal."""
+    root = Path(root)
+    if (root / INFO).is_file() and not (root / JOURNAL).exists():
+        return root
+    return LeRobotWriter(root, resume=True).close()
+
+
+def _commit_file(tmp: Path, dst: Path) -> None:
+    """A finished journal file into place: synced, renamed, the directory synced."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    _commit_file(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -662,3 +856,26 @@ def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         json.dump(obj, f, indent=4, ensure_ascii=False)  # lerobot's write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m dpag_engine.data.lerobot finalize <root>: pack a recording that was not closed."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m dpag_engine.data.lerobot",
+                                description="LeRobot v3 datasets: finish a recording whose writer was killed")
+    sub = p.add_subparsers(dest="command", required=True)
+    fin = sub.add_parser("finalize", help="pack the finished episodes of <root>/.recording/ into the dataset")
+    fin.add_argument("root")
+    args = p.parse_args(argv)
+    try:
+        out = finalize_lerobot(args.root)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = load_info(out)
+    print(f"{out}: {info['total_episodes']} episodes, {info['total_frames']} frames")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
