@@ -57,7 +57,7 @@ try:
 except ImportError:  # run as `python bench/bench_step.py` from the repo root
     from bench.timing import read_bandwidth_gbs, times_ms
 
-RECIPES = {"tiny": dict(state_dim=20), "lowdim": dict(state_dim=20),
+RECIPES = {"tiny": dict(state_dim=20), "small": dict(state_dim=20), "lowdim": dict(state_dim=20),
            "image": dict(state_dim=2, image=ImageEncoderConfig())}  # ImageEncoderConfig's defaults = Push-T's
 MODES = ("dp", "guided")
 
