@@ -18,9 +18,9 @@ LAYERS = [
     {"guidance", "model"},                                # 2 the networks and the latent update
     {"planner", "policy"},                                # 3 the policy and the plan contract
     {"checkpoint", "export", "runtime"},                  # 4 files and runtimes
-    {"training", "train", "envs", "tasks", "eval", "robot", "cameras", "gripper", "cell", "spec_io", "rig"},  # 5 training, tasks, the cell's hardware
+    {"training", "train", "envs", "tasks", "eval", "robot", "cameras", "gripper", "cell", "spec_io", "rig", "teleop"},  # 5 training, tasks, the cell's hardware
     {"ursim"},                                            # 6 the controller emulator
-    {"serve", "session", "demo"},                         # 7 applications
+    {"serve", "session", "demo", "record"},               # 7 applications
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 
