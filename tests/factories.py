@@ -44,3 +44,12 @@ def normalised_error(policy: DPAGPolicy, a: torch.Tensor, b: torch.Tensor) -> fl
     """max |a - b| in the sampler's normalised action units (independent of the dataset's units)."""
     scale = policy.normalizer.affine("action", torch.float32).scale.to(a.device)
     return float(((a - b.to(a.device)) * scale).abs().max())
+
+
+def running_emulator(host: str, version: str, control_port: int):
+    """For a module fixture: `yield from running_emulator(...)` gives a started EmulatorProcess on its
+    own loopback address and checks, at the end, that it stopped cleanly (exit 0)."""
+    from dpag_engine.ursim import EmulatorProcess
+    emu = EmulatorProcess(host, version, control_port=control_port).start()
+    yield emu
+    assert emu.stop() == 0, emu.output()

@@ -27,7 +27,8 @@ from dpag_engine.policy import DPAGPolicy
 from dpag_engine.robot import SafetyLimits
 from dpag_engine.spec import reach_spec
 from dpag_engine.spec_io import ObservationBuilder
-from dpag_engine.ursim import EmulatorProcess, wait_until
+from dpag_engine.ursim import wait_until
+from factories import running_emulator
 
 pytest.importorskip("rtde_control")
 
@@ -52,20 +53,14 @@ def ckpt(tmp_path_factory):
     return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.pt", policy)
 
 
-def _emulator(host, version, port):
-    emu = EmulatorProcess(host, version, control_port=port).start()
-    yield emu
-    assert emu.stop() == 0, emu.output()
-
-
 @pytest.fixture(scope="module")
 def cb3():
-    yield from _emulator(CB3_HOST, "3.15", 30121)
+    yield from running_emulator(CB3_HOST, "3.15", 30121)
 
 
 @pytest.fixture(scope="module")
 def eseries():
-    yield from _emulator(ESERIES_HOST, "5.11", 30122)
+    yield from running_emulator(ESERIES_HOST, "5.11", 30122)
 
 
 def _fresh(emu):

@@ -11,7 +11,6 @@ end and of the README's second example.
 import json
 import math
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -23,9 +22,10 @@ from dpag_engine.config import ImageEncoderConfig, PolicyConfig
 from dpag_engine.data.replay_buffer import read_replay_buffer
 from dpag_engine.kinematics import forward_kinematics, tcp_pose
 from dpag_engine.policy import DPAGPolicy
-from dpag_engine.spec import PolicySpec, build_spec, merge_hints
+from dpag_engine.spec import build_spec, merge_hints
 from dpag_engine.tasks import get_task
-from dpag_engine.ursim import EmulatorProcess, wait_until
+from dpag_engine.ursim import wait_until
+from factories import running_emulator
 
 pytest.importorskip("rtde_control")
 
@@ -54,9 +54,7 @@ def fitted_policy(task_name: str, tmp_path, image: ImageEncoderConfig | None = N
 
 @pytest.fixture(scope="module")
 def emu():
-    emu = EmulatorProcess(HOST, "3.15", control_port=30131).start()
-    yield emu
-    assert emu.stop() == 0, emu.output()
+    yield from running_emulator(HOST, "3.15", 30131)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from dpag_engine.kinematics import UR5_LIMITS
-from dpag_engine.ursim import EmulatorProcess, wait_until
+from dpag_engine.ursim import wait_until
+from factories import running_emulator
 
 rtde_control = pytest.importorskip("rtde_control")
 rtde_receive = pytest.importorskip("rtde_receive")
@@ -26,20 +27,14 @@ TEACH_MODE, END_TEACH_MODE = 18, 19
 PATH_DT = 0.02
 
 
-def _emulator(host, version, port):
-    emu = EmulatorProcess(host, version, control_port=port).start()
-    yield emu
-    assert emu.stop() == 0, emu.output()
-
-
 @pytest.fixture(scope="module")
 def cb3():
-    yield from _emulator(CB3_HOST, "3.15", 30141)
+    yield from running_emulator(CB3_HOST, "3.15", 30141)
 
 
 @pytest.fixture(scope="module")
 def eseries():
-    yield from _emulator(ESERIES_HOST, "5.11", 30142)
+    yield from running_emulator(ESERIES_HOST, "5.11", 30142)
 
 
 def _reset(emu):
