@@ -48,7 +48,11 @@ naming the option); a robot fault 2; non-finite values 3; an internal error 5 (t
 summary.json); a camera, the gripper or the teleop device that stops delivering 6; Ctrl-C 130. On
 every exit path the arm is brought to rest where the servo loop runs (teach mode ended in
 freedrive), then stopped (servoStop, stopScript), and <log-dir>/summary.json says what happened
-(episodes, frame ages at the steps, the loop's timing).
+(episodes, frame ages at the steps, the loop's timing) next to run.npz (every command sent, every
+state measured). A kill (SIGKILL) runs none of this: the controller's RTDE watchdog (--watchdog-hz)
+ends the program once commands stop, and every kept episode is already on disk (a LeRobot
+recording is then finalized with `python -m dpag_engine.data.lerobot finalize`, or resumed with
+--append).
 
 Replay (--replay DATASET --episode I): the episode's recorded joint path (key q) goes back through
 the same safety path: home to its first pose through Rig.move_home, then the whole path submitted to
@@ -85,7 +89,7 @@ from .session import (EXIT_BAD_VALUES, EXIT_INTERNAL, EXIT_OK, EXIT_ROBOT_FAULT,
 from .tasks import get_task
 from .teleop import (CLOSE, OPEN, TOGGLE, FreedriveTeleop, KeyboardTeleop, SpaceMouseTeleop, TcpTarget, TeleopFault,
                      TeleopUnavailable, Terminal, TwistShaper, continuous_rotvec, parse_axis_map)
-from .teleop.keyboard import BACKSPACE, CTRL_C, ENTER, KEY_HELP
+from .teleop.keyboard import BACKSPACE, CTRL_C, ENTER
 
 MAX_EPISODES, MAX_DURATION_S, MAX_FPS = 10_000, 3600.0, 60.0
 MAX_LINEAR_M_S, MAX_ANGULAR_RAD_S = 0.5, 2.0      # teleop speeds at full deflection, at most
@@ -528,8 +532,7 @@ class Recorder:
     # ---- episodes ----
     def run(self) -> None:
         want = self.args.episodes
-        self.say(f"teleop {self.teleop.describe()}; keys: Enter start/keep, Backspace discard, space gripper, "
-                 f"q quit" + (f"; {KEY_HELP}" if self.args.teleop == "keyboard" else ""))
+        self.say(f"teleop {self.teleop.describe()}; keys: Enter start/keep, Backspace discard, space gripper, q quit")
         if self.rig.gripper is not None:
             self.gripper_request(OPEN)
         try:
@@ -769,6 +772,8 @@ def load_episode(path: str, index: int) -> tuple[np.ndarray, float, np.ndarray |
     if not 0 <= index < buffer.n_episodes:
         raise UsageError(f"--episode {index}: the dataset has episodes 0 .. {buffer.n_episodes - 1}")
     hints = buffer.spec_hints
+    if fmt == "lerobot":   # this recorder's hints are in meta/info.json (read_lerobot keeps only the fps)
+        hints = {**json.loads((Path(path) / "meta" / "info.json").read_text()).get("dpag_spec", {}), **hints}
     dt = hints.get("dt") or (1.0 / hints["fps"] if hints.get("fps") else None)
     if dt is None:
         raise UsageError(f"--replay {path}: the dataset does not say its rate (spec hints dt or fps)")
@@ -913,11 +918,12 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"mode": "replay" if args.replay is not None else "record", "robot": args.robot, "host": host}
     code, message, trace = EXIT_OK, "done", None
     recorder = out = terminal = None
-    previous_term = None
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if main_thread:
         def terminated(*_):
             raise _Terminated
-        previous_term = signal.signal(signal.SIGTERM, terminated)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, terminated)
     try:
         try:
             rig.connect()
@@ -965,6 +971,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         code, message, trace = EXIT_INTERNAL, f"internal error: {type(err).__name__}: {err}", traceback.format_exc()
     finally:
+        if main_thread:   # a second Ctrl-C or a SIGTERM must not cut the stop sequence short
+            previous.setdefault(signal.SIGINT, signal.getsignal(signal.SIGINT))
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
         try:
             # Every exit path: the arm to rest where the loop runs (not after a robot fault: the
             # controller stopped it), teach mode off, stop; then every finished episode written.
@@ -987,8 +997,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if terminal is not None:
                 terminal.close()
-            if previous_term is not None:
-                signal.signal(signal.SIGTERM, previous_term)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         summary.update(exit_code=code, message=message)
         if recorder is not None:
             summary.update(episodes_kept=len(recorder.kept), episodes_discarded=recorder.discarded,
