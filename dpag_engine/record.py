@@ -229,9 +229,6 @@ def check_options(args, cell: Cell, task, stdin_fd: int) -> tuple[SafetyLimits, 
                                                        f"are served at that rate")
     if args.format == "lerobot":
         need(float(fps).is_integer(), "--fps", "LeRobot stores an integer frame rate")
-        need(args.action == "joint", "--action",
-             "tcp with --format lerobot: the LeRobot reader keeps only the dataset's fps, so training would take "
-             "the six TCP columns for joint targets; record --format zarr (its spec hints say tcp_pose)")
     out = Path(args.out)
     need(not (args.append and args.overwrite), "--append", "and --overwrite exclude each other")
     need(args.overwrite or args.append or not out.exists(), "--out", "exists (--append adds to it, --overwrite replaces it)")
@@ -316,7 +313,7 @@ class DatasetOut:
                 self.writer = LeRobotWriter(self.path, fps=int(round(self.fps)), resume=True)
             else:
                 from .data.lerobot import LeRobotWriter
-                # The spec hints go into meta/info.json as "dpag_spec" (read_lerobot keeps the fps).
+                # The spec hints go into meta/info.json as "dpag_spec" (read_lerobot reads them back).
                 self.writer = LeRobotWriter(self.path, fps=int(round(self.fps)), robot_type="ur5",
                                             overwrite=self.overwrite, extra_info={"dpag_spec": self.hints})
         if self.fmt == "zarr":
@@ -772,8 +769,6 @@ def load_episode(path: str, index: int) -> tuple[np.ndarray, float, np.ndarray |
     if not 0 <= index < buffer.n_episodes:
         raise UsageError(f"--episode {index}: the dataset has episodes 0 .. {buffer.n_episodes - 1}")
     hints = buffer.spec_hints
-    if fmt == "lerobot":   # this recorder's hints are in meta/info.json (read_lerobot keeps only the fps)
-        hints = {**json.loads((Path(path) / "meta" / "info.json").read_text()).get("dpag_spec", {}), **hints}
     dt = hints.get("dt") or (1.0 / hints["fps"] if hints.get("fps") else None)
     if dt is None:
         raise UsageError(f"--replay {path}: the dataset does not say its rate (spec hints dt or fps)")

@@ -261,9 +261,12 @@ def build_spec(state_keys: list[tuple[str, tuple[int, int] | None, int]],
     state_keys: (dataset key, slice (a, b) or None, values taken) in concatenation order;
     cameras: (policy camera name, dataset key, (C, H, W)); hints: `merge_hints(...)`."""
     kinds = hints.get("kinds", {})
-    def lowdim_kind(key: str) -> str:   # a state key named like a camera ("camera_pose") is not one
+
+    def lowdim_kind(key: str) -> str:
+        # Hints may name a LeRobot key by its short name ("q" for "observation.q"); a state key named
+        # like a camera ("camera_pose") is not one.
         kind = kind_of(key)
-        return kinds.get(key, "unknown" if kind == "camera" else kind)
+        return kinds.get(key, kinds.get(key.removeprefix("observation."), "unknown" if kind == "camera" else kind))
     obs = [ObsField(key, lowdim_kind(key), (dim,), part) for key, part, dim in state_keys]
     obs += [ObsField(key, "camera", shape, camera=cam, crop=crop) for cam, key, shape in cameras]
     dt = hints.get("dt")

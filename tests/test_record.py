@@ -39,7 +39,8 @@ from dpag_engine.session import EXIT_OK, EXIT_SENSOR_FAULT, EXIT_USAGE
 from dpag_engine.spec import build_spec, merge_hints
 from dpag_engine.teleop import (KeyboardTeleop, SpaceMouseTeleop, TcpTarget, TeleopFault, Terminal, TwistShaper,
                                 apply_deadband, continuous_rotvec, parse_axis_map)
-from dpag_engine.ursim import EmulatorProcess, wait_until
+from dpag_engine.ursim import wait_until
+from factories import running_emulator
 
 pytest.importorskip("rtde_control")
 
@@ -54,9 +55,7 @@ rng = np.random.default_rng()   # fresh each run
 
 @pytest.fixture(scope="module")
 def emu():
-    emu = EmulatorProcess(HOST, "3.15", control_port=CONTROL_PORT).start()
-    yield emu
-    assert emu.stop() == 0, emu.output()
+    yield from running_emulator(HOST, "3.15", CONTROL_PORT)
 
 
 def fresh(emu):
@@ -314,7 +313,7 @@ def test_the_spacemouse_device_through_the_fake(monkeypatch):
     (["--max-linear", "2"], "--max-linear"), (["--max-angular", "-1"], "--max-angular"),
     (["--deadband", "0.95"], "--deadband"), (["--axis-map", "x y z"], "--axis-map"),
     (["--task", "ur5_reach", "--fps", "20"], "--fps"), (["--task", "nope"], "--task"),
-    (["--action", "tcp", "--format", "lerobot"], "--action"), (["--v-max", "2.0"], "--v-max"),
+    (["--v-max", "2.0"], "--v-max"),
     (["--workspace", "-2", "-1", "0", "1", "1", "1"], "--workspace"), (["--episodes", "0"], "--episodes"),
     (["--duration", "0.01"], "--duration"), (["--episode", "1"], "--episode"),
     (["--append"], "--out"), (["--append", "--overwrite"], "--append"),

@@ -274,7 +274,9 @@ def read_lerobot(root: str | os.PathLike, keys: Iterable[str] | None = None,
         else:
             data[k] = _column_to_numpy(table.column(k), k, available[k].shape, n, root / "data")
             check_finite(f"features/{k}", data[k])
-    return ReplayBuffer(data=data, episode_ends=ends, path=str(root), spec_hints={"fps": info["fps"]})
+    # Spec hints: this project's recorder writes them into info.json as "dpag_spec"; the fps is LeRobot's own.
+    hints = {**(info.get("dpag_spec") or {}), "fps": info["fps"]}
+    return ReplayBuffer(data=data, episode_ends=ends, path=str(root), spec_hints=hints)
 
 
 def _video_frames(root: Path, info: dict, eps: dict, key: str, shape: tuple[int, int, int],
