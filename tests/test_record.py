@@ -723,7 +723,7 @@ def test_record_train_serve_the_reach_task_round_trip(emu, tmp_path):
     assert buf.n_episodes == 6 and set(buf.data) == {"q", "qd", "tcp_pose", "tcp_speed", "goal", "action"}
     assert buf.spec_hints["task"] == "ur5_reach" and np.all(buf.episode_lengths() == 70)
     train_out = tmp_path / "train"
-    # 600 steps: after 200 or 400 (of the config's 6000) the tiny policy drove the tool into the box
+    # 600 steps: after 200 or 400 the tiny policy this config trained before drove the tool into the box
     # floor in its second episode (a robot fault, exit 2: the safety path doing its job).
     assert train_main(["--config", "configs/ur5_reach.toml", f"data.path={out}", "train.steps=600",
                        "train.eval_every=0", f"train.out_dir={train_out}", "train.batch_size=32"]) == 0

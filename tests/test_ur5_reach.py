@@ -213,7 +213,7 @@ def test_generated_zarr_loads_through_the_training_config(tmp_path):
     cfg = resolve_policy_config(policy, 6, 9)
     train, _ = load_datasets(data_cfg, cfg.n_obs_steps, cfg.horizon, cfg.n_action_steps)
     assert train.state_dim == 9 and train.action_dim == 6
-    assert cfg.method == "dpag" and cfg.state_dim == 9 and cfg.action_dim == 6
+    assert cfg.method == "dp" and cfg.recipe == "small" and cfg.state_dim == 9 and cfg.action_dim == 6
     batch = train[[0, 5]]
     assert tuple(batch["obs"]["state"].shape) == (2, 2, 9) and tuple(batch["action"].shape) == (2, 16, 6)
     # The dataset's state is exactly what observe() builds at serve time.
