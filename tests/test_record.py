@@ -505,7 +505,8 @@ def test_keyboard_episodes_into_lerobot_from_a_terminal(emu, tmp_path):
     assert termios.tcgetattr(op.slave) == child.before      # the terminal is as it was
     op.close()
     buf = read_lerobot(out)
-    assert buf.n_episodes == 3 and buf.spec_hints == {"fps": 10}
+    assert buf.n_episodes == 3 and buf.spec_hints["fps"] == 10     # read back from info.json's dpag_spec
+    assert buf.spec_hints["action"]["kind"] == "joint_pos" and buf.spec_hints["kinds"]["q"] == "joint_pos"
     assert {k: v.shape[1:] for k, v in buf.data.items()} == {
         "observation.q": (6,), "observation.qd": (6,), "observation.tcp_pose": (6,), "observation.tcp_speed": (6,),
         "observation.gripper_width": (), "observation.images.scene": (48, 64, 3),   # LeRobot: a 1-vector is a scalar
