@@ -62,7 +62,6 @@ measured replay, both at the recorded sample times.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -83,7 +82,7 @@ from .kinematics import fk_matrix, tcp_pose, tcp_speed
 from .rig import Rig, SensorFault
 from .robot import CONTROLLER_RATES_HZ, STATE_TIMEOUT_MAX_S, UR5_JOINT_ACCEL_MAX, LimitError, \
     SafetyLimits, UR5Robot, ur5_left_wedged
-from .serve import UsageError, emulated, finite, parse_major, _Parser
+from .serve import UsageError, _Parser, cell_limits, emulated, finite, parse_major
 from .session import (EXIT_BAD_VALUES, EXIT_INTERNAL, EXIT_OK, EXIT_ROBOT_FAULT, EXIT_SENSOR_FAULT, EXIT_USAGE,
                       SafetyStop, bring_to_rest, json_safe)
 from .tasks import get_task
@@ -165,36 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 # Options, checked before anything connects or moves
 # ---------------------------------------------------------------------------------------------
-def check_limits(args, cell: Cell, from_config: bool) -> SafetyLimits:
-    """The cell's safety limits, tightened by --v-max / --a-max / --workspace / --state-timeout
-    (never loosened past a robot config's, never above the UR5's own), as serve does."""
-    def need(ok: bool, option: str, why: str) -> None:
-        if not ok:
-            raise UsageError(f"{option} {getattr(args, option[2:].replace('-', '_'))}: {why}")
-
-    base = cell.limits
-    if from_config:
-        need(args.v_max is None or args.v_max <= min(base.v_max), "--v-max", f"above the cell's {min(base.v_max):g} rad/s ({cell.path})")
-        need(args.a_max is None or args.a_max <= min(base.a_max), "--a-max", f"above the cell's {min(base.a_max):g} rad/s^2 ({cell.path})")
-        need(args.workspace is None or (all(a >= b for a, b in zip(args.workspace[:3], base.workspace_lo))
-                                        and all(a <= b for a, b in zip(args.workspace[3:], base.workspace_hi))),
-             "--workspace", f"outside the cell's box {base.workspace_lo} .. {base.workspace_hi} ({cell.path})")
-    changes = {}
-    if args.v_max is not None:
-        changes["v_max"] = (args.v_max,) * 6
-    if args.a_max is not None:
-        changes["a_max"] = (args.a_max,) * 6
-    if args.state_timeout is not None:
-        changes["state_timeout_s"] = args.state_timeout
-    if args.workspace:
-        changes.update(workspace_lo=tuple(args.workspace[:3]), workspace_hi=tuple(args.workspace[3:]))
-    try:
-        return dataclasses.replace(base, **changes)
-    except LimitError as err:
-        option = {"v_max": "--v-max", "a_max": "--a-max", "state_timeout_s": "--state-timeout"}.get(err.field, f"--{err.field}")
-        raise UsageError(f"{option}: {err.reason}") from None
-
-
 def check_options(args, cell: Cell, task, stdin_fd: int) -> tuple[SafetyLimits, float]:
     """Every option, before anything connects or moves: (limits, fps). UsageError naming the first bad one."""
     def need(ok: bool, option: str, why: str) -> None:
@@ -213,7 +182,7 @@ def check_options(args, cell: Cell, task, stdin_fd: int) -> tuple[SafetyLimits, 
          f"the controller servos at {' or '.join(f'{r:g}' for r in rates)} Hz")
     need(0 < args.watchdog_hz <= (args.frequency or max(rates)), "--watchdog-hz",
          f"must be in (0, {args.frequency or max(rates):g}] Hz")
-    limits = check_limits(args, cell, from_config=args.config is not None)
+    limits = cell_limits(args, cell, from_config=args.config is not None)
     if args.replay is not None:
         for option in ("teleop", "out", "task", "episodes", "duration"):
             need(getattr(args, option) is None, f"--{option}", "not used with --replay (it plays a recorded episode)")

@@ -194,8 +194,19 @@ def check_options(args, cfg, dt: float, cell: Cell, from_config: bool) -> Safety
     need(0 <= args.rtc_soft_steps <= cfg.horizon, "--rtc-soft-steps", f"must be in [0, {cfg.horizon}] (the horizon)")
     need(0 <= args.simulate_delay <= MAX_SIMULATED_DELAY_MS, "--simulate-delay",
          f"must be in [0, {MAX_SIMULATED_DELAY_MS:g}] ms")
+    return cell_limits(args, cell, from_config)
+
+
+def cell_limits(args, cell: Cell, from_config: bool) -> SafetyLimits:
+    """The cell's safety limits, tightened by --v-max / --a-max / --workspace / --state-timeout: a
+    lab's config holds its cell's maxima, so options tighten them and never loosen them, and never
+    go above the UR5's own (SafetyLimits checks). UsageError naming the option. Serve and record."""
+    def need(ok: bool, option: str, why: str) -> None:
+        if not ok:
+            raise UsageError(f"{option} {getattr(args, option[2:].replace('-', '_'))}: {why}")
+
     base = cell.limits
-    if from_config:   # a lab's config holds its cell's maxima: options tighten, never loosen
+    if from_config:
         need(args.v_max is None or args.v_max <= min(base.v_max), "--v-max", f"above the cell's {min(base.v_max):g} rad/s ({cell.path})")
         need(args.a_max is None or args.a_max <= min(base.a_max), "--a-max", f"above the cell's {min(base.a_max):g} rad/s^2 ({cell.path})")
         need(args.workspace is None or (all(a >= b for a, b in zip(args.workspace[:3], base.workspace_lo))
