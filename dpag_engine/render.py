@@ -40,7 +40,7 @@ __all__ = ["Sphere", "Block", "Scene", "CameraModel", "SCENE_CAMERA", "WRIST_CAM
            "project", "camera_pose", "GOAL_COLOR", "GOAL_RADIUS", "OBSTACLE_COLOR", "GRIPPER_MAX",
            "DEFAULT_SCENE"]
 
-GOAL_RADIUS = 0.02
+GOAL_RADIUS = 0.03                  # 6 cm: about 4 pixels across in a 64x64 scene view
 GOAL_COLOR = (40, 200, 70)          # the only green thing in the cell
 OBSTACLE_COLOR = (205, 55, 45)
 BLOCK_COLOR = (235, 160, 30)
