@@ -93,6 +93,7 @@ setup(
         "realsense": ["pyrealsense2>=2.54"],
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "diffusers", "ur_rtde==1.6.5", "onnx>=1.16",
                  "onnxruntime>=1.18", "gym-pusht>=0.1.8", "opencv-python-headless>=4.8",
+                 "scipy",  # an independent oracle for rotations (tests/test_spec.py)
                  "triton==3.6.0; platform_machine=='x86_64'"],
     },
 )
