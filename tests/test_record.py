@@ -455,8 +455,9 @@ def test_spacemouse_episodes_are_recorded_as_driven(emu, spacemouse_run):
     check_commands(emu, log_dir, workspace_lo=(-0.85, -0.85, z_lo))
 
 
-def test_replay_reproduces_the_recorded_joint_path(emu, spacemouse_run, tmp_path):
-    _, out, *_ = spacemouse_run
+def replay_random_episode(emu, out, tmp_path) -> tuple[dict, int]:
+    """Replay one of the 3 recorded episodes at random on the emulator; (its summary, its index),
+    after checking it ended well within 5 mrad of the recorded path and within every limit."""
     fresh(emu)
     log_dir = tmp_path / "replay"
     episode = int(rng.integers(0, 3))
@@ -464,9 +465,15 @@ def test_replay_reproduces_the_recorded_joint_path(emu, spacemouse_run, tmp_path
                         str(episode), "--no-rt", "--log-dir", str(log_dir)])
     s = summary_of(log_dir)
     assert code == EXIT_OK, s["message"]
-    assert s["samples"] == len(read_replay_buffer(out).get_episode(episode)["q"])
     assert s["max_deviation_mrad"] < 5.0, s
     check_commands(emu, log_dir)
+    return s, episode
+
+
+def test_replay_reproduces_the_recorded_joint_path(emu, spacemouse_run, tmp_path):
+    _, out, *_ = spacemouse_run
+    s, episode = replay_random_episode(emu, out, tmp_path)
+    assert s["samples"] == len(read_replay_buffer(out).get_episode(episode)["q"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,15 +681,7 @@ def test_freedrive_samples_the_hand_and_the_actions_are_the_next_samples(emu, fr
 
 def test_replay_of_a_freedrive_episode_follows_the_hand_path(emu, freedrive_run, tmp_path):
     _, out, _ = freedrive_run
-    fresh(emu)
-    log_dir = tmp_path / "replay"
-    episode = int(rng.integers(0, 3))
-    code = record.main(["--robot", "ur5", "--config", cell_toml(tmp_path), "--replay", str(out), "--episode",
-                        str(episode), "--no-rt", "--log-dir", str(log_dir)])
-    s = summary_of(log_dir)
-    assert code == EXIT_OK, s["message"]
-    assert s["max_deviation_mrad"] < 5.0, s
-    check_commands(emu, log_dir)
+    replay_random_episode(emu, out, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
