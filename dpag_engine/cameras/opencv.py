@@ -66,6 +66,7 @@ class OpenCVCamera(Camera):
             # than burst through the backlog (a live camera would have dropped those frames).
             if not self._wait_until(self._t_next):
                 return None
+            t_due = self._t_next
             self._t_next = max(self._t_next + 1.0 / self.fps, time.monotonic())
         ok, bgr = self._cap.read()
         if not ok and self.is_file and self.loop:
@@ -74,8 +75,10 @@ class OpenCVCamera(Camera):
         # Stamped when read() returns: cv2 does not reliably expose the V4L2 buffer timestamp
         # (CAP_PROP_POS_MSEC is driver- and backend-dependent), so the arrival time is the most
         # honest capture time there is; it is late by the driver's transfer, not by our queueing,
-        # since this thread reads continuously and keeps the driver's queue drained.
-        t = time.monotonic()
+        # since this thread reads continuously and keeps the driver's queue drained. A file's frame
+        # is captured at its due time; decoding it is its transfer delay (the first decode of a
+        # clip is slow, so the arrival time would understate the pacing).
+        t = t_due if self.is_file else time.monotonic()
         if not ok:
             if self.is_file:
                 return None   # end of file: the base turns it into a fault
