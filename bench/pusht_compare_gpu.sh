@@ -2,7 +2,7 @@
 # DP vs DP-AG on Push-T / Dynamic Push-T keypoints with the paper's full recipe, on a GPU machine.
 #
 # NOT RUN HERE: the published table in bench/PUSHT.md comes from the one-core CPU budget
-# (bench/pusht_compare.py defaults). This script is the same driver with the paper's settings:
+# (bench/compare.py defaults). This script is the same driver with the paper's settings:
 #   - configs/pusht_lowdim.yaml: the `lowdim` U-Net (down_dims 256/512/1024, kernel 5, 66 M params),
 #     batch 256, AdamW lr 1e-4, cosine with 500 warm-up steps, EMA; DP's 200k-step schedule;
 #   - 200 scripted-expert demonstrations per task (DP's human Push-T set has 206);
@@ -24,9 +24,9 @@ SEEDS=${SEEDS:-"0 1 2"}
 WORKERS=${WORKERS:-8}          # eval / generation processes (16 CPU cores on the lent H100 machine)
 OUT=${OUT:-outputs/pusht_compare_gpu}
 mkdir -p "$(dirname "$OUT")"
-python bench/pusht_compare.py \
+python bench/compare.py \
   --config configs/pusht_lowdim.yaml --recipe lowdim --steps "$STEPS" --batch-size 256 \
   --seeds $SEEDS --tasks pusht dynamic_pusht \
   --episodes 200 --eval-episodes 50 --workers "$WORKERS" --threads 1 --videos 2 \
-  --out "$OUT" --table bench/pusht/table_gpu.md --json bench/pusht/results_gpu.json \
+  --out "$OUT" --table bench/compare/table_gpu.md --json bench/compare/results_gpu.json \
   "$@" 2>&1 | tee -a "$OUT.log"

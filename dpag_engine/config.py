@@ -140,12 +140,23 @@ class LossConfig:
     tau: float = 0.8            # InfoNCE temperature
     lambda_cont: float = 1.0
     lambda_kl: float = 1.0
+    # The KL's prior: "standard" N(0, I) (released code) or "observation" N(features, I) (the paper's
+    # N(z, I) around the observed latent: an MLP posterior keeps the observation instead of shrinking
+    # mu to zero; for the identity posterior mu = features and only the variance term remains).
+    kl_prior: str = "standard"
+    # Weight of a second diffusion loss on the guided latent, eps_theta(a_k, k, z~) vs the noise
+    # (0: released code, the guided branch is only a detached target). Trains the noise predictor to
+    # be right where guided sampling conditions it.
+    lambda_diff_guided: float = 0.0
     implementation: str = "efficient"  # or "literal" (mirrors the released code; slower)
 
     def __post_init__(self) -> None:
         require(self.tau > 0.0, "loss.tau", f"must be > 0, got {self.tau}")
         require(self.lambda_cont >= 0.0, "loss.lambda_cont", "must be >= 0")
         require(self.lambda_kl >= 0.0, "loss.lambda_kl", "must be >= 0")
+        require(self.kl_prior in ("standard", "observation"), "loss.kl_prior",
+                 f"must be 'standard' or 'observation', got {self.kl_prior!r}")
+        require(self.lambda_diff_guided >= 0.0, "loss.lambda_diff_guided", "must be >= 0")
         require(self.implementation in ("efficient", "literal"), "loss.implementation",
                  f"must be 'efficient' or 'literal', got {self.implementation!r}")
 
@@ -251,6 +262,21 @@ def checked_fields(cls: type, values: Any, where: str = "") -> dict[str, Any]:
             v = checked_fields(sub, v, name)
         out[k] = v
     return out
+
+
+def latent_overrides(base: LatentUpdateConfig, text: str, where: str = "--guidance") -> LatentUpdateConfig:
+    """`base` with the fields of "gamma=0.1,steps=2,eta=0" (the evaluators' --guidance): guided
+    sampling's latent update chosen at inference, apart from the one the model was trained with."""
+    import json
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        require(bool(sep), where, f"expected key=value pairs separated by commas, got {item!r}")
+        try:
+            values[key.strip()] = json.loads(raw.strip())   # 2 -> int, 0.1 -> float, true -> bool
+        except json.JSONDecodeError:
+            raise ConfigError(f"{where}.{key.strip()}: expected a number or true/false, got {raw.strip()!r}") from None
+    return dataclasses.replace(base, **checked_fields(LatentUpdateConfig, values, where))
 
 
 def _scalar(value: Any, hint: Any, name: str) -> Any:

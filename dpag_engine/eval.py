@@ -18,6 +18,7 @@ trained on the UR5 reach task) is refused with the reason and the tasks it does 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing as mp
 import sys
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, load_policy
-from .config import PolicyConfig
+from .config import ConfigError, LatentUpdateConfig, PolicyConfig, latent_overrides
 from .data.dataset import parse_key_spec
 from .envs.dynamic_pusht import make_task
 from .envs.pusht import MAX_STEPS, TEST_START_SEED
@@ -102,9 +103,11 @@ def action_jerk(actions: np.ndarray) -> float:
 
 
 def _init(ckpt: str, task: str, mode: str | None, max_steps: int, state_keys: list[str],
-          cameras: dict[str, str]) -> None:
+          cameras: dict[str, str], latent: LatentUpdateConfig) -> None:
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
-    _WORKER.update(policy=load_policy(ckpt), task=make_task(task, render=bool(cameras)), mode=mode,
+    policy = load_policy(ckpt)
+    policy.set_guidance(latent)
+    _WORKER.update(policy=policy, task=make_task(task, render=bool(cameras)), mode=mode,
                    state_keys=state_keys, cameras=cameras, max_steps=max_steps)
 
 
@@ -143,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=50)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--mode", choices=["dp", "guided"], help="inference mode (default: the checkpoint's)")
+    p.add_argument("--guidance", default="", metavar="gamma=G,steps=S,eta=E",
+                   help="guided mode: the latent update's settings (default: the checkpoint's)")
     p.add_argument("--start-seed", type=int, default=TEST_START_SEED)
     p.add_argument("--max-steps", type=int, default=MAX_STEPS)
     p.add_argument("--videos", type=int, default=2, help="rollouts saved as GIFs")
@@ -163,10 +168,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{'; '.join(fits) if fits else 'none of the tasks here'}", file=sys.stderr)
         return 1
     mode = args.mode or cfg.inference_mode
+    try:
+        latent = latent_overrides(cfg.latent, args.guidance)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     out = Path(args.out_dir) if args.out_dir else (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval_{args.task}_{mode}"
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.start_seed + i, i < args.videos) for i in range(args.episodes)]
-    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras)
+    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras, latent)
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=init) as pool:
@@ -179,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if frames:
             save_gif(frames, out / f"rollout_{ep['seed']}.gif")
     cov = np.array([e["max_coverage"] for e in episodes])
-    results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "episodes": len(episodes),
+    results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "guidance": dataclasses.asdict(latent),
+               "episodes": len(episodes),
                "start_seed": args.start_seed, "coverage_mean": float(cov.mean()), "coverage_std": float(cov.std()),
                "success_rate": float(np.mean([e["success"] for e in episodes])),
                "jerk_mean": float(np.mean([e["jerk"] for e in episodes])),

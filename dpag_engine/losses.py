@@ -21,6 +21,8 @@ def info_nce(eps_static: torch.Tensor, eps_guided: torch.Tensor, tau: float) -> 
     return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
 
 
-def kl_to_standard_normal(mu: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """mean over elements of KL(N(mu, exp(log_var)) || N(0, 1))."""
-    return torch.mean(-0.5 * (1 + log_var - mu.square() - log_var.exp()))
+def kl_to_unit_gaussian(mu: torch.Tensor, log_var: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """mean over elements of KL(N(mu, exp(log_var)) || N(center, 1)); center None is N(0, 1) (the
+    released code's prior), center = the observation's features is the paper's N(z, I)."""
+    d = mu if center is None else mu - center
+    return torch.mean(-0.5 * (1 + log_var - d.square() - log_var.exp()))

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from . import ops
-from .config import PolicyConfig
+from .config import LatentUpdateConfig, PolicyConfig
 from .diffusion import NoiseSchedule
 from .guidance import draw_latent_noise, latent_update, vjp_force
-from .losses import diffusion_loss, info_nce, kl_to_standard_normal
+from .losses import diffusion_loss, info_nce, kl_to_unit_gaussian
 from .model.encoders import GaussianPosterior, ObservationEncoder
 from .model.unet import ConditionalUnet1D
 from .normalize import Normalizer
@@ -120,18 +120,29 @@ class DPAGPolicy(nn.Module):
 
         loss_diff = diffusion_loss(eps_static, noise, cfg.loss.target_scale)
         loss_cont = info_nce(eps_static, eps_guided, cfg.loss.tau)
-        loss_kl = kl_to_standard_normal(mu, log_var)
+        loss_kl = kl_to_unit_gaussian(mu, log_var, features if cfg.loss.kl_prior == "observation" else None)
         loss = loss_diff + cfg.loss.lambda_cont * loss_cont + cfg.loss.lambda_kl * loss_kl
+        terms = {"loss_diff": loss_diff.detach(), "loss_cont": loss_cont.detach(), "loss_kl": loss_kl.detach()}
+        if cfg.loss.lambda_diff_guided > 0:
+            # The guided latent as an input (detached: the latent update is a fixed map here), the
+            # noise predictor trained on it like on mu.
+            loss_diff_guided = diffusion_loss(self.predict_noise(a_k, t, z_guided.detach()), noise,
+                                              cfg.loss.target_scale)
+            loss = loss + cfg.loss.lambda_diff_guided * loss_diff_guided
+            terms["loss_diff_guided"] = loss_diff_guided.detach()
         # Detached tensors, not floats: reading each back to the host here would sync a GPU four
         # times per micro-batch; the trainer reads them once per step.
-        return loss, {"loss": loss.detach(), "loss_diff": loss_diff.detach(),
-                      "loss_cont": loss_cont.detach(), "loss_kl": loss_kl.detach()}
+        return loss, {"loss": loss.detach(), **terms}
 
     def set_inference_steps(self, k: int) -> None:
         """Sample with K = k DDIM steps from now on (the training schedule is unchanged)."""
         sched = dataclasses.replace(self.cfg.scheduler, num_inference_steps=k)
         self.cfg = self.cfg.replace(scheduler=sched)   # validates k against the training timesteps
         self.schedule = NoiseSchedule(sched).to(self.schedule.coefs.device)
+
+    def set_guidance(self, latent: LatentUpdateConfig) -> None:
+        """Guided sampling uses this latent update from now on (training's update is unchanged)."""
+        self.cfg = self.cfg.replace(latent=latent)
 
     # ---- inference ----
     @torch.no_grad()

@@ -6,7 +6,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from dpag_engine.config import LatentUpdateConfig, LossConfig
-from dpag_engine.losses import diffusion_loss, info_nce, kl_to_standard_normal
+from dpag_engine.losses import diffusion_loss, info_nce, kl_to_unit_gaussian
 from factories import make_batch, make_policy
 
 
@@ -25,9 +25,36 @@ def test_kl_and_diffusion_loss_match_their_definitions():
     g = torch.Generator().manual_seed(1)
     mu, log_var = torch.randn(4, 2, 7, generator=g), torch.randn(4, 2, 7, generator=g)
     kl = kl_divergence(Normal(mu, torch.exp(0.5 * log_var)), Normal(0.0, 1.0)).mean()
-    torch.testing.assert_close(kl_to_standard_normal(mu, log_var), kl)
+    torch.testing.assert_close(kl_to_unit_gaussian(mu, log_var), kl)
+    center = torch.randn(4, 2, 7, generator=g)
+    kl_obs = kl_divergence(Normal(mu, torch.exp(0.5 * log_var)), Normal(center, 1.0)).mean()
+    torch.testing.assert_close(kl_to_unit_gaussian(mu, log_var, center), kl_obs)
     eps, noise = torch.randn(4, 16, 2, generator=g), torch.randn(4, 16, 2, generator=g)
     torch.testing.assert_close(diffusion_loss(eps, noise, 2.5), ((eps - 2.5 * noise) ** 2).mean())
+
+
+@pytest.mark.parametrize("posterior", ["identity", "mlp"])
+def test_observation_prior_and_guided_diffusion_loss(posterior):
+    """kl_prior="observation" centres the KL on the features; lambda_diff_guided adds the diffusion
+    loss at the guided latent, which is the static one exactly when the update does not move z."""
+    batch_seed, loss_seed = 5, 11
+    still = make_policy(torch.float64, seed=3, posterior=posterior, latent=LatentUpdateConfig(gamma=0.0),
+                        loss=LossConfig(kl_prior="observation", lambda_diff_guided=0.5))
+    batch = make_batch(still.cfg, 8, torch.Generator().manual_seed(batch_seed), torch.float64)
+    loss, m = still.compute_loss(batch, torch.Generator().manual_seed(loss_seed))
+    torch.testing.assert_close(m["loss_diff_guided"], m["loss_diff"])
+    torch.testing.assert_close(loss, m["loss_diff"] * 1.5 + m["loss_cont"] + m["loss_kl"])
+    features = still.encode(still.check_obs(batch["obs"])[0])
+    mu, log_var = still.posterior(features)
+    expected_kl = kl_divergence(Normal(mu, torch.exp(0.5 * log_var)), Normal(features, 1.0)).mean()
+    torch.testing.assert_close(m["loss_kl"], expected_kl)
+    if posterior == "identity":   # mu = features: only the variance is penalised
+        assert torch.equal(mu, features)
+    moving = make_policy(torch.float64, seed=3, posterior=posterior,
+                         loss=LossConfig(kl_prior="observation", lambda_diff_guided=0.5))
+    _, m2 = moving.compute_loss(batch, torch.Generator().manual_seed(loss_seed))
+    torch.testing.assert_close(m2["loss_diff"], m["loss_diff"])
+    assert abs(m2["loss_diff_guided"].item() - m2["loss_diff"].item()) > 1e-6   # z moved: another input
 
 
 def loss_and_grads(policy, batch, seed):

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from . import TASKS, get_task
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", metavar="MODEL_PT", help="instead: roll a trained policy out on held-out episodes "
                                                       "(the kinematic cell, tasks/rollout.py)")
     p.add_argument("--mode", default="dp", choices=["dp", "guided"], help="--eval: inference mode")
+    p.add_argument("--guidance", default="", metavar="gamma=G,steps=S,eta=E",
+                   help="--eval --mode guided: the latent update's settings (default: the checkpoint's)")
+    p.add_argument("--json", metavar="PATH", help="--eval: write the rates and per-episode results here")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="generation seed (serving and evaluation draw from held-out seeds)")
     p.add_argument("--overwrite", action="store_true")
@@ -30,9 +34,22 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give exactly one of --out (demonstrations) or --eval (a model.pt)")
     t0 = time.perf_counter()
     if args.eval:
+        import json
+        from pathlib import Path
+
         from ..checkpoint import load_policy
+        from ..config import ConfigError, latent_overrides
         from .rollout import evaluate_policy
-        r = evaluate_policy(get_task(args.task), load_policy(args.eval), args.episodes, args.mode)
+        policy = load_policy(args.eval)
+        try:
+            policy.set_guidance(latent_overrides(policy.cfg.latent, args.guidance))
+        except ConfigError as e:
+            p.error(str(e))
+        r = evaluate_policy(get_task(args.task), policy, args.episodes, args.mode)
+        r.update(ckpt=args.eval, guidance=dataclasses.asdict(policy.cfg.latent), seconds=round(time.perf_counter() - t0, 1))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(r, indent=1, default=float))
         print(f"{args.task} {args.mode}: success {r['success_rate']:.0%}, collisions {r['collision_rate']:.0%}, "
               f"mean jerk {r['mean_jerk']:.1f} rad/s^3 over {args.episodes} held-out episodes "
               f"({time.perf_counter() - t0:.0f} s)")

@@ -1,0 +1,467 @@
+"""DP vs DP-AG on Push-T keypoints, Dynamic Push-T keypoints and the UR5 reach task: one resumable driver.
+
+    PYTHONPATH=$PWD python bench/compare.py                                   # the CPU budget of bench/PUSHT.md
+    PYTHONPATH=$PWD python bench/compare.py --tasks ur5_reach --seeds 0 1 2   # the reach-task comparison
+    PYTHONPATH=$PWD python bench/compare.py --aggregate-only                  # rebuild the tables from finished runs
+    bash bench/pusht_compare_gpu.sh                                           # the paper's recipe, on a GPU
+
+What it does, in order, skipping every piece whose output already exists (so a killed run is
+continued by running the same command again):
+
+1. data: --episodes scripted-expert demonstrations per task (Push-T: `python -m dpag_engine.envs.generate`,
+   reset seeds 0.., failed episodes dropped; reach: `python -m dpag_engine.tasks --out`, seed 0);
+2. ceiling: the Push-T scripted expert itself on the evaluation seeds (100000..);
+3. for each training seed, task and method (dp, dpag): `python -m dpag_engine.train` with the task's
+   config and the same data, steps, batch and seed for both methods, then the task's evaluator on
+   the same held-out episodes (Push-T: `python -m dpag_engine.eval`; reach: `python -m
+   dpag_engine.tasks --eval`, the kinematic cell): dp checkpoints in dp mode (row "DP"), dpag
+   checkpoints in dp mode (row "DP-AG") and in guided mode, once per --guidance setting
+   (rows "DP-AG guided [...]"). With --curve-every N the run also saves every N steps and each saved
+   checkpoint is evaluated on --curve-episodes episodes: the learning curve, metric vs training minutes;
+4. aggregate: per row, the mean and the sample std (ddof=1) over training seeds of each seed's
+   metrics, plus the per-seed paired difference against DP; markdown (--table), JSON (--json) and
+   the learning-curve plot (curves_<task>.png beside the table).
+
+Seed-major order (all tasks and methods of seed 0, then seed 1, ...): a run stopped early leaves
+complete rows over fewer seeds rather than a missing task.
+
+Every subprocess runs with OMP/MKL threads = --threads (torch reads OMP_NUM_THREADS at start); run
+the whole driver under `nice` on a shared machine. Logs: <out>/runs/<run>/train.log, eval_*/eval.log.
+Variations (e.g. a DP-AG loss weight): `--methods dpag --seeds 0 --set policy.loss.tau=0.1
+--tag tau0.1` trains into a separate run directory; the aggregate lists each tag as its own rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str        # column title
+    key: str         # in the evaluator's results.json
+    digits: int
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    title: str
+    config: str                    # base training config (both methods)
+    state_keys: list[str] | None   # data.state_keys override (None: the config's)
+    metrics: tuple[Metric, ...]    # the first is the one the curves and paired differences use
+    pusht: bool                    # evaluated by dpag_engine.eval (else by dpag_engine.tasks --eval)
+
+
+PUSHT_METRICS = (Metric("coverage", "coverage_mean", 3), Metric("success rate", "success_rate", 2),
+                 Metric("action jerk (px/step³)", "jerk_mean", 2))
+# What the policy sees, per task: DP's keypoint observation (9 keypoints + agent xy); the dynamic
+# variant adds the ball (x, y, vx, vy) so the disturbance is observable.
+TASKS = {
+    "pusht": TaskDef("Push-T keypoints", "configs/pusht_cpu_small.yaml", ["keypoint", "state[:2]"], PUSHT_METRICS, True),
+    "dynamic_pusht": TaskDef("Dynamic Push-T keypoints", "configs/pusht_cpu_small.yaml",
+                             ["keypoint", "state[:2]", "ball"], PUSHT_METRICS, True),
+    "ur5_reach": TaskDef("UR5 reach (kinematic cell)", "configs/ur5_reach.toml", None,
+                         (Metric("success rate", "success_rate", 2), Metric("collision rate", "collision_rate", 2),
+                          Metric("joint jerk (rad/s³)", "mean_jerk", 1)), False),
+}
+TEST_START_SEED = 100000
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S', time.gmtime())} UTC] {msg}", flush=True)
+
+
+def child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[k] = str(threads)
+    return env
+
+
+def run_logged(cmd: list[str], logfile: Path, env: dict[str, str]) -> float:
+    """Run cmd with stdout+stderr appended to logfile; raise on failure; return wall seconds."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with logfile.open("a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if rc != 0:
+        tail = logfile.read_text().splitlines()[-15:]
+        raise RuntimeError(f"exit {rc}: {' '.join(cmd)}\n  log {logfile}:\n    " + "\n    ".join(tail))
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+def data_path(args, task: str) -> Path:
+    return Path(args.out) / "data" / f"{task}_{args.episodes}.zarr"
+
+
+def ensure_data(args, task: str, env) -> Path:
+    path = data_path(args, task)
+    if (path / "meta").exists():
+        return path
+    log(f"data: generating {args.episodes} expert episodes of {task} -> {path}")
+    if path.exists():
+        shutil.rmtree(path)  # a partial write from a killed run
+    if TASKS[task].pusht:
+        cmd = [sys.executable, "-m", "dpag_engine.envs.generate", "--out", str(path), "--task", task,
+               "--episodes", str(args.episodes), "--workers", str(args.workers)]
+    else:
+        cmd = [sys.executable, "-m", "dpag_engine.tasks", "--task", task, "--out", str(path),
+               "--episodes", str(args.episodes), "--seed", "0"]
+    secs = run_logged(cmd, Path(args.out) / "logs" / f"generate_{task}.log", env)
+    log(f"data: {task} done in {secs:.0f} s")
+    return path
+
+
+def expert_ceiling(args, task: str) -> dict | None:
+    """The Push-T scripted expert on the evaluation seeds (the demonstrator's coverage: the ceiling)."""
+    if not TASKS[task].pusht:
+        return None
+    path = Path(args.out) / "expert" / f"{task}_{args.eval_episodes}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from dpag_engine.envs.dynamic_pusht import make_task
+    from dpag_engine.envs.expert import run_expert_episode
+    from dpag_engine.eval import action_jerk
+    log(f"expert: {task} on {args.eval_episodes} test seeds")
+    t0 = time.perf_counter()
+    eps = []
+    for i in range(args.eval_episodes):
+        t = make_task(task)
+        seed = TEST_START_SEED + i
+        ep = run_expert_episode(t, seed)
+        eps.append({"seed": seed, "max_coverage": t.max_coverage, "success": t.success, "steps": t.steps,
+                    "jerk": action_jerk(ep["action"])})
+    cov = np.array([e["max_coverage"] for e in eps])
+    res = {"task": task, "episodes": len(eps), "start_seed": TEST_START_SEED, "coverage_mean": float(cov.mean()),
+           "coverage_std": float(cov.std()), "success_rate": float(np.mean([e["success"] for e in eps])),
+           "jerk_mean": float(np.mean([e["jerk"] for e in eps])), "seconds": round(time.perf_counter() - t0, 1),
+           "per_episode": eps}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    log(f"expert: {task} coverage {res['coverage_mean']:.3f}, success {res['success_rate']:.0%} ({res['seconds']} s)")
+    return res
+
+
+def run_dir(args, task: str, method: str, seed: int) -> Path:
+    name = f"{task}_{method}_s{seed}" + (f"_{args.tag}" if args.tag else "")
+    return Path(args.out) / "runs" / name
+
+
+def train(args, task: str, method: str, seed: int, data: Path, env) -> Path:
+    out = run_dir(args, task, method, seed)
+    model = out / "model.pt"
+    if model.exists():
+        from dpag_engine.checkpoint import load_checkpoint
+        done = load_checkpoint(model)["metadata"].get("run_config", {}).get("train", {}).get("steps")
+        if args.steps and done is not None and int(done) != args.steps:
+            raise SystemExit(f"{model} was trained for {done} steps, not --steps {args.steps}: "
+                             f"use another --out (or --tag) for a different budget")
+        return model
+    tdef = TASKS[task]
+    cmd = [sys.executable, "-m", "dpag_engine.train", "--config", args.config or tdef.config, "--method", method,
+           "--data", str(data), "--out-dir", str(out), f"train.seed={seed}"]
+    if tdef.state_keys:
+        cmd.append(f"data.state_keys={json.dumps(tdef.state_keys)}")
+    if args.steps:
+        cmd.append(f"train.steps={args.steps}")
+    if args.batch_size:
+        cmd.append(f"train.batch_size={args.batch_size}")
+    if args.recipe:
+        cmd.append(f"policy.recipe={args.recipe}")
+    if args.curve_every:
+        cmd += [f"train.save_every={args.curve_every}", "train.keep_checkpoints=0"]
+    cmd += list(args.set)
+    if list(out.glob("checkpoints/step_*/training_state.pt")):  # a killed run with periodic checkpoints
+        cmd = [sys.executable, "-m", "dpag_engine.train", "--resume", str(out)]
+        log(f"train: resuming {out.name}")
+    else:
+        if out.exists():
+            shutil.rmtree(out)  # a killed run with nothing to resume from
+        log(f"train: {out.name}")
+    secs = run_logged(cmd, out / "train.log", env)
+    meta = {"train_seconds": round(secs, 1), "command": cmd}
+    (out / "timing.json").write_text(json.dumps(meta, indent=1))
+    log(f"train: {out.name} done in {secs:.0f} s")
+    return model
+
+
+def guidance_slug(guidance: str) -> str:
+    """"gamma=0.1,steps=2" -> "gamma0.1-steps2" (a directory-name piece); "" -> "" (the checkpoint's)."""
+    return "-".join(part.replace("=", "") for part in guidance.replace(" ", "").split(",") if part)
+
+
+def eval_dir(model: Path, task: str, mode: str, guidance: str, episodes: int) -> Path:
+    slug = guidance_slug(guidance) if mode == "guided" else ""
+    return model.parent / f"eval_{task}_{mode}{'-' + slug if slug else ''}_{episodes}"
+
+
+def evaluate(args, task: str, model: Path, mode: str, env, guidance: str = "", episodes: int | None = None,
+             out: Path | None = None) -> dict:
+    episodes = episodes or args.eval_episodes
+    out = out or eval_dir(model, task, mode, guidance, episodes)
+    res_path = out / "results.json"
+    if res_path.exists():
+        return json.loads(res_path.read_text())
+    log(f"eval: {model.parent.name}/{model.name} mode={mode} {guidance} on {episodes} held-out episodes")
+    if TASKS[task].pusht:
+        cmd = [sys.executable, "-m", "dpag_engine.eval", "--ckpt", str(model), "--task", task,
+               "--episodes", str(episodes), "--workers", str(args.workers), "--mode", mode,
+               "--videos", str(args.videos), "--out-dir", str(out)]
+    else:
+        cmd = [sys.executable, "-m", "dpag_engine.tasks", "--task", task, "--eval", str(model),
+               "--episodes", str(episodes), "--mode", mode, "--json", str(res_path)]
+    if mode == "guided" and guidance:
+        cmd.append(f"--guidance={guidance}")
+    secs = run_logged(cmd, out / "eval.log", env)
+    res = json.loads(res_path.read_text())
+    log(f"eval: {model.parent.name} {mode} {guidance}: "
+        + ", ".join(f"{m.name} {res[m.key]:.{m.digits}f}" for m in TASKS[task].metrics) + f" ({secs:.0f} s)")
+    return res
+
+
+def curve(args, task: str, model: Path, env) -> None:
+    """Evaluate every periodic checkpoint of a run (dp mode): the learning curve's points."""
+    for ckpt in sorted(model.parent.glob("checkpoints/step_*/model.pt")):
+        evaluate(args, task, ckpt, "dp", env, episodes=args.curve_episodes,
+                 out=ckpt.parent / f"eval_{task}_dp_{args.curve_episodes}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+def _ms(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+
+
+def _fmt(m: float, s: float, digits: int = 3) -> str:
+    return f"{m:.{digits}f}" if math.isnan(s) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def final_val(rd: Path) -> dict:
+    import csv
+    if not (rd / "log.csv").exists():
+        return {}
+    with (rd / "log.csv").open() as f:
+        val = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    return {k: float(v) for k, v in val[-1].items() if v not in ("", None) and k != "split"} if val else {}
+
+
+def curve_points(rd: Path, task: str, episodes: int) -> list[dict]:
+    """(step, training minutes, metric) per evaluated checkpoint of a run, plus the final model."""
+    import csv
+    minutes = {}
+    if (rd / "log.csv").exists():
+        with (rd / "log.csv").open() as f:
+            for r in csv.DictReader(f):
+                if r["split"] == "train" and r.get("elapsed_s"):
+                    minutes[int(r["step"])] = float(r["elapsed_s"]) / 60
+    key = TASKS[task].metrics[0].key
+    points = []
+    for rp in sorted(rd.glob(f"checkpoints/step_*/eval_{task}_dp_{episodes}/results.json")):
+        step = int(re.search(r"step_(\d+)", str(rp)).group(1))
+        near = min(minutes, key=lambda s: abs(s - step)) if minutes else None
+        points.append({"step": step, "minutes": minutes.get(near), "value": json.loads(rp.read_text())[key]})
+    return points
+
+
+def plot_curves(task: str, curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colours = {"dp": "tab:blue", "dpag": "tab:red"}
+    for name, pts in sorted(curves.items()):
+        pts = [p for p in pts if p["minutes"] is not None]
+        if not pts:
+            continue
+        method = name.split("_s")[0].rsplit("_", 1)[-1]
+        ax.plot([p["minutes"] for p in pts], [p["value"] for p in pts], "o-", ms=3,
+                color=colours.get(method), alpha=0.8, label=name.split(f"{task}_", 1)[-1])
+    ax.set_xlabel("training wall time (min, this run's own clock)")
+    ax.set_ylabel(TASKS[task].metrics[0].name)
+    ax.set_title(f"{TASKS[task].title}: learning curves (dp sampling)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def aggregate(args) -> dict:
+    runs_root = Path(args.out) / "runs"
+    summary: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("aggregate_only",)},
+                     "std": "sample std (ddof=1) over training seeds of per-seed means", "tasks": {}}
+    lines = [f"Each seed's value is the mean over {args.eval_episodes} held-out episodes; mean ± std over "
+             f"training seeds. Paired differences are per training seed (same data, same test episodes).", ""]
+    run_re = re.compile(r"^(?P<task>.+)_(?P<method>dp|dpag)_s(?P<seed>\d+)(?:_(?P<tag>.+))?$")
+    runs = [(m, rd) for rd in sorted(runs_root.iterdir()) if runs_root.exists() and (m := run_re.match(rd.name))] \
+        if runs_root.exists() else []
+    table_dir = Path(args.table).parent
+    table_dir.mkdir(parents=True, exist_ok=True)
+    for task in args.tasks:
+        tdef = TASKS[task]
+        expert_file = Path(args.out) / "expert" / f"{task}_{args.eval_episodes}.json"
+        expert = json.loads(expert_file.read_text()) if expert_file.exists() else None
+        rows: dict[str, dict] = {}
+        for m, rd in runs:
+            if m["task"] != task:
+                continue
+            for ep in sorted(rd.glob(f"eval_{task}_*_{args.eval_episodes}")):
+                if not (ep / "results.json").exists():
+                    continue
+                mode_part = ep.name[len(f"eval_{task}_"):-len(f"_{args.eval_episodes}")]
+                mode, _, gslug = mode_part.partition("-")
+                name = {"dp": "DP"}.get(m["method"], "DP-AG") + (" guided" if mode == "guided" else "")
+                name += "".join(f" [{x}]" for x in (gslug, m["tag"]) if x)
+                r = json.loads((ep / "results.json").read_text())
+                row = rows.setdefault(name, {"method": m["method"], "mode": mode, "guidance": gslug,
+                                             "tag": m["tag"] or "", "by_seed": {}})
+                row["by_seed"][int(m["seed"])] = {x.key: r[x.key] for x in tdef.metrics}
+        tsum: dict = {"rows": {}, "expert": None}
+        lines += [f"### {tdef.title}", "",
+                  "| row | training seeds | " + " | ".join(x.name for x in tdef.metrics) + f" | per-seed {tdef.metrics[0].name} |",
+                  "|---|---|" + "---|" * (len(tdef.metrics) + 1)]
+        for name in sorted(rows, key=lambda n: (n != "DP", n)):
+            row = rows[name]
+            seeds = sorted(row["by_seed"])
+            cells = []
+            for x in tdef.metrics:
+                vals = [row["by_seed"][sd][x.key] for sd in seeds]
+                mean, std = _ms(vals)
+                row[x.key] = {"mean": mean, "std": std, "values": vals}
+                cells.append(_fmt(mean, std, x.digits))
+            row["seeds"] = seeds
+            tsum["rows"][name] = row
+            first = tdef.metrics[0]
+            lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " | "
+                         + ", ".join(f"{row['by_seed'][sd][first.key]:.{first.digits}f}" for sd in seeds) + " |")
+        if expert:
+            tsum["expert"] = {k: expert[k] for k in ("episodes", "coverage_mean", "success_rate", "jerk_mean")}
+            lines.append(f"| scripted expert (ceiling) | – | {expert['coverage_mean']:.3f} | "
+                         f"{expert['success_rate']:.2f} | {expert['jerk_mean']:.2f} | – |")
+        # Paired differences vs DP (same training seed, same data, same test episodes), every metric.
+        base = rows.get("DP", {}).get("by_seed", {})
+        diffs = {}
+        for name, row in rows.items():
+            common = sorted(set(base) & set(row["by_seed"])) if name != "DP" else []
+            if common:
+                diffs[name] = {"seeds": common}
+                for x in tdef.metrics:
+                    d = [row["by_seed"][sd][x.key] - base[sd][x.key] for sd in common]
+                    mean, std = _ms(d)
+                    diffs[name][x.key] = {"mean": mean, "std": std, "values": d}
+        tsum["paired_diff_vs_DP"] = diffs
+        if diffs:
+            lines += ["", "Paired differences vs DP (mean ± std over the common seeds; per seed in brackets):", ""]
+            for name, d in diffs.items():
+                lines.append(f"- {name} − DP, seeds {d['seeds']}: " + "; ".join(
+                    f"{x.name} {_fmt(d[x.key]['mean'], d[x.key]['std'], x.digits)} "
+                    f"[{', '.join(f'{v:+.{x.digits}f}' for v in d[x.key]['values'])}]" for x in tdef.metrics))
+        curves = {rd.name: pts for m, rd in runs if m["task"] == task
+                  and (pts := curve_points(rd, task, args.curve_episodes))}
+        if curves:
+            tsum["curves"] = curves
+            plot_curves(task, curves, table_dir / f"curves_{task}.png")
+            lines += ["", f"Learning curves: `curves_{task}.png` ({tdef.metrics[0].name} over {args.curve_episodes} "
+                      f"held-out episodes at each saved checkpoint)."]
+        lines.append("")
+        summary["tasks"][task] = tsum
+    summary["runs"] = {rd.name: {"final_val": final_val(rd),
+                                 **(json.loads((rd / "timing.json").read_text()) if (rd / "timing.json").exists() else {})}
+                       for m, rd in runs if m["task"] in args.tasks}
+    table = "\n".join(lines)
+    if args.table:
+        Path(args.table).write_text(table + "\n")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+    print(table)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=["pusht", "dynamic_pusht"], choices=list(TASKS))
+    p.add_argument("--methods", nargs="+", default=["dp", "dpag"], choices=["dp", "dpag"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (train.seed)")
+    p.add_argument("--config", help="base training config for every task (default: each task's own)")
+    p.add_argument("--recipe", help="policy.recipe override (tiny, small, lowdim, ...); default: the config's")
+    p.add_argument("--steps", type=int, help="optimiser steps per run (train.steps); default: the config's")
+    p.add_argument("--batch-size", type=int, help="train.batch_size override; default: the config's")
+    p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
+                   help="extra training overrides for every run of this call (use with --tag)")
+    p.add_argument("--tag", default="", help="run-name suffix for a variation (its own rows in the table)")
+    p.add_argument("--guidance", nargs="*", default=[""], metavar="gamma=G,steps=S,eta=E",
+                   help="guided-mode settings to evaluate DP-AG checkpoints with, one row each "
+                        "('' = the checkpoint's own)")
+    p.add_argument("--episodes", type=int, default=200, help="expert demonstrations generated per task")
+    p.add_argument("--eval-episodes", type=int, default=100, help="held-out episodes per checkpoint and mode")
+    p.add_argument("--curve-every", type=int, default=0, help="save and evaluate a checkpoint every N steps")
+    p.add_argument("--curve-episodes", type=int, default=50, help="held-out episodes per learning-curve point")
+    p.add_argument("--videos", type=int, default=0, help="GIFs saved per Push-T evaluation")
+    p.add_argument("--no-guided", action="store_true", help="skip the guided-mode rows")
+    p.add_argument("--no-expert", action="store_true", help="skip the expert ceiling")
+    p.add_argument("--workers", type=int, default=1, help="processes for generation and evaluation")
+    p.add_argument("--threads", type=int, default=1, help="torch/OMP threads per process")
+    p.add_argument("--out", default="outputs/compare", help="data, runs, evaluations")
+    p.add_argument("--table", default="bench/compare/table.md", help="markdown table written here (plots beside it)")
+    p.add_argument("--json", default="bench/compare/results.json", help="aggregate JSON written here")
+    p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table from finished runs")
+    args = p.parse_args(argv)
+    if args.aggregate_only:
+        aggregate(args)
+        return 0
+    os.environ.update({k: str(args.threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")})
+    env = child_env(args.threads)
+    t0 = time.perf_counter()
+    data = {task: ensure_data(args, task, env) for task in args.tasks}
+    if not args.no_expert:
+        for task in args.tasks:
+            expert_ceiling(args, task)
+    jobs = [(seed, task, method) for seed in args.seeds for task in args.tasks for method in args.methods]
+    for i, (seed, task, method) in enumerate(jobs):
+        log(f"job {i + 1}/{len(jobs)}: {task} {method} seed {seed} (elapsed {(time.perf_counter() - t0) / 60:.1f} min)")
+        model = train(args, task, method, seed, data[task], env)
+        evaluate(args, task, model, "dp", env)
+        if method == "dpag" and not args.no_guided:
+            for guidance in args.guidance:
+                evaluate(args, task, model, "guided", env, guidance)
+        if args.curve_every:
+            curve(args, task, model, env)
+        aggregate_quiet(args)
+    log(f"all done in {(time.perf_counter() - t0) / 60:.1f} min")
+    aggregate(args)
+    return 0
+
+
+def aggregate_quiet(args) -> None:
+    """Refresh the table after every job, so a stopped run still leaves its finished rows."""
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        aggregate(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

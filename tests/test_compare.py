@@ -1,0 +1,79 @@
+"""bench/compare.py, the DP vs DP-AG driver behind bench/PUSHT.md: its aggregate against numpy on
+result files with random numbers, and one whole tiny run of the reach task (commands and names)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "compare.py"
+_spec = importlib.util.spec_from_file_location("compare", _PATH)
+compare = importlib.util.module_from_spec(_spec)
+sys.modules["compare"] = compare
+_spec.loader.exec_module(compare)
+
+
+def write_eval(run: Path, name: str, values: dict) -> None:
+    (run / name).mkdir(parents=True)
+    (run / name / "results.json").write_text(json.dumps(values))
+
+
+def test_aggregate_means_stds_and_paired_differences(tmp_path):
+    rng = np.random.default_rng()
+    seeds = [0, 1, 2]
+    cov = {row: rng.uniform(0.2, 0.9, 3) for row in ("dp", "dpag", "guided")}
+    succ = {row: rng.uniform(0.0, 1.0, 3) for row in cov}
+    jerk = {row: rng.uniform(10, 50, 3) for row in cov}
+    runs = tmp_path / "out" / "runs"
+    for i, seed in enumerate(seeds):
+        for method in ("dp", "dpag"):
+            run = runs / f"pusht_{method}_s{seed}_tau0.1"
+            rows = {"dp": "eval_pusht_dp_7"} if method == "dp" else {"dpag": "eval_pusht_dp_7",
+                                                                        "guided": "eval_pusht_guided-gamma0.1_7"}
+            for row, name in rows.items():
+                write_eval(run, name, {"coverage_mean": cov[row][i], "success_rate": succ[row][i],
+                                       "jerk_mean": jerk[row][i]})
+    write_eval(runs / "pusht_dp_s0_tau0.1" / "eval_pusht_dp_99", "x", {})   # other episode counts: ignored
+    args = argparse.Namespace(
+        out=str(tmp_path / "out"), tasks=["pusht"], eval_episodes=7, curve_episodes=5,
+        table=str(tmp_path / "t" / "table.md"), json=str(tmp_path / "t" / "r.json"))
+    s = compare.aggregate(args)["tasks"]["pusht"]
+    assert set(s["rows"]) == {"DP [tau0.1]", "DP-AG [tau0.1]", "DP-AG guided [gamma0.1] [tau0.1]"}
+    got = s["rows"]["DP-AG guided [gamma0.1] [tau0.1]"]["coverage_mean"]
+    assert got["mean"] == pytest.approx(cov["guided"].mean()) and got["std"] == pytest.approx(cov["guided"].std(ddof=1))
+    # Rows with a tag pair only with the DP row of no tag; here there is none.
+    assert s["paired_diff_vs_DP"] == {}
+    table = (tmp_path / "t" / "table.md").read_text()
+    assert f"{cov['dpag'].mean():.3f} ± {cov['dpag'].std(ddof=1):.3f}" in table
+
+    for seed in seeds:   # the same runs without the tag: now DP is the baseline of the paired differences
+        for run in runs.glob(f"pusht_*_s{seed}_tau0.1"):
+            run.rename(run.with_name(run.name.removesuffix("_tau0.1")))
+    s = compare.aggregate(args)["tasks"]["pusht"]
+    d = s["paired_diff_vs_DP"]["DP-AG"]
+    assert d["seeds"] == seeds
+    np.testing.assert_allclose(d["coverage_mean"]["values"], cov["dpag"] - cov["dp"])
+    assert d["jerk_mean"]["std"] == pytest.approx(np.std(jerk["dpag"] - jerk["dp"], ddof=1))
+
+
+@pytest.mark.slow
+def test_a_tiny_reach_comparison_runs_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    code = compare.main(["--tasks", "ur5_reach", "--seeds", "0", "--steps", "12", "--recipe", "tiny",
+                         "--episodes", "6", "--eval-episodes", "2", "--curve-every", "6", "--curve-episodes", "2",
+                         "--guidance", "", "gamma=0.1,steps=2", "--out", str(out),
+                         "--table", str(tmp_path / "t" / "table.md"), "--json", str(tmp_path / "t" / "r.json"),
+                         "--set", "train.eval_every=6"])
+    assert code == 0
+    s = json.loads((tmp_path / "t" / "r.json").read_text())["tasks"]["ur5_reach"]
+    assert set(s["rows"]) == {"DP", "DP-AG", "DP-AG guided", "DP-AG guided [gamma0.1-steps2]"}
+    sweep = json.loads((out / "runs" / "ur5_reach_dpag_s0" / "eval_ur5_reach_guided-gamma0.1-steps2_2"
+                        / "results.json").read_text())
+    assert sweep["mode"] == "guided" and sweep["guidance"]["gamma"] == 0.1 and sweep["guidance"]["steps"] == 2
+    assert [p["step"] for p in s["curves"]["ur5_reach_dp_s0"]] == [6, 12]
+    assert (tmp_path / "t" / "curves_ur5_reach.png").stat().st_size > 0
