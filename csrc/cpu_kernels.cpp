@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
 // GCC 12's AVX-512 headers trip -W(maybe-)uninitialized on their own _mm512_undefined_* temporaries
@@ -45,22 +46,37 @@ float widen(WeightT<kW> w) {
     }
 }
 
-void store(const DenseArgs& a, int r, int n, float v) {
-    const int b = n / a.T, t = n % a.T;
-    a.out[static_cast<std::size_t>(b) * a.out_bstride + static_cast<std::size_t>(r) * a.T + t] =
-        v + (a.bias ? a.bias[r] : 0.0f);
+std::size_t x_stride(const DenseArgs& a) { return a.x_stride ? a.x_stride : static_cast<std::size_t>(a.n_cols); }
+const float* x_row(const DenseArgs& a, int i) { return a.x + (i / a.taps) * x_stride(a) + i % a.taps; }
+
+// Writes one panel's results: res[c * 16 + j] is row r + j of column n0 + c (before the bias), for
+// the rows below r1.
+void store_panel(const DenseArgs& a, const float* res, int r, int r1, int n0, int nc) {
+    const int nr = std::min(kPanel, r1 - r);
+    for (int c = 0; c < nc; ++c) {
+        const int n = n0 + c, b = n / a.T, t = n % a.T;
+        float* o = a.out + static_cast<std::size_t>(b) * a.out_bstride + static_cast<std::size_t>(r) * a.T + t;
+        for (int j = 0; j < nr; ++j) o[static_cast<std::size_t>(j) * a.T] = res[c * kPanel + j] + (a.bias ? a.bias[r + j] : 0.0f);
+    }
 }
 
-// Portable fallback: the same loop order as the vector kernel (one weight row against every column).
+// Portable fallback: the same order of summation as the vector kernels (each output summed over i
+// in order, one accumulator), so every ISA gives the same bits up to FMA rounding.
 template <WeightType kW>
 void dense_scalar(const DenseArgs& a, const WeightT<kW>* w, int r0, int r1) {
-    for (int r = r0; r < r1; ++r) {
-        const WeightT<kW>* wr = w + static_cast<std::size_t>(r) * a.k_pad;
-        for (int n = 0; n < a.n_cols; ++n) {
-            const float* xn = a.x + static_cast<std::size_t>(n) * a.k_pad;
-            float s = 0.0f;
-            for (int k = 0; k < a.k_pad; ++k) s += widen<kW>(wr[k]) * xn[k];
-            store(a, r, n, s);
+    float res[kPanel * kPanel];
+    for (int r = r0; r < r1; r += kPanel) {
+        const WeightT<kW>* wp = w + static_cast<std::size_t>(r / kPanel) * a.k * kPanel;
+        for (int n0 = 0; n0 < a.n_cols; n0 += kPanel) {
+            const int nc = std::min(kPanel, a.n_cols - n0);
+            std::fill(res, res + kPanel * kPanel, 0.0f);
+            for (int i = 0; i < a.k; ++i) {
+                const float* xr = x_row(a, i) + n0;
+                const WeightT<kW>* wr = wp + static_cast<std::size_t>(i) * kPanel;
+                for (int c = 0; c < nc; ++c)
+                    for (int j = 0; j < kPanel; ++j) res[c * kPanel + j] += widen<kW>(wr[j]) * xr[c];
+            }
+            store_panel(a, res, r, r1, n0, nc);
         }
     }
 }
@@ -81,67 +97,53 @@ DPAG_AVX2 inline __m256 load8(const WeightT<kW>* p) {
     }
 }
 
-DPAG_AVX2 inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-// Software prefetch distance ahead of each weight row stream. One core's hardware prefetchers alone
-// leave DRAM bandwidth unused; 1-2 KiB ahead measured best on this machine (bench/bench_step.py).
+// Software prefetch distance ahead of each weight panel stream (a panel is one contiguous stream).
 constexpr int kPrefetchBytes = 1024;
 
-// RB weight rows x NC columns of X: RB*NC accumulators in registers; each weight vector is loaded
-// once and used NC times. (With 16 ymm registers GCC re-loads X per row; the AVX-512 path avoids it.)
-template <WeightType kW, int RB, int NC>
-DPAG_AVX2 void micro(const DenseArgs& a, const WeightT<kW>* w, int r, int n) {
-    const int kp = a.k_pad;
-    const WeightT<kW>* wr[RB];
-    const float* xn[NC];
-    for (int i = 0; i < RB; ++i) wr[i] = w + static_cast<std::size_t>(r + i) * kp;
-    for (int j = 0; j < NC; ++j) xn[j] = a.x + static_cast<std::size_t>(n + j) * kp;
-    __m256 acc[RB][NC];
-    for (int i = 0; i < RB; ++i)
-        for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_setzero_ps();
-    for (int k = 0; k < kp; k += 8) {
-        __m256 xv[NC];
-        for (int j = 0; j < NC; ++j) xv[j] = _mm256_loadu_ps(xn[j] + k);
-        for (int i = 0; i < RB; ++i) {
-            _mm_prefetch(reinterpret_cast<const char*>(wr[i] + k) + kPrefetchBytes, _MM_HINT_T0);
-            const __m256 wv = load8<kW>(wr[i] + k);
-            for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_fmadd_ps(wv, xv[j], acc[i][j]);
+// ---- AVX2: one panel (two ymm of 8 rows) x NC <= 4 columns: 8 accumulators, per reduction index
+// two weight loads and NC broadcasts.
+template <WeightType kW, int NC>
+DPAG_AVX2 void micro_avx2(const DenseArgs& a, const WeightT<kW>* wp, int r, int r1, int n0) {
+    __m256 acc[2][NC];
+    for (int h = 0; h < 2; ++h)
+        for (int c = 0; c < NC; ++c) acc[h][c] = _mm256_setzero_ps();
+    const std::size_t xs = x_stride(a);
+    for (int ci = 0; ci < a.k / a.taps; ++ci)
+    for (const float *xr = a.x + ci * xs + n0, *xe = xr + a.taps; xr < xe; ++xr, wp += kPanel) {
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+        const __m256 w0 = load8<kW>(wp), w1 = load8<kW>(wp + 8);
+        for (int c = 0; c < NC; ++c) {
+            const __m256 xb = _mm256_broadcast_ss(xr + c);
+            acc[0][c] = _mm256_fmadd_ps(w0, xb, acc[0][c]);
+            acc[1][c] = _mm256_fmadd_ps(w1, xb, acc[1][c]);
         }
     }
-    for (int i = 0; i < RB; ++i)
-        for (int j = 0; j < NC; ++j) store(a, r + i, n + j, hsum(acc[i][j]));
-}
-
-// 4 rows x 2 columns: 4 concurrent weight streams per thread (more memory parallelism than 2 rows,
-// measured ~10% faster on the lowdim recipe), 8 accumulators.
-template <WeightType kW, int RB>
-DPAG_AVX2 void row_block(const DenseArgs& a, const WeightT<kW>* w, int r) {
-    int n = 0;
-    constexpr int NC = 2;
-    for (; n + NC <= a.n_cols; n += NC) micro<kW, RB, NC>(a, w, r, n);
-    switch (a.n_cols - n) {
-        case 3: micro<kW, RB, 3>(a, w, r, n); break;
-        case 2: micro<kW, RB, 2>(a, w, r, n); break;
-        case 1: micro<kW, RB, 1>(a, w, r, n); break;
-        default: break;
+    alignas(32) float res[kPanel * NC];
+    for (int c = 0; c < NC; ++c) {
+        _mm256_store_ps(res + c * kPanel, acc[0][c]);
+        _mm256_store_ps(res + c * kPanel + 8, acc[1][c]);
     }
+    store_panel(a, res, r, r1, n0, NC);
 }
 
 template <WeightType kW>
 DPAG_AVX2 void dense_avx2(const DenseArgs& a, const WeightT<kW>* w, int r0, int r1) {
-    int r = r0;
-    for (; r + 4 <= r1; r += 4) row_block<kW, 4>(a, w, r);
-    for (; r < r1; ++r) row_block<kW, 1>(a, w, r);
+    for (int r = r0; r < r1; r += kPanel) {
+        const WeightT<kW>* wp = w + static_cast<std::size_t>(r / kPanel) * a.k * kPanel;
+        int n = 0;
+        for (; n + 4 <= a.n_cols; n += 4) micro_avx2<kW, 4>(a, wp, r, r1, n);
+        switch (a.n_cols - n) {
+            case 3: micro_avx2<kW, 3>(a, wp, r, r1, n); break;
+            case 2: micro_avx2<kW, 2>(a, wp, r, r1, n); break;
+            case 1: micro_avx2<kW, 1>(a, wp, r, r1, n); break;
+            default: break;
+        }
+    }
 }
 
-// ---- AVX-512: 32 registers hold a 4 x 4 block of accumulators plus the 4 column vectors, so each
-// weight vector and each X vector is loaded once per block. With 16 registers (AVX2) the compiler
-// re-loads X for every row, and the kernel is bound by load ports rather than by memory.
+// ---- AVX-512: P panels (16 rows each) x NC columns, P * NC <= 16 accumulators. Per reduction
+// index: P weight-vector loads, NC broadcasts, P * NC FMAs. P = 4 / 2 / 1 for NC <= 4 / 8 / 16, so
+// there are always enough independent accumulators to hide the FMA latency.
 template <WeightType kW>
 DPAG_AVX512 inline __m512 load16(const WeightT<kW>* p) {
     if constexpr (kW == WeightType::kF32) {
@@ -156,53 +158,77 @@ DPAG_AVX512 inline __m512 load16(const WeightT<kW>* p) {
     }
 }
 
-// Not _mm512_reduce_add_ps / _mm512_extractf64x4_pd: GCC 12's headers warn about an uninitialised
-// temporary inside them. A shuffle brings the upper 256 bits down instead.
-DPAG_AVX512 inline float hsum512(__m512 v) {
-    const __m256 hi = _mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2)));
-    return hsum(_mm256_add_ps(_mm512_castps512_ps256(v), hi));
-}
-
-template <WeightType kW, int RB, int NC>
-DPAG_AVX512 void micro512(const DenseArgs& a, const WeightT<kW>* w, int r, int n) {
-    const int kp = a.k_pad;
-    const WeightT<kW>* wr[RB];
-    const float* xn[NC];
-    for (int i = 0; i < RB; ++i) wr[i] = w + static_cast<std::size_t>(r + i) * kp;
-    for (int j = 0; j < NC; ++j) xn[j] = a.x + static_cast<std::size_t>(n + j) * kp;
-    __m512 acc[RB][NC];
-    for (int i = 0; i < RB; ++i)
-        for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_setzero_ps();
-    for (int k = 0; k < kp; k += 16) {
-        __m512 xv[NC];
-        for (int j = 0; j < NC; ++j) xv[j] = _mm512_loadu_ps(xn[j] + k);
-        for (int i = 0; i < RB; ++i) {
-            _mm_prefetch(reinterpret_cast<const char*>(wr[i] + k) + kPrefetchBytes, _MM_HINT_T0);
-            const __m512 wv = load16<kW>(wr[i] + k);
-            for (int j = 0; j < NC; ++j) acc[i][j] = _mm512_fmadd_ps(wv, xv[j], acc[i][j]);
+template <WeightType kW, int P, int NC>
+DPAG_AVX512 void micro512(const DenseArgs& a, const WeightT<kW>* w, int r, int r1, int n0) {
+    const std::size_t pstride = static_cast<std::size_t>(a.k) * kPanel;
+    const WeightT<kW>* wp = w + static_cast<std::size_t>(r / kPanel) * pstride;
+    __m512 acc[P][NC];
+    for (int p = 0; p < P; ++p)
+        for (int c = 0; c < NC; ++c) acc[p][c] = _mm512_setzero_ps();
+    const std::size_t xs = x_stride(a);
+    for (int ci = 0; ci < a.k / a.taps; ++ci)
+    for (const float *xr = a.x + ci * xs + n0, *xe = xr + a.taps; xr < xe; ++xr, wp += kPanel) {
+        if constexpr (P == 1) {
+            _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+            const __m512 wv = load16<kW>(wp);
+            for (int c = 0; c < NC; ++c) acc[0][c] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xr[c]), acc[0][c]);
+        } else {
+            __m512 xb[NC];
+            for (int c = 0; c < NC; ++c) xb[c] = _mm512_set1_ps(xr[c]);
+            for (int p = 0; p < P; ++p) {
+                _mm_prefetch(reinterpret_cast<const char*>(wp + p * pstride) + kPrefetchBytes, _MM_HINT_T0);
+                const __m512 wv = load16<kW>(wp + p * pstride);
+                for (int c = 0; c < NC; ++c) acc[p][c] = _mm512_fmadd_ps(wv, xb[c], acc[p][c]);
+            }
         }
     }
-    for (int i = 0; i < RB; ++i)
-        for (int j = 0; j < NC; ++j) store(a, r + i, n + j, hsum512(acc[i][j]));
+    for (int p = 0; p < P; ++p) {
+        const int rp = r + p * kPanel;
+        if (a.T == 1 && rp + kPanel <= r1) {  // columns are contiguous rows of out: vector stores
+            const __m512 bv = a.bias ? _mm512_loadu_ps(a.bias + rp) : _mm512_setzero_ps();
+            for (int c = 0; c < NC; ++c)
+                _mm512_storeu_ps(a.out + static_cast<std::size_t>(n0 + c) * a.out_bstride + rp, _mm512_add_ps(acc[p][c], bv));
+        } else {
+            alignas(64) float res[kPanel * NC];
+            for (int c = 0; c < NC; ++c) _mm512_store_ps(res + c * kPanel, acc[p][c]);
+            store_panel(a, res, rp, r1, n0, NC);
+        }
+    }
 }
 
-template <WeightType kW, int RB>
-DPAG_AVX512 void row_block512(const DenseArgs& a, const WeightT<kW>* w, int r) {
-    int n = 0;
-    for (; n + 4 <= a.n_cols; n += 4) micro512<kW, RB, 4>(a, w, r, n);
-    switch (a.n_cols - n) {
-        case 3: micro512<kW, RB, 3>(a, w, r, n); break;
-        case 2: micro512<kW, RB, 2>(a, w, r, n); break;
-        case 1: micro512<kW, RB, 1>(a, w, r, n); break;
-        default: break;
+// The panel count per call for NC columns (P * NC <= 16), and the dispatch over NC = 1..16.
+constexpr int panels_for(int nc) { return nc <= 4 ? 4 : nc <= 8 ? 2 : 1; }
+
+template <WeightType kW, int NC>
+DPAG_AVX512 void column_block512(const DenseArgs& a, const WeightT<kW>* w, int r, int r1, int n0, int np) {
+    if constexpr (panels_for(NC) == 4) {
+        if (np >= 4) return micro512<kW, 4, NC>(a, w, r, r1, n0);
     }
+    if constexpr (panels_for(NC) >= 2) {
+        if (np >= 2) return micro512<kW, 2, NC>(a, w, r, r1, n0);
+    }
+    micro512<kW, 1, NC>(a, w, r, r1, n0);
+}
+
+template <WeightType kW, int... NC>
+DPAG_AVX512 void column_block512(const DenseArgs& a, const WeightT<kW>* w, int r, int r1, int n0, int np, int nc,
+                                 std::integer_sequence<int, NC...>) {
+    ((nc == NC + 1 ? column_block512<kW, NC + 1>(a, w, r, r1, n0, np) : void()), ...);
 }
 
 template <WeightType kW>
 DPAG_AVX512 void dense_avx512(const DenseArgs& a, const WeightT<kW>* w, int r0, int r1) {
-    int r = r0;
-    for (; r + 4 <= r1; r += 4) row_block512<kW, 4>(a, w, r);
-    for (; r < r1; ++r) row_block512<kW, 1>(a, w, r);
+    // Column blocks of at most 16; at batch 1 (n_cols = T <= 16) there is one.
+    const int n_blocks = (a.n_cols + kPanel - 1) / kPanel;
+    const int nc = (a.n_cols + n_blocks - 1) / n_blocks;  // balanced: 17 columns -> 9 + 8, not 16 + 1
+    const int step = panels_for(nc);
+    for (int r = r0; r < r1;) {
+        const int np = std::min(step, (r1 - r + kPanel - 1) / kPanel);
+        const int used = np >= 4 && step == 4 ? 4 : np >= 2 && step >= 2 ? 2 : 1;
+        for (int n0 = 0; n0 < a.n_cols; n0 += nc)
+            column_block512<kW>(a, w, r, r1, n0, np, std::min(nc, a.n_cols - n0), std::make_integer_sequence<int, kPanel>{});
+        r += used * kPanel;
+    }
 }
 
 void mish_backward_scalar(const float* u, const float* dy, float* du, std::size_t n) {

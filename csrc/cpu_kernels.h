@@ -10,36 +10,51 @@ namespace dpag::cpu {
 
 // Every convolution of the U-Net is lowered to this product (after an im2col: unet_layers.cpp, unet_forward.cpp):
 //
-//   out[r, n] = bias[r] + sum_k W[r, k] * X[n, k]      for rows r in [r0, r1), columns n < n_cols
+//   out[r, n] = bias[r] + sum_i W[r, i] * X[i, n]      for rows r in [r0, r1), columns n < n_cols, i < k
 //
-// W is (rows, k_pad) row-major, X is (n_cols, k_pad) row-major: both rows are contiguous in the
-// reduction index, so each weight row is streamed from memory once and reused for all columns
-// (at batch 1 there are only T = 16, 8 or 4 columns). k_pad is a multiple of kKPad and the padding
-// is zero in both W and X, so the vector loop needs no tail.
+// X row i is at x + (i / taps) * x_stride + i % taps (default: taps 1, x_stride n_cols, i.e. X
+// is (k, n_cols) row-major). taps > 1 reads a stride-1 convolution straight from its (zero-padded)
+// input rows: for reduction index (ci, j), column t is in[ci][t + j], so no im2col copy is needed.
+//
+// W is stored in panels of kPanel = 16 consecutive rows with the reduction index outermost:
+// w[(p * k + i) * 16 + j] = W[16 p + j, i] (panel_index below; rows padded to a multiple of 16 with
+// zeros). The AVX-512 kernel keeps one accumulator
+// register per (panel, column) and, per reduction index, loads one weight vector (16 rows) and
+// broadcasts the columns' X values into it: each weight is read once per call, whatever n_cols
+// (up to 16 columns per block, so at batch 1 always once), and no horizontal sum is needed.
 //
 // Column n is (sample b, time t) = (n / T, n % T) and lands at out[b * out_bstride + r * T + t],
-// i.e. straight into the channels-first (B, C, T) activation layout.
+// i.e. straight into the channels-first (B, C, T) activation layout (T = 1: out[n * out_bstride + r]).
 // How the weights are stored: halving the bytes halves the time of a bandwidth-bound step.
 enum class WeightType { kF32, kBF16, kF16 };
+
+constexpr int kPanel = 16;  // weight rows per panel: one AVX-512 register of fp32 (two AVX2 ones)
+
+inline int pad_rows(int rows) { return (rows + kPanel - 1) / kPanel * kPanel; }
+// Where W[r, i] of a (rows, k) matrix is stored.
+inline std::size_t panel_index(int r, int i, int k) {
+    return (static_cast<std::size_t>(r / kPanel) * k + i) * kPanel + r % kPanel;
+}
 
 struct DenseArgs {
     const float* w32 = nullptr;          // kF32 weights, or
     const std::uint16_t* w16 = nullptr;  // kBF16 (upper halves of fp32) / kF16 (IEEE half) weights
     WeightType wtype = WeightType::kF32;
     const float* bias = nullptr;    // rows, may be null
-    int k_pad = 0;
-    const float* x = nullptr;       // n_cols x k_pad
+    int k = 0;                      // reduction length
+    const float* x = nullptr;       // k x n_cols, addressed as above
     int n_cols = 0;
+    int taps = 1;                   // divides k
+    std::size_t x_stride = 0;       // 0: n_cols
     float* out = nullptr;
     int T = 1;
     std::size_t out_bstride = 0;
 };
 
-constexpr int kKPad = 16;  // one AVX-512 register of fp32 (two AVX2 ones)
-
-inline int pad_k(int k) { return (k + kKPad - 1) / kKPad * kKPad; }
-
-// Rows [r0, r1) of the product above. Safe to call concurrently on disjoint row ranges.
+// Rows [r0, r1) of the product above; r0 must be a multiple of kPanel (r1 need not be: the last
+// panel's extra rows are computed on the zero padding and not stored). Safe to call concurrently
+// on disjoint panel-aligned row ranges; each output element is summed in the same order whatever
+// the range, so results do not depend on how rows are split over threads.
 void dense_rows(const DenseArgs& a, int r0, int r1);
 
 // x <- x * tanh(softplus(x)) in place (torch.nn.Mish).

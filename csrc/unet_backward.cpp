@@ -11,15 +11,18 @@
 namespace dpag {
 
 void PolicyEngine::Impl::conv_backward(const Conv& c, const float* dout, int batch, int t_in, float* din, bool accumulate) {
-    const int t_out = c.t_out(t_in), kp = c.dt.k_pad;
-    for (int b = 0; b < batch; ++b)
-        for (int t = 0; t < t_out; ++t) {
-            float* row = col.data() + (static_cast<std::size_t>(b) * t_out + t) * kp;
-            const float* src = dout + static_cast<std::size_t>(b) * c.c_out * t_out + t;
-            for (int co = 0; co < c.c_out; ++co) row[co] = src[static_cast<std::size_t>(co) * t_out];
-            std::fill(row + c.c_out, row + kp, 0.0f);
-        }
-    dense(c.dt, col.data(), batch * t_out, dcol.data(), 1, c.dt.rows);
+    const int t_out = c.t_out(t_in);
+    const std::size_t n_cols = static_cast<std::size_t>(batch) * t_out;
+    // The product's X is d(out) as (C_out, B*T_out): at batch 1 that is dout itself (channels-first).
+    const float* x = dout;
+    if (batch > 1) {
+        for (int co = 0; co < c.c_out; ++co)
+            for (int b = 0; b < batch; ++b)
+                std::copy_n(dout + (static_cast<std::size_t>(b) * c.c_out + co) * t_out, t_out,
+                            col.data() + co * n_cols + static_cast<std::size_t>(b) * t_out);
+        x = col.data();
+    }
+    dense(c.dt, x, static_cast<int>(n_cols), dcol.data(), 1, c.dt.rows);
     if (!accumulate) std::fill_n(din, static_cast<std::size_t>(batch) * c.c_in * t_in, 0.0f);
     unet::col2im_add(c, dcol.data(), batch, t_in, din);
 }
@@ -101,14 +104,21 @@ void PolicyEngine::Impl::force_from_film(const float* z_in, int batch, float* ou
     std::fill_n(out, static_cast<std::size_t>(batch) * G, 0.0f);
     auto site = [&](const ResBlock& rb) {
         const int two_c = 2 * rb.c_out;
+        // W_g (2C, G) in the kernel's panels (cpu::panel_index): rows r0..r0+15 of column i are contiguous.
         const float* w = static_cast<const float*>(rb.film_g.weights());
-        for (int b = 0; b < batch; ++b)
-            for (int r = 0; r < two_c; ++r) {
-                const float d = rb.dfilm[static_cast<std::size_t>(b) * two_c + r];
-                const float* wr = w + static_cast<std::size_t>(r) * Gp;
-                float* o = out + static_cast<std::size_t>(b) * G;
-                for (int i = 0; i < G; ++i) o[i] += d * wr[i];
+        for (int b = 0; b < batch; ++b) {
+            const float* d = rb.dfilm.data() + static_cast<std::size_t>(b) * two_c;
+            float* o = out + static_cast<std::size_t>(b) * G;
+            for (int r0 = 0; r0 < two_c; r0 += cpu::kPanel) {
+                const int nr = std::min(cpu::kPanel, two_c - r0);
+                for (int i = 0; i < G; ++i) {
+                    const float* wr = w + cpu::panel_index(r0, i, G);
+                    float s = 0.0f;
+                    for (int j = 0; j < nr; ++j) s += d[r0 + j] * wr[j];
+                    o[i] += s;
+                }
             }
+        }
     };
     for (const auto& rb : down_res) site(rb);
     for (const auto& rb : mid_res) site(rb);

@@ -22,28 +22,35 @@ struct DenseJob {
 
 void dense_job(void* ctx, int tid, int n_threads) {
     const auto& job = *static_cast<const DenseJob*>(ctx);
-    // Even-sized contiguous slices: each thread streams its own half of the weight matrix.
-    const int chunk = ((job.rows + n_threads - 1) / n_threads + 1) & ~1;
-    const int r0 = std::min(job.rows, tid * chunk), r1 = std::min(job.rows, r0 + chunk);
+    // Contiguous, panel-aligned slices of near-equal size: each thread streams its own part of the
+    // weight matrix (the kernel's panels of 16 rows never straddle two threads).
+    const int panels = (job.rows + cpu::kPanel - 1) / cpu::kPanel;
+    const int p0 = static_cast<int>(static_cast<long long>(panels) * tid / n_threads);
+    const int p1 = static_cast<int>(static_cast<long long>(panels) * (tid + 1) / n_threads);
+    const int r0 = p0 * cpu::kPanel, r1 = std::min(job.rows, p1 * cpu::kPanel);
     if (r0 < r1) cpu::dense_rows(job.a, r0, r1);
 }
 
 }  // namespace
 
-void PolicyEngine::Impl::dense(const Dense& d, const float* col, int n_cols, float* out, int T, std::size_t bstride) {
+void PolicyEngine::Impl::dense(const Dense& d, const float* col, int n_cols, float* out, int T, std::size_t bstride,
+                               int taps, std::size_t x_stride) {
     DenseJob job;
     job.a.w32 = static_cast<const float*>(d.weights());
     job.a.w16 = static_cast<const std::uint16_t*>(d.weights());
     job.a.wtype = d.wtype;
     job.a.bias = d.bias.empty() ? nullptr : d.bias.data();
-    job.a.k_pad = d.k_pad;
+    job.a.k = d.k;
     job.a.x = col;
     job.a.n_cols = n_cols;
+    job.a.taps = taps;
+    job.a.x_stride = x_stride;
     job.a.out = out;
     job.a.T = T;
     job.a.out_bstride = bstride;
     job.rows = d.rows;
-    if (pool.size() == 1 || static_cast<std::size_t>(d.rows) * d.k_pad * n_cols < kParallelMinMacs) {
+    if (pool.size() == 1 || d.rows <= cpu::kPanel ||
+        static_cast<std::size_t>(d.rows) * d.k * n_cols < kParallelMinMacs) {
         cpu::dense_rows(job.a, 0, d.rows);
     } else {
         pool.run(&dense_job, &job);
@@ -52,8 +59,26 @@ void PolicyEngine::Impl::dense(const Dense& d, const float* col, int n_cols, flo
 
 int PolicyEngine::Impl::run_conv(const Conv& c, const Src& s, int batch, int t_in, float* out) {
     const int t_out = c.t_out(t_in);
+    const std::size_t bstride = static_cast<std::size_t>(c.c_out) * t_out;
+    if (batch == 1 && !c.transposed && c.stride == 1 && s.ts == 1) {
+        // Batch 1, stride 1, contiguous input rows: the kernel reads the rows themselves (k taps
+        // each), zero-padded into col when the conv pads; no im2col.
+        if (c.pad == 0) {
+            dense(c.d, s.ptr, t_out, out, t_out, bstride, c.ksize, s.cs);
+        } else {
+            const int len = t_in + 2 * c.pad;
+            for (int ci = 0; ci < c.c_in; ++ci) {
+                float* row = col.data() + static_cast<std::size_t>(ci) * len;
+                const float* src = s.ptr + static_cast<std::size_t>(ci) * s.cs;
+                for (int t = 0; t < c.pad; ++t) row[t] = row[c.pad + t_in + t] = 0.0f;
+                for (int t = 0; t < t_in; ++t) row[c.pad + t] = src[t];
+            }
+            dense(c.d, col.data(), t_out, out, t_out, bstride, c.ksize, static_cast<std::size_t>(len));
+        }
+        return t_out;
+    }
     unet::im2col(c, s, batch, t_in, col.data());
-    dense(c.d, col.data(), batch * t_out, out, t_out, static_cast<std::size_t>(c.c_out) * t_out);
+    dense(c.d, col.data(), batch * t_out, out, t_out, bstride);
     return t_out;
 }
 
@@ -91,11 +116,10 @@ void PolicyEngine::Impl::run_res_block(ResBlock& rb, const Src& in, int batch, i
 }
 
 void PolicyEngine::Impl::set_global_cond(const float* g, int batch) {
-    for (int b = 0; b < batch; ++b) {
-        float* row = gcol.data() + static_cast<std::size_t>(b) * Gp;
-        std::copy_n(g + static_cast<std::size_t>(b) * G, G, row);
-        cpu::mish_inplace(row, G);
-    }
+    // gcol is the kernel's (G, B) X: the transpose of Mish(g).
+    for (int b = 0; b < batch; ++b)
+        for (int i = 0; i < G; ++i) gcol[static_cast<std::size_t>(i) * batch + b] = g[static_cast<std::size_t>(b) * G + i];
+    cpu::mish_inplace(gcol.data(), static_cast<std::size_t>(batch) * G);
     auto all = [&](std::vector<ResBlock>& v) {
         for (auto& rb : v) dense(rb.film_g, gcol.data(), batch, rb.film_g_out.data(), 1, 2 * rb.c_out);
     };

@@ -52,7 +52,7 @@ struct PolicyEngine::Impl {
     // plan() and unet_forward() share the buffers: two Python threads (the GIL is released) calling
     // one engine take turns instead of corrupting each other.
     std::mutex busy;
-    int K, G, Gp, H, Da, levels;
+    int K, G, H, Da, levels;
     std::size_t n_params = 0;
 
     std::vector<ResBlock> down_res;   // 2 per level
@@ -66,7 +66,8 @@ struct PolicyEngine::Impl {
 
     // Buffers, all sized for max_batch at construction.
     std::size_t max_col = 0, max_act = 0;
-    std::vector<float> col, act_a, act_b, act_x, h, r, gcol;
+    std::vector<float> col, act_a, act_b, act_x, h, r;
+    std::vector<float> gcol;  // (G, B): Mish(global cond), the X of every FiLM site's condition half
     std::vector<std::vector<float>> skips;
     std::vector<float> eps_cf, eps, x, prev, x0;
     // Guided mode: the backward's buffers and the latent (z, force, log_var), all (B, G) but dcol.
@@ -91,8 +92,10 @@ struct PolicyEngine::Impl {
     std::vector<Conv*> all_convs();
 
     // ---- forward (unet_forward.cpp) ----
-    // out = d applied to the n_cols rows of col, on the pool when the layer is big enough.
-    void dense(const Dense& d, const float* col, int n_cols, float* out, int T, std::size_t bstride);
+    // out = d applied to the X col (k, n_cols), on the pool when the layer is big enough; taps and
+    // x_stride as in cpu::DenseArgs (a stride-1 conv read straight from its padded input rows).
+    void dense(const Dense& d, const float* col, int n_cols, float* out, int T, std::size_t bstride,
+               int taps = 1, std::size_t x_stride = 0);
     // out (B, c_out, T_out) channels-first; returns T_out.
     int run_conv(const Conv& c, const Src& s, int batch, int t_in, float* out);
     void run_conv_block(ConvBlock& b, const Src& s, int batch, int T, float* out);

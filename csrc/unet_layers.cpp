@@ -85,23 +85,30 @@ Conv make_conv(const float* w, const float* b, int c_in, int c_out, int k, int s
 }
 
 void im2col(const Conv& c, const Src& s, int batch, int t_in, float* col) {
-    const int t_out = c.t_out(t_in), k = c.ksize, kp = c.d.k_pad;
-    for (int b = 0; b < batch; ++b) {
-        const float* src = s.ptr + b * s.bstride;
-        for (int t = 0; t < t_out; ++t) {
-            float* row = col + (static_cast<std::size_t>(b) * t_out + t) * kp;
-            for (int j = 0; j < k; ++j) {
-                const int ti = source_index(c, t, j, t_in);
-                if (ti < 0) {
-                    for (int ci = 0; ci < c.c_in; ++ci) row[ci * k + j] = 0.0f;
+    const int t_out = c.t_out(t_in), k = c.ksize;
+    const std::size_t n_cols = static_cast<std::size_t>(batch) * t_out;
+    for (int ci = 0; ci < c.c_in; ++ci)
+        for (int j = 0; j < k; ++j) {
+            float* row = col + (static_cast<std::size_t>(ci) * k + j) * n_cols;
+            for (int b = 0; b < batch; ++b) {
+                const float* src = s.ptr + b * s.bstride + static_cast<std::size_t>(ci) * s.cs;
+                float* dst = row + static_cast<std::size_t>(b) * t_out;
+                if (!c.transposed && c.stride == 1 && s.ts == 1) {
+                    // A shifted copy of the source row: t meets ti = t + j - pad, zero outside [0, t_in).
+                    // Plain loops: rows are a few to a few tens of floats, too short for memcpy calls.
+                    const int lo = std::clamp(c.pad - j, 0, t_out), hi = std::clamp(t_in + c.pad - j, lo, t_out);
+                    const float* sp = src + j - c.pad;
+                    for (int t = 0; t < lo; ++t) dst[t] = 0.0f;
+                    for (int t = lo; t < hi; ++t) dst[t] = sp[t];
+                    for (int t = hi; t < t_out; ++t) dst[t] = 0.0f;
                 } else {
-                    const float* p = src + static_cast<std::size_t>(ti) * s.ts;
-                    for (int ci = 0; ci < c.c_in; ++ci) row[ci * k + j] = p[static_cast<std::size_t>(ci) * s.cs];
+                    for (int t = 0; t < t_out; ++t) {
+                        const int ti = source_index(c, t, j, t_in);
+                        dst[t] = ti < 0 ? 0.0f : src[static_cast<std::size_t>(ti) * s.ts];
+                    }
                 }
             }
-            std::fill(row + c.c_in * k, row + kp, 0.0f);
         }
-    }
 }
 
 void col2im_add(const Conv& c, const float* col, int batch, int t_in, float* din) {
@@ -197,14 +204,14 @@ int conv1d_forward(const float* x, int batch, int c_in, int t_in, const float* w
     const unet::Conv c = unet::make_conv(weight, bias, c_in, c_out, k, stride, padding, transposed, wtype);
     const int t_out = c.t_out(t_in);
     if (t_out < 1 || t_out > t_out_capacity) throw std::invalid_argument("conv1d: output length " + std::to_string(t_out) + " does not fit");
-    std::vector<float> col(static_cast<std::size_t>(batch) * t_out * c.d.k_pad);
+    std::vector<float> col(static_cast<std::size_t>(batch) * t_out * c.d.k);
     unet::im2col(c, unet::Src{x, static_cast<std::size_t>(c_in) * t_in, t_in, 1}, batch, t_in, col.data());
     cpu::DenseArgs a;
     a.w32 = c.d.w32.empty() ? nullptr : c.d.w32.data();
     a.w16 = c.d.w16.empty() ? nullptr : c.d.w16.data();
     a.wtype = wtype;
     a.bias = c.d.bias.data();
-    a.k_pad = c.d.k_pad;
+    a.k = c.d.k;
     a.x = col.data();
     a.n_cols = batch * t_out;
     a.out = out;

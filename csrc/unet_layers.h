@@ -15,28 +15,28 @@
 
 namespace dpag::unet {
 
-// A weight matrix in the layout the dense kernel streams: (rows, k_pad), zero padded.
+// A weight matrix in the layout the dense kernel streams: panels of 16 rows, the reduction index
+// outermost (cpu::panel_index), rows zero padded to a multiple of 16.
 struct Dense {
-    int rows = 0, k = 0, k_pad = 0;
+    int rows = 0, k = 0;
     std::vector<float> w32;
     std::vector<std::uint16_t> w16;
     cpu::WeightType wtype = cpu::WeightType::kF32;
     std::vector<float> bias;
 
-    // row(r)[i] for i < k is filled by `at(r, i)`.
+    // W[r, i] for i < k is filled by `at(r, i)`.
     template <typename F>
     void pack(int rows_, int k_, cpu::WeightType type, F at) {
         rows = rows_;
         k = k_;
-        k_pad = cpu::pad_k(k_);
         wtype = type;
-        const std::size_t n = static_cast<std::size_t>(rows) * k_pad;
+        const std::size_t n = static_cast<std::size_t>(cpu::pad_rows(rows)) * k;
         const bool half = type != cpu::WeightType::kF32;
         if (half) w16.assign(n, 0); else w32.assign(n, 0.0f);
         for (int r = 0; r < rows; ++r)
             for (int i = 0; i < k; ++i) {
                 const float v = at(r, i);
-                const std::size_t j = static_cast<std::size_t>(r) * k_pad + i;
+                const std::size_t j = cpu::panel_index(r, i, k);
                 if (type == cpu::WeightType::kF32) {
                     w32[j] = v;
                 } else if (type == cpu::WeightType::kBF16) {
@@ -98,9 +98,11 @@ struct Src {
     int cs, ts;
 };
 
-// col[(b*T_out + t), ci*k + j] = the input value that weight (ci, j) meets at output position t.
+// col[ci*k + j, b*T_out + t] = the input value that weight (ci, j) meets at output position t
+// (the dense kernel's (k, n_cols) X).
 void im2col(const Conv& c, const Src& s, int batch, int t_in, float* col);
-// The adjoint of im2col: din (B, C_in, T_in) += every col entry, sent back to the input position it came from.
+// The adjoint of im2col, for col laid out (b*T_out + t, ci*k + j) (the backward's product, T = 1):
+// din (B, C_in, T_in) += every col entry, sent back to the input position it came from.
 void col2im_add(const Conv& c, const float* col, int batch, int t_in, float* din);
 
 struct Norm {

@@ -23,7 +23,6 @@ PolicyEngine::Impl::Impl(const PolicyEngineConfig& c, const WeightMap& w)
     : cfg(c), pool(c.threads) {
     K = static_cast<int>(cfg.timesteps.size());
     G = cfg.n_obs_steps * cfg.cond_dim;
-    Gp = cpu::pad_k(G);
     H = cfg.horizon;
     Da = cfg.action_dim;
     levels = static_cast<int>(cfg.down_dims.size());
@@ -70,7 +69,7 @@ PolicyEngine::Impl::Impl(const PolicyEngineConfig& c, const WeightMap& w)
     col.assign(B * max_col, 0.0f);
     for (auto* v : {&act_a, &act_b, &act_x, &h, &r}) v->assign(B * max_act, 0.0f);
     for (int l = 0; l < levels; ++l) skips.emplace_back(B * static_cast<std::size_t>(dd[l]) * (H >> l), 0.0f);
-    gcol.assign(B * Gp, 0.0f);
+    gcol.assign(B * G, 0.0f);
     const std::size_t n = B * static_cast<std::size_t>(H) * Da;
     for (auto* v : {&eps_cf, &eps, &x, &prev, &x0}) v->assign(n, 0.0f);
     if (cfg.guided) {
@@ -101,8 +100,9 @@ PolicyEngine::Impl::Conv PolicyEngine::Impl::conv(const WeightMap& w, const std:
                                                        : std::vector<std::int64_t>{c_out, c_in, k};
     Conv c = unet::make_conv(get(w, p + ".weight", shape), get(w, p + ".bias", {c_out}), c_in, c_out, k,
                              stride, pad, transposed, cfg.weights, cfg.guided);
-    // The backward uses col for d(output) as rows of C_out (padded).
-    max_col = std::max(max_col, static_cast<std::size_t>(c.t_out(t_in)) * std::max(c.d.k_pad, c.dt.k_pad));
+    // Per output column: im2col's C_in * k; the backward's d(output) (C_out, batch > 1) in col and
+    // d(col) (C_in * k) in dcol.
+    max_col = std::max(max_col, static_cast<std::size_t>(c.t_out(t_in)) * std::max(c.d.k, c.dt.k));
     return c;
 }
 
@@ -152,14 +152,15 @@ PolicyEngine::Impl::ResBlock PolicyEngine::Impl::res_block(const WeightMap& w, c
 }
 
 std::vector<float> PolicyEngine::Impl::linear(const Dense& d, const std::vector<float>& in, int n) {
-    std::vector<float> padded(static_cast<std::size_t>(n) * d.k_pad, 0.0f), out(static_cast<std::size_t>(n) * d.rows);
-    for (int i = 0; i < n; ++i)
-        std::copy_n(in.data() + static_cast<std::size_t>(i) * d.k, d.k, padded.data() + static_cast<std::size_t>(i) * d.k_pad);
+    // The kernel's X is (k, n): the transpose of `in`.
+    std::vector<float> xt(static_cast<std::size_t>(n) * d.k), out(static_cast<std::size_t>(n) * d.rows);
+    for (int j = 0; j < n; ++j)
+        for (int i = 0; i < d.k; ++i) xt[static_cast<std::size_t>(i) * n + j] = in[static_cast<std::size_t>(j) * d.k + i];
     cpu::DenseArgs a;
     a.w32 = d.w32.data();
     a.bias = d.bias.data();
-    a.k_pad = d.k_pad;
-    a.x = padded.data();
+    a.k = d.k;
+    a.x = xt.data();
     a.n_cols = n;
     a.out = out.data();
     a.T = 1;
