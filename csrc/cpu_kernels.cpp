@@ -301,6 +301,71 @@ DPAG_AVX2 void mish_backward_avx2(const float* u, const float* dy, float* du, st
     mish_backward_scalar(u + i, dy + i, du + i, n - i);
 }
 
+// ---- AVX-512 Mish and GroupNorm statistics (the same formulas as the AVX2 ones, 16 lanes).
+DPAG_AVX512 inline __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+DPAG_AVX512 void mish_avx512(float* x, std::size_t n) {
+    std::size_t i = 0;
+    const __m512 two = _mm512_set1_ps(2.0f), big = _mm512_set1_ps(20.0f);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        const __m512 e = exp16(v);
+        const __m512 m = _mm512_mul_ps(e, _mm512_add_ps(e, two));
+        const __m512 y = _mm512_mul_ps(v, _mm512_div_ps(m, _mm512_add_ps(m, two)));
+        _mm512_storeu_ps(x + i, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, big, _CMP_GT_OQ), y, v));
+    }
+    mish_avx2(x + i, n - i);
+}
+
+// Two 8-lane double accumulators, summed lane by lane at the end, then the tail.
+DPAG_AVX512 double finish512(__m512d a0, __m512d a1) {
+    alignas(64) double l[8];
+    _mm512_store_pd(l, _mm512_add_pd(a0, a1));
+    double s = 0.0;
+    for (double v : l) s += v;
+    return s;
+}
+DPAG_AVX512 double sum_avx512(const float* x, std::size_t n) {
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0;
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm256_loadu_ps(x + i)));
+        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8)));
+    }
+    double s = finish512(a0, a1);
+    for (; i < n; ++i) s += x[i];
+    return s;
+}
+DPAG_AVX512 double sum_sq_dev_avx512(const float* x, std::size_t n, double mean) {
+    const __m512d m = _mm512_set1_pd(mean);
+    __m512d a0 = _mm512_setzero_pd(), a1 = a0;
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512d d0 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i)), m);
+        const __m512d d1 = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8)), m);
+        a0 = _mm512_add_pd(a0, _mm512_mul_pd(d0, d0));
+        a1 = _mm512_add_pd(a1, _mm512_mul_pd(d1, d1));
+    }
+    double s = finish512(a0, a1);
+    for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
+    return s;
+}
+
 // DPAG_CPU_ISA=avx2|scalar caps the kernels below what the CPU has, so every path can be tested on
 // one machine (tests/test_cpu_runtime.py runs in a subprocess with each).
 bool isa_allowed(const char* isa) {
@@ -362,8 +427,37 @@ void dense_rows(const DenseArgs& a, int r0, int r1) {
     }
 }
 
+double sum_f64(const float* x, std::size_t n) {
+#if DPAG_X86
+    if (kAvx512) return sum_avx512(x, n);
+#endif
+    double acc[8] = {};  // 8 independent chains: no add-latency wait per element
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += x[i + j];
+    double s = 0.0;
+    for (double a : acc) s += a;
+    for (; i < n; ++i) s += x[i];
+    return s;
+}
+
+double sum_sq_dev_f64(const float* x, std::size_t n, double mean) {
+#if DPAG_X86
+    if (kAvx512) return sum_sq_dev_avx512(x, n, mean);
+#endif
+    double acc[8] = {};
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += (x[i + j] - mean) * (x[i + j] - mean);
+    double s = 0.0;
+    for (double a : acc) s += a;
+    for (; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
+    return s;
+}
+
 void mish_inplace(float* x, std::size_t n) {
 #if DPAG_X86
+    if (kAvx512) return mish_avx512(x, n);
     if (kAvx2) return mish_avx2(x, n);
 #endif
     mish_scalar(x, n);

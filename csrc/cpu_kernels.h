@@ -57,6 +57,10 @@ struct DenseArgs {
 // the range, so results do not depend on how rows are split over threads.
 void dense_rows(const DenseArgs& a, int r0, int r1);
 
+// GroupNorm's statistics in double: sum_i x[i], and sum_i (x[i] - mean)^2.
+double sum_f64(const float* x, std::size_t n);
+double sum_sq_dev_f64(const float* x, std::size_t n, double mean);
+
 // x <- x * tanh(softplus(x)) in place (torch.nn.Mish).
 void mish_inplace(float* x, std::size_t n);
 // du = dy * Mish'(u), elementwise; du may alias u or dy.

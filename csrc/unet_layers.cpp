@@ -33,6 +33,21 @@ int source_index(const Conv& c, int t, int j, int t_in) {
     return ti < t_in ? ti : -1;
 }
 
+// Sums in double over 8 interleaved lanes: 8 independent dependency chains (a single running sum
+// waits an add latency per element; the vectoriser may not reorder it), then the lanes in order.
+constexpr int kLanes = 8;
+template <typename F>
+double lane_sum(std::size_t n, F term) {
+    double acc[kLanes] = {};
+    std::size_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) acc[j] += term(i + j);
+    for (int j = 0; i < n; ++i, ++j) acc[j] += term(i);
+    double s = 0.0;
+    for (double a : acc) s += a;
+    return s;
+}
+
 }  // namespace
 
 void WeightArena::build(const std::vector<Dense*>& layers) {
@@ -87,6 +102,13 @@ Conv make_conv(const float* w, const float* b, int c_in, int c_out, int k, int s
 void im2col(const Conv& c, const Src& s, int batch, int t_in, float* col) {
     const int t_out = c.t_out(t_in), k = c.ksize;
     const std::size_t n_cols = static_cast<std::size_t>(batch) * t_out;
+    // Where tap j at output t reads, once per call (source_index divides); -1: zero.
+    constexpr int kMaxTable = 1024;
+    int table[kMaxTable];
+    const bool tabled = k * t_out <= kMaxTable;
+    if (tabled)
+        for (int j = 0; j < k; ++j)
+            for (int t = 0; t < t_out; ++t) table[j * t_out + t] = source_index(c, t, j, t_in);
     for (int ci = 0; ci < c.c_in; ++ci)
         for (int j = 0; j < k; ++j) {
             float* row = col + (static_cast<std::size_t>(ci) * k + j) * n_cols;
@@ -101,6 +123,9 @@ void im2col(const Conv& c, const Src& s, int batch, int t_in, float* col) {
                     for (int t = 0; t < lo; ++t) dst[t] = 0.0f;
                     for (int t = lo; t < hi; ++t) dst[t] = sp[t];
                     for (int t = hi; t < t_out; ++t) dst[t] = 0.0f;
+                } else if (tabled) {
+                    const int* ti = table + j * t_out;
+                    for (int t = 0; t < t_out; ++t) dst[t] = ti[t] < 0 ? 0.0f : src[static_cast<std::size_t>(ti[t]) * s.ts];
                 } else {
                     for (int t = 0; t < t_out; ++t) {
                         const int ti = source_index(c, t, j, t_in);
@@ -134,11 +159,8 @@ void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& 
         for (int g = 0; g < groups; ++g) {
             float* p = x + (static_cast<std::size_t>(b) * C + g * cpg) * T;
             // Two passes in double: the statistics of at most a few thousand values, exactly enough.
-            double sum = 0.0;
-            for (std::size_t i = 0; i < len; ++i) sum += p[i];
-            const double mean = sum / len;
-            double sq = 0.0;
-            for (std::size_t i = 0; i < len; ++i) sq += (p[i] - mean) * (p[i] - mean);
+            const double mean = cpu::sum_f64(p, len) / len;
+            const double sq = cpu::sum_sq_dev_f64(p, len, mean);
             const float rstd = static_cast<float>(1.0 / std::sqrt(sq / len + kGroupNormEps));
             const float m = static_cast<float>(mean);
             if (tape) {
@@ -176,18 +198,15 @@ void group_norm_mish_backward(const float* dy, int batch, int C, int T, int grou
         for (int g = 0; g < groups; ++g) {
             const std::size_t off = (static_cast<std::size_t>(b) * C + g * cpg) * T;
             const float m = tape.mean[b * groups + g], rs = tape.rstd[b * groups + g];
-            double s1 = 0.0, s2 = 0.0;
             for (int c = 0; c < cpg; ++c) {
                 const float gamma = n.gamma[g * cpg + c];
-                for (int t = 0; t < T; ++t) {
-                    const std::size_t i = off + static_cast<std::size_t>(c) * T + t;
-                    const float xhat = (tape.pre[i] - m) * rs;
-                    const float dxhat = dx[i] * gamma;
-                    dx[i] = dxhat;
-                    s1 += dxhat;
-                    s2 += static_cast<double>(dxhat) * xhat;
-                }
+                float* row = dx + off + static_cast<std::size_t>(c) * T;
+                for (int t = 0; t < T; ++t) row[t] *= gamma;  // now d(xhat)
             }
+            const float* dxh = dx + off;
+            const float* pre = tape.pre.data() + off;
+            const double s1 = lane_sum(len, [&](std::size_t i) { return static_cast<double>(dxh[i]); });
+            const double s2 = lane_sum(len, [&](std::size_t i) { return static_cast<double>(dxh[i]) * ((pre[i] - m) * rs); });
             const float mean1 = static_cast<float>(s1 / len), mean2 = static_cast<float>(s2 / len);
             for (std::size_t i = off; i < off + len; ++i) dx[i] = rs * (dx[i] - mean1 - (tape.pre[i] - m) * rs * mean2);
         }
