@@ -33,6 +33,7 @@ from .config import ConfigError, LatentUpdateConfig, PolicyConfig, latent_overri
 from .data.dataset import parse_key_spec
 from .envs.dynamic_pusht import make_task
 from .envs.pusht import MAX_STEPS, TEST_START_SEED
+from .runtime import policy_planner
 
 _WORKER: dict = {}  # per-process policy and settings (set by _init)
 
@@ -103,11 +104,12 @@ def action_jerk(actions: np.ndarray) -> float:
 
 
 def _init(ckpt: str, task: str, mode: str | None, max_steps: int, state_keys: list[str],
-          cameras: dict[str, str], latent: LatentUpdateConfig) -> None:
+          cameras: dict[str, str], latent: LatentUpdateConfig, runtime: str) -> None:
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
     policy = load_policy(ckpt)
     policy.set_guidance(latent)
-    _WORKER.update(policy=policy, task=make_task(task, render=bool(cameras)), mode=mode,
+    _WORKER.update(policy=policy, planner=policy_planner(policy, runtime, mode),
+                   task=make_task(task, render=bool(cameras)), mode=mode,
                    state_keys=state_keys, cameras=cameras, max_steps=max_steps)
 
 
@@ -120,8 +122,8 @@ def run_episode(args: tuple[int, bool]) -> dict:
     history = [obs] * n_obs  # pad the start by repeating the first observation, as training does
     actions, frames = [], [task.render()] if record else []
     while not task.done and task.steps < w["max_steps"]:
-        plan = policy.predict_action(policy_obs(history[-n_obs:], w["state_keys"], w["cameras"]), gen,
-                                     mode=w["mode"])["action"][0].numpy()
+        plan = w["planner"].predict_action(policy_obs(history[-n_obs:], w["state_keys"], w["cameras"]), gen,
+                                           mode=w["mode"])["action"][0].numpy()
         for action in plan:
             history.append(task.step(action))
             actions.append(action)
@@ -148,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["dp", "guided"], help="inference mode (default: the checkpoint's)")
     p.add_argument("--guidance", default="", metavar="gamma=G,steps=S,eta=E",
                    help="guided mode: the latent update's settings (default: the checkpoint's)")
+    p.add_argument("--runtime", default="cpp", choices=["cpp", "torch"],
+                   help="plan on the C++ engine (as serving does) or the PyTorch reference")
     p.add_argument("--start-seed", type=int, default=TEST_START_SEED)
     p.add_argument("--max-steps", type=int, default=MAX_STEPS)
     p.add_argument("--videos", type=int, default=2, help="rollouts saved as GIFs")
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir) if args.out_dir else (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval_{args.task}_{mode}"
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.start_seed + i, i < args.videos) for i in range(args.episodes)]
-    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras, latent)
+    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras, latent, args.runtime)
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=init) as pool:
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if frames:
             save_gif(frames, out / f"rollout_{ep['seed']}.gif")
     cov = np.array([e["max_coverage"] for e in episodes])
-    results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "guidance": dataclasses.asdict(latent),
+    results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "runtime": args.runtime,
+               "guidance": dataclasses.asdict(latent),
                "episodes": len(episodes),
                "start_seed": args.start_seed, "coverage_mean": float(cov.mean()), "coverage_std": float(cov.std()),
                "success_rate": float(np.mean([e["success"] for e in episodes])),

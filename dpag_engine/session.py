@@ -21,6 +21,7 @@ from .kinematics import frame_origins
 from .rig import Rig, SensorFault
 from .runlog import StreamLog
 from .rtc import CommittedPrefix, DelayEstimator, committed_prefix
+from .runtime import policy_planner
 from .spec_io import ActionDecoder, ObservationBuilder, Snapshot
 from .tasks import Task, Trace
 
@@ -50,11 +51,7 @@ class TimedPlanner:
                  threads: int | None = None):
         self.mode, self.runtime, self.delay_s, self.cfg = mode, runtime, delay_s, policy.cfg
         self.generator = torch.Generator().manual_seed(seed)
-        if runtime == "cpp":
-            from .runtime.cpu import CpuRuntime
-            self.planner = CpuRuntime.planner(policy, threads=threads, guided=mode == "guided")
-        else:
-            self.planner = policy.planner()
+        self.planner = policy_planner(policy, runtime, mode, threads)
         # The recent latencies for the live status line; every plan's is in the session's plan log.
         self.latencies_ms: deque[float] = deque(maxlen=500)
         self.calls, self.seconds = 0, 0.0

@@ -17,6 +17,18 @@ from __future__ import annotations
 import os
 
 RUNTIMES = ("torch", "onnxruntime", "tensorrt")
+POLICY_RUNTIMES = ("cpp", "torch")
+
+
+def policy_planner(policy, runtime: str = "cpp", mode: str = "dp", threads: int | None = None):
+    """The plan contract over a loaded policy: "cpp" the C++ engine (what serving runs; its weights,
+    latent-update settings and thread count are snapshot now), "torch" the PyTorch reference."""
+    if runtime == "cpp":
+        from .cpu import CpuRuntime
+        return CpuRuntime.planner(policy, threads=threads, guided=mode == "guided")
+    if runtime == "torch":
+        return policy.planner()
+    raise ValueError(f"runtime: must be one of {POLICY_RUNTIMES}, got {runtime!r}")
 
 
 def load_planner(path: str | os.PathLike, runtime: str = "torch", **kwargs):

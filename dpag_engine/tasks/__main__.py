@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="dp", choices=["dp", "guided"], help="--eval: inference mode")
     p.add_argument("--guidance", default="", metavar="gamma=G,steps=S,eta=E",
                    help="--eval --mode guided: the latent update's settings (default: the checkpoint's)")
+    p.add_argument("--runtime", default="cpp", choices=["cpp", "torch"],
+                   help="--eval: plan on the C++ engine (as serving does) or the PyTorch reference")
     p.add_argument("--json", metavar="PATH", help="--eval: write the rates and per-episode results here")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="generation seed (serving and evaluation draw from held-out seeds)")
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             policy.set_guidance(latent_overrides(policy.cfg.latent, args.guidance))
         except ConfigError as e:
             p.error(str(e))
-        r = evaluate_policy(get_task(args.task), policy, args.episodes, args.mode)
+        r = evaluate_policy(get_task(args.task), policy, args.episodes, args.mode, runtime=args.runtime)
         r.update(ckpt=args.eval, guidance=dataclasses.asdict(policy.cfg.latent), seconds=round(time.perf_counter() - t0, 1))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

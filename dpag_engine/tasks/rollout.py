@@ -20,14 +20,17 @@ from ..envs.ur5_reach import EVAL_SEED   # held-out episodes: seeds this far abo
 from ..cell import bind, needed_cameras, sim_cell
 from ..kinematics import UR5_LIMITS
 from ..progress import progress_bar
+from ..runtime import policy_planner
 from ..spec_io import ActionDecoder, ObservationBuilder, Snapshot
 from .base import Task, Trace
 from .reach import GRIPPER, CellRenderer
 
 
 
-def rollout(task: Task, policy, episode: dict, generator: torch.Generator, mode: str = "dp") -> dict:
-    """One episode of `policy` on the kinematic cell; the task's metrics."""
+def rollout(task: Task, policy, episode: dict, generator: torch.Generator, mode: str = "dp",
+            planner=None) -> dict:
+    """One episode of `policy` on the kinematic cell; the task's metrics. planner: the plan contract
+    to run it with (default: the PyTorch reference)."""
     spec, cfg = policy.spec, policy.cfg
     cell = sim_cell()
     inputs = task.inputs(episode)
@@ -39,7 +42,7 @@ def rollout(task: Task, policy, episode: dict, generator: torch.Generator, mode:
         hw = next(tuple(b.field.shape[1:]) for b in bindings if b.field.kind == "camera")
         renderer = CellRenderer(hw)
         scene = renderer.scene(task.scene(episode))
-    planner = policy.planner()
+    planner = planner or policy.planner()
     dt, max_step = spec.dt, UR5_LIMITS.v_max * spec.dt
     q, width = np.asarray(task.q_home, dtype=float), GRIPPER.stroke_m
     qs, widths, history, queue = [q.copy()], [width], [], []
@@ -63,17 +66,19 @@ def rollout(task: Task, policy, episode: dict, generator: torch.Generator, mode:
 
 
 def evaluate_policy(task: Task, policy, episodes: int, mode: str = "dp", seed: int = EVAL_SEED,
-                    progress: bool = True) -> dict:
-    """`episodes` held-out episodes (episode i from np.random.default_rng([seed, i])); the rates."""
+                    progress: bool = True, runtime: str = "cpp") -> dict:
+    """`episodes` held-out episodes (episode i from np.random.default_rng([seed, i])); the rates.
+    runtime: "cpp" plans on the C++ engine as serving does, "torch" on the PyTorch reference."""
     generator = torch.Generator().manual_seed(seed)
+    planner = policy_planner(policy, runtime, mode)
     results = []
-    for i in progress_bar(range(episodes), desc=f"{task.name} rollout ({mode})", disable=not progress):
+    for i in progress_bar(range(episodes), desc=f"{task.name} rollout ({mode}, {runtime})", disable=not progress):
         episode = task.sample_episode(np.random.default_rng([seed, i]))
-        results.append(rollout(task, policy, episode, generator, mode))
+        results.append(rollout(task, policy, episode, generator, mode, planner))
 
     def rate(key):
         values = [r[key] for r in results if r.get(key) is not None]
         return float(np.mean(values)) if values else float("nan")
-    return {"task": task.name, "mode": mode, "episodes": episodes, "success_rate": rate("success"),
+    return {"task": task.name, "mode": mode, "runtime": runtime, "episodes": episodes, "success_rate": rate("success"),
             "collision_rate": rate("collided"), "mean_jerk": rate("mean_jerk"),
             "gripper_closed_rate": rate("gripper_closed"), "per_episode": results}
