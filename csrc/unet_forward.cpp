@@ -3,6 +3,7 @@
 // enough), GroupNorm+Mish, FiLM as the precomputed time half plus the per-plan observation half,
 // the skip concatenations of the up path. A recording forward (guided mode) also fills the tapes.
 #include <algorithm>
+#include <numeric>
 
 #include "unet_impl.h"
 
@@ -18,23 +19,34 @@ constexpr std::size_t kParallelMinMacs = 1 << 18;
 struct DenseJob {
     cpu::DenseArgs a;
     int rows;
+    int unit = cpu::kPanel;  // slices are multiples of this many rows (whole panels, whole groups)
+    // Optional GroupNorm+Mish epilogue over the slice's groups.
+    const unet::Norm* norm = nullptr;
+    unet::NormTape* tape = nullptr;
+    int batch = 1, T = 1, groups = 1;
 };
 
 void dense_job(void* ctx, int tid, int n_threads) {
     const auto& job = *static_cast<const DenseJob*>(ctx);
-    // Contiguous, panel-aligned slices of near-equal size: each thread streams its own part of the
-    // weight matrix (the kernel's panels of 16 rows never straddle two threads).
-    const int panels = (job.rows + cpu::kPanel - 1) / cpu::kPanel;
-    const int p0 = static_cast<int>(static_cast<long long>(panels) * tid / n_threads);
-    const int p1 = static_cast<int>(static_cast<long long>(panels) * (tid + 1) / n_threads);
-    const int r0 = p0 * cpu::kPanel, r1 = std::min(job.rows, p1 * cpu::kPanel);
-    if (r0 < r1) cpu::dense_rows(job.a, r0, r1);
+    // Contiguous slices of near-equal size: each thread streams its own part of the weight matrix
+    // (the kernel's panels of 16 rows, and GroupNorm's groups, never straddle two threads).
+    const int units = (job.rows + job.unit - 1) / job.unit;
+    const int u0 = static_cast<int>(static_cast<long long>(units) * tid / n_threads);
+    const int u1 = static_cast<int>(static_cast<long long>(units) * (tid + 1) / n_threads);
+    const int r0 = u0 * job.unit, r1 = std::min(job.rows, u1 * job.unit);
+    if (r0 >= r1) return;
+    cpu::dense_rows(job.a, r0, r1);
+    if (job.norm) {
+        const int cpg = job.rows / job.groups;
+        unet::group_norm_mish(job.a.out, job.batch, job.rows, job.T, job.groups, *job.norm, job.tape, r0 / cpg,
+                              r1 == job.rows ? job.groups : r1 / cpg);
+    }
 }
 
 }  // namespace
 
 void PolicyEngine::Impl::dense(const Dense& d, const float* col, int n_cols, float* out, int T, std::size_t bstride,
-                               int taps, std::size_t x_stride) {
+                               int taps, std::size_t x_stride, const unet::Norm* norm, unet::NormTape* tape) {
     DenseJob job;
     job.a.w32 = static_cast<const float*>(d.weights());
     job.a.w16 = static_cast<const std::uint16_t*>(d.weights());
@@ -49,22 +61,31 @@ void PolicyEngine::Impl::dense(const Dense& d, const float* col, int n_cols, flo
     job.a.T = T;
     job.a.out_bstride = bstride;
     job.rows = d.rows;
-    if (pool.size() == 1 || d.rows <= cpu::kPanel ||
+    if (norm) {
+        job.norm = norm;
+        job.tape = tape;
+        job.batch = n_cols / T;
+        job.T = T;
+        job.groups = cfg.n_groups;
+        job.unit = std::lcm(cpu::kPanel, d.rows / cfg.n_groups);
+    }
+    if (pool.size() == 1 || d.rows <= job.unit ||
         static_cast<std::size_t>(d.rows) * d.k * n_cols < kParallelMinMacs) {
-        cpu::dense_rows(job.a, 0, d.rows);
+        dense_job(&job, 0, 1);
     } else {
         pool.run(&dense_job, &job);
     }
 }
 
-int PolicyEngine::Impl::run_conv(const Conv& c, const Src& s, int batch, int t_in, float* out) {
+int PolicyEngine::Impl::run_conv(const Conv& c, const Src& s, int batch, int t_in, float* out, const unet::Norm* norm,
+                                 unet::NormTape* tape) {
     const int t_out = c.t_out(t_in);
     const std::size_t bstride = static_cast<std::size_t>(c.c_out) * t_out;
     if (batch == 1 && !c.transposed && c.stride == 1 && s.ts == 1) {
         // Batch 1, stride 1, contiguous input rows: the kernel reads the rows themselves (k taps
         // each), zero-padded into col when the conv pads; no im2col.
         if (c.pad == 0) {
-            dense(c.d, s.ptr, t_out, out, t_out, bstride, c.ksize, s.cs);
+            dense(c.d, s.ptr, t_out, out, t_out, bstride, c.ksize, s.cs, norm, tape);
         } else {
             const int len = t_in + 2 * c.pad;
             for (int ci = 0; ci < c.c_in; ++ci) {
@@ -73,18 +94,17 @@ int PolicyEngine::Impl::run_conv(const Conv& c, const Src& s, int batch, int t_i
                 for (int t = 0; t < c.pad; ++t) row[t] = row[c.pad + t_in + t] = 0.0f;
                 for (int t = 0; t < t_in; ++t) row[c.pad + t] = src[t];
             }
-            dense(c.d, col.data(), t_out, out, t_out, bstride, c.ksize, static_cast<std::size_t>(len));
+            dense(c.d, col.data(), t_out, out, t_out, bstride, c.ksize, static_cast<std::size_t>(len), norm, tape);
         }
         return t_out;
     }
     unet::im2col(c, s, batch, t_in, col.data());
-    dense(c.d, col.data(), batch * t_out, out, t_out, bstride);
+    dense(c.d, col.data(), batch * t_out, out, t_out, bstride, 1, 0, norm, tape);
     return t_out;
 }
 
 void PolicyEngine::Impl::run_conv_block(ConvBlock& b, const Src& s, int batch, int T, float* out) {
-    run_conv(b.conv, s, batch, T, out);
-    unet::group_norm_mish(out, batch, b.conv.c_out, T, cfg.n_groups, b.norm, recording ? &b.tape : nullptr);
+    run_conv(b.conv, s, batch, T, out, &b.norm, recording ? &b.tape : nullptr);
 }
 
 void PolicyEngine::Impl::run_res_block(ResBlock& rb, const Src& in, int batch, int T, int step, float* out) {

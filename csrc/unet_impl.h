@@ -94,10 +94,14 @@ struct PolicyEngine::Impl {
     // ---- forward (unet_forward.cpp) ----
     // out = d applied to the X col (k, n_cols), on the pool when the layer is big enough; taps and
     // x_stride as in cpu::DenseArgs (a stride-1 conv read straight from its padded input rows).
+    // With a norm, each thread then applies GroupNorm+Mish (cfg.n_groups groups) to the rows it
+    // computed (out is then (batch, d.rows, T)), so the pool also shares the normalisation.
     void dense(const Dense& d, const float* col, int n_cols, float* out, int T, std::size_t bstride,
-               int taps = 1, std::size_t x_stride = 0);
-    // out (B, c_out, T_out) channels-first; returns T_out.
-    int run_conv(const Conv& c, const Src& s, int batch, int t_in, float* out);
+               int taps = 1, std::size_t x_stride = 0, const unet::Norm* norm = nullptr,
+               unet::NormTape* tape = nullptr);
+    // out (B, c_out, T_out) channels-first; returns T_out. With a norm, GroupNorm+Mish follows.
+    int run_conv(const Conv& c, const Src& s, int batch, int t_in, float* out, const unet::Norm* norm = nullptr,
+                 unet::NormTape* tape = nullptr);
     void run_conv_block(ConvBlock& b, const Src& s, int batch, int T, float* out);
     void run_res_block(ResBlock& rb, const Src& in, int batch, int T, int step, float* out);
     // global_cond (B, G) normalised -> every site's observation half of FiLM.

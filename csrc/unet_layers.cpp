@@ -151,12 +151,14 @@ void col2im_add(const Conv& c, const float* col, int batch, int t_in, float* din
     }
 }
 
-void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& n, NormTape* tape) {
-    if (tape) std::copy_n(x, static_cast<std::size_t>(batch) * C * T, tape->pre.data());
+void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& n, NormTape* tape, int g0, int g1) {
+    if (g1 < 0) g1 = groups;
     const int cpg = C / groups;
-    const std::size_t len = static_cast<std::size_t>(cpg) * T;
+    const std::size_t len = static_cast<std::size_t>(cpg) * T, span = len * (g1 - g0);
     for (int b = 0; b < batch; ++b) {
-        for (int g = 0; g < groups; ++g) {
+        float* first = x + (static_cast<std::size_t>(b) * C + static_cast<std::size_t>(g0) * cpg) * T;
+        if (tape) std::copy_n(first, span, tape->pre.data() + (first - x));
+        for (int g = g0; g < g1; ++g) {
             float* p = x + (static_cast<std::size_t>(b) * C + g * cpg) * T;
             // Two passes in double: the statistics of at most a few thousand values, exactly enough.
             const double mean = cpu::sum_f64(p, len) / len;
@@ -174,8 +176,8 @@ void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& 
                 for (int t = 0; t < T; ++t) row[t] = row[t] * a + s;
             }
         }
+        cpu::mish_inplace(first, span);
     }
-    cpu::mish_inplace(x, static_cast<std::size_t>(batch) * C * T);
 }
 
 void group_norm_mish_backward(const float* dy, int batch, int C, int T, int groups, const Norm& n,

@@ -116,7 +116,9 @@ struct NormTape {
 
 // GroupNorm over (channels in group) x T, then Mish, in place on channels-first (B, C, T). With a
 // tape, the input and the statistics are kept for group_norm_mish_backward.
-void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& n, NormTape* tape = nullptr);
+// Only groups [g0, g1) (g1 < 0: all) are touched, so threads can share a layer by disjoint groups.
+void group_norm_mish(float* x, int batch, int C, int T, int groups, const Norm& n, NormTape* tape = nullptr,
+                     int g0 = 0, int g1 = -1);
 // dx = d(loss)/d(GroupNorm+Mish input) from dy = d(loss)/d(output), by the standard GroupNorm
 // adjoint: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) over each group.
 void group_norm_mish_backward(const float* dy, int batch, int C, int T, int groups, const Norm& n,
