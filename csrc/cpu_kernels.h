@@ -8,7 +8,7 @@
 
 namespace dpag::cpu {
 
-// Every convolution of the U-Net is lowered to this product (after an im2col: unet_layers.cpp, unet_forward.cpp):
+// Every convolution of the U-Net is lowered to this product (unet_layers.cpp, unet_forward.cpp):
 //
 //   out[r, n] = bias[r] + sum_i W[r, i] * X[i, n]      for rows r in [r0, r1), columns n < n_cols, i < k
 //
@@ -18,10 +18,11 @@ namespace dpag::cpu {
 //
 // W is stored in panels of kPanel = 16 consecutive rows with the reduction index outermost:
 // w[(p * k + i) * 16 + j] = W[16 p + j, i] (panel_index below; rows padded to a multiple of 16 with
-// zeros). The AVX-512 kernel keeps one accumulator
-// register per (panel, column) and, per reduction index, loads one weight vector (16 rows) and
-// broadcasts the columns' X values into it: each weight is read once per call, whatever n_cols
-// (up to 16 columns per block, so at batch 1 always once), and no horizontal sum is needed.
+// zeros). The AVX-512 kernel keeps one accumulator register per (panel, column) and, per
+// reduction index, loads one weight vector (16 rows) and broadcasts the columns' X values into it:
+// no horizontal sums, and each weight is read once per block of up to 16 columns (at batch 1,
+// where n_cols = T <= 16, once per call). Measured on the small recipe (Zen4): ~50 GMAC/s per core
+// for fp32, fp16 and bf16 weights alike (FMA-bound once the weights stream from L3 only once).
 //
 // Column n is (sample b, time t) = (n / T, n % T) and lands at out[b * out_bstride + r * T + t],
 // i.e. straight into the channels-first (B, C, T) activation layout (T = 1: out[n * out_bstride + r]).

@@ -1,7 +1,9 @@
-// The U-Net forward of PolicyEngine::Impl (unet_impl.h): every conv as an im2col plus one
-// weight-streaming product (split by output rows over the worker pool when the layer is big
-// enough), GroupNorm+Mish, FiLM as the precomputed time half plus the per-plan observation half,
-// the skip concatenations of the up path. A recording forward (guided mode) also fills the tapes.
+// The U-Net forward of PolicyEngine::Impl (unet_impl.h): every conv as one weight-streaming
+// product (cpu_kernels.h) over an im2col, or at batch 1 for stride-1 convs straight over the
+// (zero-padded) input rows; split by whole weight panels over the worker pool when the layer is big
+// enough, with GroupNorm+Mish done by each thread on the groups it computed; FiLM as the
+// precomputed time half plus the per-plan observation half; the skip concatenations of the up
+// path. A recording forward (guided mode) also fills the tapes.
 #include <algorithm>
 #include <numeric>
 
