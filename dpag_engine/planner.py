@@ -22,6 +22,7 @@ engine), `ExportedRuntime` (runtime/: ONNX Runtime, TensorRT) and `CudaGraphRunt
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,6 +145,20 @@ def draw_plan_noise(cfg: PolicyConfig, num_steps: int, batch: int, generator: to
 
 
 # ---- the contract ----
+@contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to n inside the block (None: as they are)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Planner:
     """One plan, the same way for every runtime (module docstring)."""
 
@@ -167,6 +182,12 @@ class Planner:
         prefix_weight (P,) in [0, 1], default all ones. prefix None or P = 0: the plain sampler,
         same draws, same output.
         """
+        # A runtime with threads of its own may ask for the plan's torch work on fewer threads
+        # (runtime/cpu.py: OpenMP workers woken by a tiny op spin for ~1 ms on the engine's cores).
+        with torch_threads(getattr(self.runtime, "torch_threads", None)):
+            return self._predict_action(obs, generator, mode, prefix, prefix_weight)
+
+    def _predict_action(self, obs, generator, mode, prefix, prefix_weight) -> dict[str, torch.Tensor]:
         cfg, runtime = self.cfg, self.runtime
         mode = resolve_mode(cfg, mode)
         if mode not in runtime.modes:

@@ -278,6 +278,23 @@ def test_wrong_state_shape(tiny_engine):
         engine.predict_action({"state": torch.zeros(3, 2, 5)})
 
 
+def test_plan_runs_torch_on_one_thread_and_restores_the_count(tiny_engine, monkeypatch):
+    """A low-dim plan's torch work runs on one thread (OpenMP's spinning workers would take the
+    engine's cores); the caller's thread count is back afterwards, also when the plan raises."""
+    policy, engine = tiny_engine
+    torch.set_num_threads(2)
+    seen = []
+    encode = engine.runtime.encode
+    monkeypatch.setattr(engine.runtime, "encode", lambda obs: (seen.append(torch.get_num_threads()), encode(obs))[1])
+    engine.predict_action(make_obs(policy.cfg, 1, torch.Generator().manual_seed(5)))
+    assert seen == [1] and torch.get_num_threads() == 2
+    with pytest.raises(ValueError, match="NaN or inf"):
+        engine.predict_action({"state": torch.full((1, 2, 5), float("nan"))})
+    assert torch.get_num_threads() == 2
+    assert policy.planner().runtime.__class__.__name__ == "TorchRuntime" and \
+        getattr(policy.planner().runtime, "torch_threads", None) is None   # the reference keeps torch's threads
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_state(tiny_engine, bad):
     policy, engine = tiny_engine

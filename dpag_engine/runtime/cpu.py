@@ -49,8 +49,13 @@ class CpuRuntime:
 
     name, device, dtype = "cpp", torch.device("cpu"), torch.float32
 
-    def __init__(self, engine: "_C.PolicyEngine", encoder: TorchEncoder):
+    def __init__(self, engine: "_C.PolicyEngine", encoder: TorchEncoder, has_cameras: bool = False):
         self.engine, self.encoder = engine, encoder
+        # The plan's torch work (checks, draws, the low-dim posterior) is a few tiny ops: on one
+        # thread they never wake OpenMP's pool, whose workers then spin for ~1 ms on the cores the
+        # engine's own threads need (small recipe, 2 engine threads: p50 7.3 -> 6.4 ms, p99 14 -> 8 ms,
+        # bench/RESULTS.md). A camera encoder is real work and keeps torch's threads.
+        self.torch_threads = None if has_cameras else 1
         self.modes = ("dp", "guided") if engine.guided else ("dp",)
         self.modes_note = "" if engine.guided else "built without the backward: CpuRuntime.planner(policy, guided=True)"
         self.num_steps, self.max_batch = engine.num_steps, engine.max_batch
@@ -67,7 +72,7 @@ class CpuRuntime:
         twice the memory). Default: for DP-AG policies."""
         guided = policy.posterior is not None if guided is None else guided
         engine = _C.PolicyEngine(engine_config(policy, weights, threads, max_batch, guided), unet_weights(policy))
-        return cls(engine, TorchEncoder(policy))
+        return cls(engine, TorchEncoder(policy), has_cameras=policy.cfg.image is not None)
 
     @classmethod
     def planner(cls, policy: DPAGPolicy, **engine_options) -> Planner:
