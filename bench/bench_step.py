@@ -170,7 +170,7 @@ def measure(recipe: str, modes: list[str], rounds: int, steps: int, threads: int
     encoder_bytes = param_bytes(policy.encoder)
     cells = []
     for mode in modes:
-        passes = 1 if mode == "dp" else 1 + 2 * policy.cfg.latent.steps
+        passes = 1 if mode == "dp" else 1 + 2 * policy.cfg.guidance.steps
         rows, reference = [], None
         for name, made in built.items():
             row = Row(recipe, mode, name)

@@ -177,7 +177,11 @@ class PolicyConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     image: ImageEncoderConfig | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    latent: LatentUpdateConfig = field(default_factory=LatentUpdateConfig)
+    latent: LatentUpdateConfig = field(default_factory=LatentUpdateConfig)   # training's update (the loss)
+    # Guided sampling's update at inference, apart from training's: gamma = 1 moves the latent by
+    # sigma (~1, half the distance between two observations) per denoising step and cost most of
+    # the reach task's success; 0.1 never hurt where measured (bench/PUSHT.md, "Guided mode").
+    guidance: LatentUpdateConfig = field(default_factory=lambda: LatentUpdateConfig(gamma=0.1))
     loss: LossConfig = field(default_factory=LossConfig)
 
     def __post_init__(self) -> None:
@@ -241,7 +245,7 @@ class PolicyConfig:
 
 # PolicyConfig fields that are configs of their own.
 POLICY_SECTIONS = {"unet": UNetConfig, "image": ImageEncoderConfig, "scheduler": SchedulerConfig,
-                   "latent": LatentUpdateConfig, "loss": LossConfig}
+                   "latent": LatentUpdateConfig, "guidance": LatentUpdateConfig, "loss": LossConfig}
 
 
 def checked_fields(cls: type, values: Any, where: str = "") -> dict[str, Any]:

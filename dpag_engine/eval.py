@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--mode", choices=["dp", "guided"], help="inference mode (default: the checkpoint's)")
     p.add_argument("--guidance", default="", metavar="gamma=G,steps=S,eta=E",
-                   help="guided mode: the latent update's settings (default: the checkpoint's)")
+                   help="guided mode: the latent update's settings (default: the checkpoint's policy.guidance)")
     p.add_argument("--runtime", default="cpp", choices=["cpp", "torch"],
                    help="plan on the C++ engine (as serving does) or the PyTorch reference")
     p.add_argument("--start-seed", type=int, default=TEST_START_SEED)
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     mode = args.mode or cfg.inference_mode
     try:
-        latent = latent_overrides(cfg.latent, args.guidance)
+        latent = latent_overrides(cfg.guidance, args.guidance)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

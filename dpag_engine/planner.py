@@ -139,7 +139,7 @@ def draw_plan_noise(cfg: PolicyConfig, num_steps: int, batch: int, generator: to
                              for _ in range(num_steps)])
     latent = None
     if cfg.method == "dpag":
-        latent = draw_latent_noise(cfg.latent, (batch, cfg.n_obs_steps, cfg.obs_feature_dim), generator,
+        latent = draw_latent_noise(cfg.guidance, (batch, cfg.n_obs_steps, cfg.obs_feature_dim), generator,
                                    num_steps, device, dtype)
     return PlanNoise(x, prefix, steps, latent)
 

@@ -142,7 +142,7 @@ class DPAGPolicy(nn.Module):
 
     def set_guidance(self, latent: LatentUpdateConfig) -> None:
         """Guided sampling uses this latent update from now on (training's update is unchanged)."""
-        self.cfg = self.cfg.replace(latent=latent)
+        self.cfg = self.cfg.replace(guidance=latent)
 
     # ---- inference ----
     @torch.no_grad()
@@ -172,7 +172,7 @@ class DPAGPolicy(nn.Module):
         for i, t in enumerate(sched.timesteps):
             z = mu
             if mode == "guided":
-                z = latent_update(self.unet, x, t, mu, log_var, cfg.latent, None if noise.latent is None else noise.latent[i])
+                z = latent_update(self.unet, x, t, mu, log_var, cfg.guidance, None if noise.latent is None else noise.latent[i])
             eps = self.predict_noise(x, t, z)
             step_noise = noise.steps[i] if noise.steps is not None else None
             if rtc is None:

@@ -12,7 +12,7 @@ FAST_BACKENDS = ["cpp", "triton"]  # each compared against "torch", the referenc
 def policy_for_backends(**overrides):
     # K = 8 keeps the Triton interpreter quick; S = 2 with noise exercises every latent-update op.
     return make_policy(seed=11, scheduler=SchedulerConfig(num_inference_steps=8),
-                       latent=LatentUpdateConfig(steps=2, dt=0.5, gamma=1.0, eta=0.0), **overrides)
+                       guidance=LatentUpdateConfig(steps=2, dt=0.5, gamma=1.0, eta=0.0), **overrides)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -70,7 +70,7 @@ def test_runtime_matches_the_reference(runtime, mode, rtc, sampler, latent_eta, 
         pytest.skip(f"{runtime}: {reason}")
     seed = int(torch.randint(0, 1 << 30, ()))
     policy = make_policy(seed=seed % 1000, scheduler=SAMPLERS[sampler],
-                         latent=LatentUpdateConfig(steps=2, gamma=0.5, eta=latent_eta)).eval()
+                         guidance=LatentUpdateConfig(steps=2, gamma=0.5, eta=latent_eta)).eval()
     cfg = policy.cfg
     g = torch.Generator().manual_seed(seed)
     obs = make_obs(cfg, 2, g)

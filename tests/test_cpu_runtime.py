@@ -70,7 +70,7 @@ def test_step_matches_predict_action_tiny(batch, mode):
     {"scheduler": {"clip_sample": False, "num_inference_steps": 4}},
     {"n_obs_steps": 3, "horizon": 8, "n_action_steps": 4, "state_dim": 7, "action_dim": 1},
     # the latent update beyond the released defaults: S = 2, Brownian term, no normalisation
-    {"latent": LatentUpdateConfig(steps=2, dt=0.5, gamma=0.3, eta=0.7, normalize=False)},
+    {"guidance": LatentUpdateConfig(steps=2, dt=0.5, gamma=0.3, eta=0.7, normalize=False)},
     {"posterior": "mlp"},                                                   # mu, log_var encoded by torch
     SMALL_IMAGE,                                                            # two cameras + state, torch ResNet
     THREE_LEVELS,
@@ -105,7 +105,7 @@ def float64_plan(policy, obs, seed: int, mode: str) -> torch.Tensor:
         for i, t in enumerate(p64.schedule.timesteps):
             z = mu
             if mode == "guided":
-                z = latent_update(p64.unet, x, t, mu, log_var, cfg.latent, None if xi is None else xi[i])
+                z = latent_update(p64.unet, x, t, mu, log_var, cfg.guidance, None if xi is None else xi[i])
             x, _ = torch_ref.sampler_step(x, p64.predict_noise(x, t, z), p64.schedule.coefs.double(), i, None,
                                           p64.schedule.clip)
     return p64.normalizer.unnormalize("action", x)

@@ -53,7 +53,7 @@ def test_guided_mode_changes_the_result_and_reduces_to_dp_at_gamma_zero(trained)
     dp = policy.predict_action(obs, torch.Generator().manual_seed(0), mode="dp")["action_pred"]
     guided = policy.predict_action(obs, torch.Generator().manual_seed(0), mode="guided")["action_pred"]
     assert (guided - dp).abs().max() > 1e-3
-    zero = DPAGPolicy(policy.cfg.replace(latent=LatentUpdateConfig(gamma=0.0)))
+    zero = DPAGPolicy(policy.cfg.replace(guidance=LatentUpdateConfig(gamma=0.0)))
     zero.load_state_dict(policy.state_dict())
     zero.eval()
     guided0 = zero.predict_action(obs, torch.Generator().manual_seed(0), mode="guided")["action_pred"]

@@ -93,7 +93,7 @@ def test_help_documents_every_option():
     text = make_parser().format_help()
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
-            if f.name not in ("unet", "image", "scheduler", "latent", "loss"):
+            if f.name not in ("unet", "image", "scheduler", "latent", "guidance", "loss"):
                 assert f"{section}.{f.name} = " in text, f"{section}.{f.name} missing from --help"
     for option in ("--config", "--method", "--resume", "--synthetic", "--data", "--out-dir"):
         assert option in text

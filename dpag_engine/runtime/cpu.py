@@ -121,7 +121,7 @@ def engine_config(policy: DPAGPolicy, weights: str = "fp32", threads: int | None
     c.inpaint_coefs = sched.inpaint_coefs.cpu().to(torch.float32).tolist()   # real-time chunking
     c.max_batch, c.weights, c.threads = int(max_batch), weights, int(threads or torch.get_num_threads())
     c.guided = bool(guided)
-    latent = cfg.latent
+    latent = cfg.guidance
     c.latent_steps, c.latent_dt, c.latent_gamma = latent.steps, latent.dt, latent.gamma
     c.latent_eta, c.latent_normalize = latent.eta, latent.normalize
     return c

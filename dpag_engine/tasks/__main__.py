@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "(the kinematic cell, tasks/rollout.py)")
     p.add_argument("--mode", default="dp", choices=["dp", "guided"], help="--eval: inference mode")
     p.add_argument("--guidance", default="", metavar="gamma=G,steps=S,eta=E",
-                   help="--eval --mode guided: the latent update's settings (default: the checkpoint's)")
+                   help="--eval --mode guided: the latent update's settings (default: the checkpoint's policy.guidance)")
     p.add_argument("--runtime", default="cpp", choices=["cpp", "torch"],
                    help="--eval: plan on the C++ engine (as serving does) or the PyTorch reference")
     p.add_argument("--json", metavar="PATH", help="--eval: write the rates and per-episode results here")
@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         from .rollout import evaluate_policy
         policy = load_policy(args.eval)
         try:
-            policy.set_guidance(latent_overrides(policy.cfg.latent, args.guidance))
+            policy.set_guidance(latent_overrides(policy.cfg.guidance, args.guidance))
         except ConfigError as e:
             p.error(str(e))
         r = evaluate_policy(get_task(args.task), policy, args.episodes, args.mode, runtime=args.runtime)
-        r.update(ckpt=args.eval, guidance=dataclasses.asdict(policy.cfg.latent), seconds=round(time.perf_counter() - t0, 1))
+        r.update(ckpt=args.eval, guidance=dataclasses.asdict(policy.cfg.guidance), seconds=round(time.perf_counter() - t0, 1))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(r, indent=1, default=float))
