@@ -331,8 +331,9 @@ def aggregate(args) -> dict:
                     continue
                 mode_part = ep.name[len(f"eval_{task}_"):-len(f"_{args.eval_episodes}")]
                 mode, _, gslug = mode_part.partition("-")
-                name = {"dp": "DP"}.get(m["method"], "DP-AG") + (" guided" if mode == "guided" else "")
-                name += "".join(f" [{x}]" for x in (gslug, m["tag"]) if x)
+                # "DP-AG [tag] guided (gamma0.3)": the training variation, then the inference setting
+                name = {"dp": "DP"}.get(m["method"], "DP-AG") + (f" [{m['tag']}]" if m["tag"] else "")
+                name += f" guided ({gslug or 'default'})" if mode == "guided" else ""
                 r = json.loads((ep / "results.json").read_text())
                 row = rows.setdefault(name, {"method": m["method"], "mode": mode, "guidance": gslug,
                                              "tag": m["tag"] or "", "by_seed": {}})

@@ -43,8 +43,8 @@ def test_aggregate_means_stds_and_paired_differences(tmp_path):
         out=str(tmp_path / "out"), tasks=["pusht"], eval_episodes=7, curve_episodes=5,
         table=str(tmp_path / "t" / "table.md"), json=str(tmp_path / "t" / "r.json"))
     s = compare.aggregate(args)["tasks"]["pusht"]
-    assert set(s["rows"]) == {"DP [tau0.1]", "DP-AG [tau0.1]", "DP-AG guided [gamma0.1] [tau0.1]"}
-    got = s["rows"]["DP-AG guided [gamma0.1] [tau0.1]"]["coverage_mean"]
+    assert set(s["rows"]) == {"DP [tau0.1]", "DP-AG [tau0.1]", "DP-AG [tau0.1] guided (gamma0.1)"}
+    got = s["rows"]["DP-AG [tau0.1] guided (gamma0.1)"]["coverage_mean"]
     assert got["mean"] == pytest.approx(cov["guided"].mean()) and got["std"] == pytest.approx(cov["guided"].std(ddof=1))
     # Rows with a tag pair only with the DP row of no tag; here there is none.
     assert s["paired_diff_vs_DP"] == {}
@@ -71,7 +71,7 @@ def test_a_tiny_reach_comparison_runs_end_to_end(tmp_path):
                          "--set", "train.eval_every=6"])
     assert code == 0
     s = json.loads((tmp_path / "t" / "r.json").read_text())["tasks"]["ur5_reach"]
-    assert set(s["rows"]) == {"DP", "DP-AG", "DP-AG guided", "DP-AG guided [gamma0.1-steps2]"}
+    assert set(s["rows"]) == {"DP", "DP-AG", "DP-AG guided (default)", "DP-AG guided (gamma0.1-steps2)"}
     sweep = json.loads((out / "runs" / "ur5_reach_dpag_s0" / "eval_ur5_reach_guided-gamma0.1-steps2_2"
                         / "results.json").read_text())
     assert sweep["mode"] == "guided" and sweep["guidance"]["gamma"] == 0.1 and sweep["guidance"]["steps"] == 2
