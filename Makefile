@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine (see README.md):
-#   make demo   trains a small DP-AG if needed, then serves it on the emulated UR5
+#   make demo   trains a small policy if needed, then serves it on the emulated UR5
 #   make test   the full test suite (what CI runs)
 PYTHON ?= python
 PYTEST_ARGS ?=
