@@ -16,8 +16,9 @@ continued by running the same command again):
    the same held-out episodes (Push-T: `python -m dpag_engine.eval`; reach: `python -m
    dpag_engine.tasks --eval`, the kinematic cell): dp checkpoints in dp mode (row "DP"), dpag
    checkpoints in dp mode (row "DP-AG") and in guided mode, once per --guidance setting
-   (rows "DP-AG guided [...]"). With --curve-every N the run also saves every N steps and each saved
-   checkpoint is evaluated on --curve-episodes episodes: the learning curve, metric vs training minutes;
+   (rows "DP-AG guided (...)"). With --curve-every N the run also saves every N steps and each saved
+   checkpoint is evaluated on --curve-episodes episodes: the learning curve (metric vs steps;
+   the run's minutes at each point are in the JSON);
 4. aggregate: per row, the mean and the sample std (ddof=1) over training seeds of each seed's
    metrics, plus the per-seed paired difference against DP; markdown (--table), JSON (--json) and
    the learning-curve plot (curves_<task>.png beside the table).
@@ -267,7 +268,7 @@ def final_val(rd: Path) -> dict:
 
 
 def curve_points(rd: Path, task: str, episodes: int) -> list[dict]:
-    """(step, training minutes, metric) per evaluated checkpoint of a run, plus the final model."""
+    """(step, training minutes, metric) per evaluated checkpoint of a run."""
     import csv
     minutes = {}
     if (rd / "log.csv").exists():
@@ -291,13 +292,13 @@ def plot_curves(task: str, curves: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     colours = {"dp": "tab:blue", "dpag": "tab:red"}
     for name, pts in sorted(curves.items()):
-        pts = [p for p in pts if p["minutes"] is not None]
-        if not pts:
-            continue
         method = name.split("_s")[0].rsplit("_", 1)[-1]
-        ax.plot([p["minutes"] for p in pts], [p["value"] for p in pts], "o-", ms=3,
+        ax.plot([0] + [p["step"] for p in pts], [float("nan")] + [p["value"] for p in pts], "o-", ms=3,
                 color=colours.get(method), alpha=0.8, label=name.split(f"{task}_", 1)[-1])
-    ax.set_xlabel("training wall time (min, this run's own clock)")
+    # Steps, not minutes: on a shared machine a run's own clock measures its neighbours too (the
+    # minutes are in results.json, "curves").
+    ax.set_xlabel("optimiser steps")
+    ax.set_xlim(left=0)
     ax.set_ylabel(TASKS[task].metrics[0].name)
     ax.set_title(f"{TASKS[task].title}: learning curves (dp sampling)")
     ax.grid(alpha=0.3)
