@@ -741,11 +741,14 @@ def test_full_command_log_is_small():
 
 def test_connections_leave_no_threads_behind(robust):
     emu, w = robust
-    base = len(emu._threads)
+    before = list(emu._threads)
+    base = len(before)
     for _ in range(30):
         with socket.create_connection((ROBUST_HOST, 29999), timeout=3) as d:
             d.recv(100)
-    assert wait_until(lambda: len([t for t in emu._threads if t.is_alive()]) <= base, 3.0)
+    # Every thread these connections started has ended (counting live threads against `base` could
+    # pass early: a thread of an earlier test that ends meanwhile makes room for one still running).
+    assert wait_until(lambda: not any(t.is_alive() for t in emu._threads if t not in before), 3.0)
     with socket.create_connection((ROBUST_HOST, 29999), timeout=3) as d:   # pruned on the next accept
         d.recv(100)
         assert len(emu._threads) <= base + 1
