@@ -69,8 +69,11 @@ class Trainer:
         self.policy.normalizer.fit(self.train_set.normalizer_data())  # train split only
         self.policy.spec = self.spec   # written into every model.pt
         self.policy.to(self.device)
+        # fused: one kernel over all parameters. On CPU torch's default is the per-tensor loop, 12 ms of
+        # a 110 ms `small` step on 2 cores; fused takes 3-5 ms (same update, other rounding).
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=train_cfg.lr, betas=tuple(train_cfg.betas),
-                                           weight_decay=train_cfg.weight_decay)
+                                           weight_decay=train_cfg.weight_decay,
+                                           fused=self.device.type in ("cpu", "cuda"))
         self.scheduler = lr_scheduler(self.optimizer, train_cfg)
         self.ema = EMA(self.policy, train_cfg.ema_power, train_cfg.ema_max_decay, train_cfg.ema_inv_gamma,
                        train_cfg.ema_update_after_step) if train_cfg.ema else None
