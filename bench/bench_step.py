@@ -124,7 +124,7 @@ def variants(policy: DPAGPolicy, threads: int) -> dict:
         "eager torch (1 thread)": (lambda: (with_threads(eager_step(policy), 1), unet), ()),
         "torch.compile(unet)": (lambda: (compiled_step(policy), unet), Exception),  # the row says why
     }
-    for weights in ("fp32", "fp16", "bf16"):
+    for weights in ("fp32", "fp16", "bf16", "int8"):
         table[f"engine {weights} ({threads} threads)"] = (functools.partial(engine_step, policy, weights),
                                                           NotImplementedError)
     table["engine fp32 (1 thread)"] = (functools.partial(engine_step, policy, "fp32", 1), NotImplementedError)

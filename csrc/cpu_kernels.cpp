@@ -30,11 +30,12 @@ namespace {
 using cpu::WeightType;
 
 template <WeightType kW>
-using WeightT = std::conditional_t<kW == WeightType::kF32, float, std::uint16_t>;
+using WeightT = std::conditional_t<kW == WeightType::kF32, float,
+                                   std::conditional_t<kW == WeightType::kI8, std::int8_t, std::uint16_t>>;
 
 template <WeightType kW>
 float widen(WeightT<kW> w) {
-    if constexpr (kW == WeightType::kF32) {
+    if constexpr (kW == WeightType::kF32 || kW == WeightType::kI8) {
         return w;
     } else if constexpr (kW == WeightType::kBF16) {
         const std::uint32_t bits = static_cast<std::uint32_t>(w) << 16;
@@ -49,14 +50,17 @@ float widen(WeightT<kW> w) {
 std::size_t x_stride(const DenseArgs& a) { return a.x_stride ? a.x_stride : static_cast<std::size_t>(a.n_cols); }
 const float* x_row(const DenseArgs& a, int i) { return a.x + (i / a.taps) * x_stride(a) + i % a.taps; }
 
-// Writes one panel's results: res[c * 16 + j] is row r + j of column n0 + c (before the bias), for
-// the rows below r1.
+// Writes one panel's results: res[c * 16 + j] is row r + j of column n0 + c (before the int8 scale
+// and the bias), for the rows below r1.
 void store_panel(const DenseArgs& a, const float* res, int r, int r1, int n0, int nc) {
     const int nr = std::min(kPanel, r1 - r);
     for (int c = 0; c < nc; ++c) {
         const int n = n0 + c, b = n / a.T, t = n % a.T;
         float* o = a.out + static_cast<std::size_t>(b) * a.out_bstride + static_cast<std::size_t>(r) * a.T + t;
-        for (int j = 0; j < nr; ++j) o[static_cast<std::size_t>(j) * a.T] = res[c * kPanel + j] + (a.bias ? a.bias[r + j] : 0.0f);
+        for (int j = 0; j < nr; ++j) {
+            const float sum = res[c * kPanel + j];
+            o[static_cast<std::size_t>(j) * a.T] = (a.scale ? sum * a.scale[r + j] : sum) + (a.bias ? a.bias[r + j] : 0.0f);
+        }
     }
 }
 
@@ -86,6 +90,8 @@ template <WeightType kW>
 DPAG_AVX2 inline __m256 load8(const WeightT<kW>* p) {
     if constexpr (kW == WeightType::kF32) {
         return _mm256_loadu_ps(p);
+    } else if constexpr (kW == WeightType::kI8) {
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
     } else {
         const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
         if constexpr (kW == WeightType::kBF16) {
@@ -148,6 +154,8 @@ template <WeightType kW>
 DPAG_AVX512 inline __m512 load16(const WeightT<kW>* p) {
     if constexpr (kW == WeightType::kF32) {
         return _mm512_loadu_ps(p);
+    } else if constexpr (kW == WeightType::kI8) {
+        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     } else {
         const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
         if constexpr (kW == WeightType::kBF16) {
@@ -186,8 +194,10 @@ DPAG_AVX512 void micro512(const DenseArgs& a, const WeightT<kW>* w, int r, int r
         const int rp = r + p * kPanel;
         if (a.T == 1 && rp + kPanel <= r1) {  // columns are contiguous rows of out: vector stores
             const __m512 bv = a.bias ? _mm512_loadu_ps(a.bias + rp) : _mm512_setzero_ps();
+            const __m512 sv = a.scale ? _mm512_loadu_ps(a.scale + rp) : _mm512_set1_ps(1.0f);
             for (int c = 0; c < NC; ++c)
-                _mm512_storeu_ps(a.out + static_cast<std::size_t>(n0 + c) * a.out_bstride + rp, _mm512_add_ps(acc[p][c], bv));
+                _mm512_storeu_ps(a.out + static_cast<std::size_t>(n0 + c) * a.out_bstride + rp,
+                                 _mm512_add_ps(_mm512_mul_ps(acc[p][c], sv), bv));
         } else {
             alignas(64) float res[kPanel * NC];
             for (int c = 0; c < NC; ++c) _mm512_store_ps(res + c * kPanel, acc[p][c]);
@@ -400,28 +410,30 @@ void mish_scalar(float* x, std::size_t n) {
 
 const char* kernel_isa() { return kAvx512 ? "avx512" : kAvx2 ? "avx2" : "scalar"; }
 
+namespace {
+// Runs Kernel<kW> with the weights cast to their stored type.
+template <template <WeightType> class Kernel>
+void dispatch(const DenseArgs& a, int r0, int r1) {
+    switch (a.wtype) {
+        case WeightType::kF32: return Kernel<WeightType::kF32>::run(a, static_cast<const float*>(a.w), r0, r1);
+        case WeightType::kBF16: return Kernel<WeightType::kBF16>::run(a, static_cast<const std::uint16_t*>(a.w), r0, r1);
+        case WeightType::kF16: return Kernel<WeightType::kF16>::run(a, static_cast<const std::uint16_t*>(a.w), r0, r1);
+        case WeightType::kI8: return Kernel<WeightType::kI8>::run(a, static_cast<const std::int8_t*>(a.w), r0, r1);
+    }
+}
+template <WeightType kW> struct Scalar { static void run(const DenseArgs& a, const WeightT<kW>* w, int r0, int r1) { dense_scalar<kW>(a, w, r0, r1); } };
+#if DPAG_X86
+template <WeightType kW> struct Avx2 { static void run(const DenseArgs& a, const WeightT<kW>* w, int r0, int r1) { dense_avx2<kW>(a, w, r0, r1); } };
+template <WeightType kW> struct Avx512 { static void run(const DenseArgs& a, const WeightT<kW>* w, int r0, int r1) { dense_avx512<kW>(a, w, r0, r1); } };
+#endif
+}  // namespace
+
 void dense_rows(const DenseArgs& a, int r0, int r1) {
 #if DPAG_X86
-    if (kAvx512) {
-        switch (a.wtype) {
-            case WeightType::kF32: return dense_avx512<WeightType::kF32>(a, a.w32, r0, r1);
-            case WeightType::kBF16: return dense_avx512<WeightType::kBF16>(a, a.w16, r0, r1);
-            case WeightType::kF16: return dense_avx512<WeightType::kF16>(a, a.w16, r0, r1);
-        }
-    }
-    if (kAvx2) {
-        switch (a.wtype) {
-            case WeightType::kF32: return dense_avx2<WeightType::kF32>(a, a.w32, r0, r1);
-            case WeightType::kBF16: return dense_avx2<WeightType::kBF16>(a, a.w16, r0, r1);
-            case WeightType::kF16: return dense_avx2<WeightType::kF16>(a, a.w16, r0, r1);
-        }
-    }
+    if (kAvx512) return dispatch<Avx512>(a, r0, r1);
+    if (kAvx2) return dispatch<Avx2>(a, r0, r1);
 #endif
-    switch (a.wtype) {
-        case WeightType::kF32: return dense_scalar<WeightType::kF32>(a, a.w32, r0, r1);
-        case WeightType::kBF16: return dense_scalar<WeightType::kBF16>(a, a.w16, r0, r1);
-        case WeightType::kF16: return dense_scalar<WeightType::kF16>(a, a.w16, r0, r1);
-    }
+    dispatch<Scalar>(a, r0, r1);
 }
 
 double sum_f64(const float* x, std::size_t n) {

@@ -26,8 +26,10 @@ namespace dpag::cpu {
 //
 // Column n is (sample b, time t) = (n / T, n % T) and lands at out[b * out_bstride + r * T + t],
 // i.e. straight into the channels-first (B, C, T) activation layout (T = 1: out[n * out_bstride + r]).
-// How the weights are stored: halving the bytes halves the time of a bandwidth-bound step.
-enum class WeightType { kF32, kBF16, kF16 };
+// How the weights are stored: halving the bytes halves the time of a bandwidth-bound step. kI8 is
+// weight-only int8 with one fp32 scale per output row (W[r, i] = scale[r] * q[r, i]): the kernel
+// sums q * x in fp32 and scales each row's sum once, so the scale costs nothing per weight.
+enum class WeightType { kF32, kBF16, kF16, kI8 };
 
 constexpr int kPanel = 16;  // weight rows per panel: one AVX-512 register of fp32 (two AVX2 ones)
 
@@ -38,9 +40,9 @@ inline std::size_t panel_index(int r, int i, int k) {
 }
 
 struct DenseArgs {
-    const float* w32 = nullptr;          // kF32 weights, or
-    const std::uint16_t* w16 = nullptr;  // kBF16 (upper halves of fp32) / kF16 (IEEE half) weights
-    WeightType wtype = WeightType::kF32;
+    const void* w = nullptr;        // float (kF32), uint16 (kBF16: upper halves of fp32; kF16: IEEE
+    WeightType wtype = WeightType::kF32;  // half) or int8 (kI8) values, in panels
+    const float* scale = nullptr;   // kI8 only: one per padded row
     const float* bias = nullptr;    // rows, may be null
     int k = 0;                      // reduction length
     const float* x = nullptr;       // k x n_cols, addressed as above

@@ -50,11 +50,7 @@ void dense_job(void* ctx, int tid, int n_threads) {
 void PolicyEngine::Impl::dense(const Dense& d, const float* col, int n_cols, float* out, int T, std::size_t bstride,
                                int taps, std::size_t x_stride, const unet::Norm* norm, unet::NormTape* tape) {
     DenseJob job;
-    job.a.w32 = static_cast<const float*>(d.weights());
-    job.a.w16 = static_cast<const std::uint16_t*>(d.weights());
-    job.a.wtype = d.wtype;
-    job.a.bias = d.bias.empty() ? nullptr : d.bias.data();
-    job.a.k = d.k;
+    job.a = d.args();
     job.a.x = col;
     job.a.n_cols = n_cols;
     job.a.taps = taps;

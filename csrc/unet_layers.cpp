@@ -71,6 +71,8 @@ void WeightArena::build(const std::vector<Dense*>& layers) {
         d->w32.shrink_to_fit();
         d->w16.clear();
         d->w16.shrink_to_fit();
+        d->w8.clear();
+        d->w8.shrink_to_fit();
         d->stored_bytes = n;
         off += (n + 63) / 64 * 64;
     }
@@ -227,12 +229,7 @@ int conv1d_forward(const float* x, int batch, int c_in, int t_in, const float* w
     if (t_out < 1 || t_out > t_out_capacity) throw std::invalid_argument("conv1d: output length " + std::to_string(t_out) + " does not fit");
     std::vector<float> col(static_cast<std::size_t>(batch) * t_out * c.d.k);
     unet::im2col(c, unet::Src{x, static_cast<std::size_t>(c_in) * t_in, t_in, 1}, batch, t_in, col.data());
-    cpu::DenseArgs a;
-    a.w32 = c.d.w32.empty() ? nullptr : c.d.w32.data();
-    a.w16 = c.d.w16.empty() ? nullptr : c.d.w16.data();
-    a.wtype = wtype;
-    a.bias = c.d.bias.data();
-    a.k = c.d.k;
+    cpu::DenseArgs a = c.d.args();
     a.x = col.data();
     a.n_cols = batch * t_out;
     a.out = out;

@@ -4,6 +4,7 @@
 // Stateless free functions over raw buffers; the U-Net itself (unet_impl.h) strings them together.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -21,6 +22,8 @@ struct Dense {
     int rows = 0, k = 0;
     std::vector<float> w32;
     std::vector<std::uint16_t> w16;
+    std::vector<std::int8_t> w8;
+    std::vector<float> scale;  // kI8: scale[r] = max_i |W[r, i]| / 127 (0 for an all-zero or padding row)
     cpu::WeightType wtype = cpu::WeightType::kF32;
     std::vector<float> bias;
 
@@ -31,9 +34,21 @@ struct Dense {
         k = k_;
         wtype = type;
         const std::size_t n = static_cast<std::size_t>(cpu::pad_rows(rows)) * k;
-        const bool half = type != cpu::WeightType::kF32;
-        if (half) w16.assign(n, 0); else w32.assign(n, 0.0f);
-        for (int r = 0; r < rows; ++r)
+        switch (type) {
+            case cpu::WeightType::kF32: w32.assign(n, 0.0f); break;
+            case cpu::WeightType::kBF16: case cpu::WeightType::kF16: w16.assign(n, 0); break;
+            case cpu::WeightType::kI8: w8.assign(n, 0); scale.assign(cpu::pad_rows(rows), 0.0f); break;
+        }
+        for (int r = 0; r < rows; ++r) {
+            if (type == cpu::WeightType::kI8) {  // per-row symmetric: the largest |W[r, i]| maps to 127
+                double amax = 0.0;
+                for (int i = 0; i < k; ++i) {
+                    const float v = at(r, i);
+                    if (!std::isfinite(v)) throw std::invalid_argument("weights: a value is not finite; int8 needs finite weights");
+                    amax = std::max(amax, static_cast<double>(std::fabs(v)));
+                }
+                scale[r] = static_cast<float>(amax / 127.0);
+            }
             for (int i = 0; i < k; ++i) {
                 const float v = at(r, i);
                 const std::size_t j = cpu::panel_index(r, i, k);
@@ -41,20 +56,39 @@ struct Dense {
                     w32[j] = v;
                 } else if (type == cpu::WeightType::kBF16) {
                     w16[j] = cpu::to_bf16(v);
-                } else {
+                } else if (type == cpu::WeightType::kF16) {
                     if (!(std::fabs(v) <= 65504.0f))
                         throw std::invalid_argument("weights: a value (" + std::to_string(v) + ") is outside the fp16 range; use fp32 or bf16");
                     w16[j] = cpu::to_f16(v);
+                } else if (scale[r] > 0.0f) {  // round half to even, as numpy's rint (tests/test_dense_kernel.py)
+                    const double q = std::nearbyint(static_cast<double>(v) / static_cast<double>(scale[r]));
+                    w8[j] = static_cast<std::int8_t>(std::clamp(q, -127.0, 127.0));
                 }
             }
+        }
     }
     std::size_t stored_bytes = 0;  // set when the weights move to the arena
-    std::size_t bytes() const { return stored_bytes ? stored_bytes : w32.size() * 4 + w16.size() * 2; }
+    std::size_t bytes() const { return stored_bytes ? stored_bytes : w32.size() * 4 + w16.size() * 2 + w8.size(); }
 
     // Where the kernel reads the weights: the vectors above until the engine moves every conv's
     // weights into its huge-page arena (WeightArena), then there.
     const void* data = nullptr;
-    const void* weights() const { return data ? data : (w32.empty() ? static_cast<const void*>(w16.data()) : w32.data()); }
+    const void* weights() const {
+        if (data) return data;
+        if (!w32.empty()) return w32.data();
+        if (!w16.empty()) return w16.data();
+        return w8.data();
+    }
+    // The kernel's arguments for this matrix (weights, type, int8 scales, bias).
+    cpu::DenseArgs args() const {
+        cpu::DenseArgs a;
+        a.w = weights();
+        a.wtype = wtype;
+        a.scale = scale.empty() ? nullptr : scale.data();
+        a.bias = bias.empty() ? nullptr : bias.data();
+        a.k = k;
+        return a;
+    }
 };
 
 // One contiguous allocation for all convolution weights, 2 MiB aligned and (on Linux) advised to use

@@ -156,10 +156,7 @@ std::vector<float> PolicyEngine::Impl::linear(const Dense& d, const std::vector<
     std::vector<float> xt(static_cast<std::size_t>(n) * d.k), out(static_cast<std::size_t>(n) * d.rows);
     for (int j = 0; j < n; ++j)
         for (int i = 0; i < d.k; ++i) xt[static_cast<std::size_t>(i) * n + j] = in[static_cast<std::size_t>(j) * d.k + i];
-    cpu::DenseArgs a;
-    a.w32 = d.w32.data();
-    a.bias = d.bias.data();
-    a.k = d.k;
+    cpu::DenseArgs a = d.args();
     a.x = xt.data();
     a.n_cols = n;
     a.out = out.data();

@@ -33,7 +33,7 @@ from .config import ConfigError, LatentUpdateConfig, PolicyConfig, latent_overri
 from .data.dataset import parse_key_spec
 from .envs.dynamic_pusht import make_task
 from .envs.pusht import MAX_STEPS, TEST_START_SEED
-from .runtime import policy_planner
+from .runtime import ENGINE_WEIGHTS, policy_planner
 
 _WORKER: dict = {}  # per-process policy and settings (set by _init)
 
@@ -104,11 +104,11 @@ def action_jerk(actions: np.ndarray) -> float:
 
 
 def _init(ckpt: str, task: str, mode: str | None, max_steps: int, state_keys: list[str],
-          cameras: dict[str, str], latent: LatentUpdateConfig, runtime: str) -> None:
+          cameras: dict[str, str], latent: LatentUpdateConfig, runtime: str, weights: str) -> None:
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
     policy = load_policy(ckpt)
     policy.set_guidance(latent)
-    _WORKER.update(policy=policy, planner=policy_planner(policy, runtime, mode),
+    _WORKER.update(policy=policy, planner=policy_planner(policy, runtime, mode, weights=weights),
                    task=make_task(task, render=bool(cameras)), mode=mode,
                    state_keys=state_keys, cameras=cameras, max_steps=max_steps)
 
@@ -152,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="guided mode: the latent update's settings (default: the checkpoint's policy.guidance)")
     p.add_argument("--runtime", default="cpp", choices=["cpp", "torch"],
                    help="plan on the C++ engine (as serving does) or the PyTorch reference")
+    p.add_argument("--weights", default="fp32", choices=ENGINE_WEIGHTS,
+                   help="--runtime cpp: how the engine stores the U-Net's convolution weights")
     p.add_argument("--start-seed", type=int, default=TEST_START_SEED)
     p.add_argument("--max-steps", type=int, default=MAX_STEPS)
     p.add_argument("--videos", type=int, default=2, help="rollouts saved as GIFs")
     p.add_argument("--out-dir", help="default: <checkpoint dir>/eval_<task>_<mode>")
     args = p.parse_args(argv)
+    if args.weights != "fp32" and args.runtime != "cpp":
+        p.error("--weights: only the C++ engine (--runtime cpp) stores reduced-precision weights")
     ckpt = Path(args.ckpt)
     try:
         loaded = load_checkpoint(ckpt)
@@ -180,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir) if args.out_dir else (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval_{args.task}_{mode}"
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.start_seed + i, i < args.videos) for i in range(args.episodes)]
-    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras, latent, args.runtime)
+    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras, latent, args.runtime, args.weights)
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=init) as pool:
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if frames:
             save_gif(frames, out / f"rollout_{ep['seed']}.gif")
     cov = np.array([e["max_coverage"] for e in episodes])
-    results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "runtime": args.runtime,
+    results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "runtime": args.runtime, "weights": args.weights,
                "guidance": dataclasses.asdict(latent),
                "episodes": len(episodes),
                "start_seed": args.start_seed, "coverage_mean": float(cov.mean()), "coverage_std": float(cov.std()),

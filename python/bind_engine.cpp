@@ -30,11 +30,12 @@ dpag::cpu::WeightType weight_type(const std::string& s) {
     if (s == "fp32") return dpag::cpu::WeightType::kF32;
     if (s == "bf16") return dpag::cpu::WeightType::kBF16;
     if (s == "fp16") return dpag::cpu::WeightType::kF16;
-    throw py::value_error("weights: must be 'fp32', 'bf16' or 'fp16', got '" + s + "'");
+    if (s == "int8") return dpag::cpu::WeightType::kI8;
+    throw py::value_error("weights: must be 'fp32', 'bf16', 'fp16' or 'int8', got '" + s + "'");
 }
 
 std::string weight_name(dpag::cpu::WeightType t) {
-    static const char* names[] = {"fp32", "bf16", "fp16"};   // in the enum's order (cpu_kernels.h)
+    static const char* names[] = {"fp32", "bf16", "fp16", "int8"};   // in the enum's order (cpu_kernels.h)
     return names[static_cast<int>(t)];
 }
 
@@ -189,7 +190,7 @@ void bind_engine(py::module_& m) {
         .def_readwrite("max_batch", &Cfg::max_batch)
         .def_property("weights",
             [](const Cfg& c) { return weight_name(c.weights); },
-            [](Cfg& c, const std::string& name) { c.weights = weight_type(name); }, "'fp32', 'bf16' or 'fp16'")
+            [](Cfg& c, const std::string& name) { c.weights = weight_type(name); }, "'fp32', 'bf16', 'fp16' or 'int8'")
         .def_readwrite("threads", &Cfg::threads);
 
     py::class_<dpag::PolicyEngine, std::shared_ptr<dpag::PolicyEngine>>(

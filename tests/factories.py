@@ -1,6 +1,7 @@
 """Small builders shared by the tests: random-but-valid policies, batches and observations."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dpag_engine.config import ImageEncoderConfig, PolicyConfig
@@ -53,3 +54,22 @@ def running_emulator(host: str, version: str, control_port: int):
     emu = EmulatorProcess(host, version, control_port=control_port).start()
     yield emu
     assert emu.stop() == 0, emu.output()
+
+
+def round_weights(w: np.ndarray, weights: str, out_axis: int = 0) -> np.ndarray:
+    """The values the engine multiplies with: fp32, rounded to nearest-even bf16 / fp16, or int8
+    per output channel (axis `out_axis`): scale = max |w| / 127 in float32, q = rint(w / scale)."""
+    w = w.astype(np.float32)
+    if weights == "int8":
+        others = tuple(a for a in range(w.ndim) if a != out_axis)
+        scale = (np.abs(w).max(axis=others, keepdims=True).astype(np.float64) / 127.0).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1).astype(np.float64)
+        q = np.clip(np.rint(w.astype(np.float64) / safe), -127, 127)
+        return q * scale.astype(np.float64)
+    if weights == "fp16":
+        return w.astype(np.float16).astype(np.float64)
+    if weights == "bf16":
+        bits = w.view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return w.astype(np.float64)

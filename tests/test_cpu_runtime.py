@@ -22,7 +22,7 @@ from dpag_engine.planner import draw_plan_noise
 from dpag_engine.ops import torch_ref
 from dpag_engine.runtime.cpu import CpuRuntime, engine_config, unet_weights
 
-from factories import SMALL_IMAGE, make_obs, make_policy, normalised_error
+from factories import SMALL_IMAGE, make_obs, make_policy, normalised_error, round_weights
 
 ATOL = 1e-5
 # Three U-Net levels (the tiny recipe has two): a down-sampling, two up levels, skips at two scales.
@@ -169,15 +169,15 @@ def test_unet_forward_matches_torch():
     (64, 64, 4, 2, 1, True, 4),       # ConvTranspose1d up-sampling
     (24, 16, 4, 2, 1, True, 7),
 ])
-@pytest.mark.parametrize("weights", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "fp16", "int8"])
 def test_conv_layer_matches_torch(c_in, c_out, k, stride, pad, transposed, t, weights):
     g = torch.Generator().manual_seed(c_in * 100 + c_out)
     x = torch.randn(3, c_in, t, generator=g)
     w = torch.randn((c_in, c_out, k) if transposed else (c_out, c_in, k), generator=g) / (c_in * k) ** 0.5
     b = torch.randn(c_out, generator=g)
     out = torch.from_numpy(_C.conv1d(x.numpy(), w.numpy(), b.numpy(), stride, pad, transposed, weights))
-    # The 16-bit engines compute exactly with the rounded weights, in fp32.
-    w_ref = {"fp32": w, "bf16": w.bfloat16().float(), "fp16": w.half().float()}[weights]
+    # The 16-bit and int8 engines compute exactly with the rounded (dequantised) weights, in fp32.
+    w_ref = torch.from_numpy(round_weights(w.numpy(), weights, 1 if transposed else 0)).float()
     conv = F.conv_transpose1d if transposed else F.conv1d
     ref = conv(x, w_ref, b, stride=stride, padding=pad)
     assert torch.isfinite(out).all()
@@ -196,7 +196,7 @@ def test_lower_isa_kernels_match_torch(isa):
         "torch.set_num_threads(1)\n"
         "test_step_matches_predict_action_tiny(2, 'dp')\n"
         "test_step_matches_predict_action_tiny(2, 'guided')\n"
-        "for w in ('fp32', 'bf16', 'fp16'):\n"
+        "for w in ('fp32', 'bf16', 'fp16', 'int8'):\n"
         "    test_conv_layer_matches_torch(37, 20, 5, 1, 2, False, 9, w)\n"
         "    test_conv_layer_matches_torch(24, 16, 4, 2, 1, True, 7, w)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -238,14 +238,16 @@ def test_concurrent_steps_on_one_engine():
         assert all(torch.equal(r, expected[i]) for r in results[i])
 
 
-@pytest.mark.parametrize("weights,tol", [("fp16", 1e-2), ("bf16", 3e-2)])
-def test_half_weights_close_to_fp32(weights, tol):
+@pytest.mark.parametrize("weights,tol", [("fp16", 1e-2), ("bf16", 3e-2), ("int8", 0.1)])
+def test_reduced_weights_close_to_fp32(weights, tol):
     """fp16 weights: within 1e-2 of fp32 (normalised units; measured ~2e-3). bf16: ~1.5e-2, which
-    misses the issue's 1e-2: checked only against a looser bound, and reported as such."""
+    misses the issue's 1e-2: checked only against a looser bound, and reported as such. int8 (one scale
+    per output channel, so each weight is rounded to 1/254 of its row's largest): ~5e-2, likewise."""
     policy = make_policy().eval()
     fp32 = CpuRuntime.planner(policy)
     half = CpuRuntime.planner(policy, weights=weights)
-    assert half.runtime.weight_bytes_per_step * 2 == fp32.runtime.weight_bytes_per_step
+    bytes_per_weight = {"fp16": 2, "bf16": 2, "int8": 1}[weights]
+    assert half.runtime.weight_bytes_per_step * 4 == fp32.runtime.weight_bytes_per_step * bytes_per_weight
     for seed in range(3):
         obs = make_obs(policy.cfg, 2, torch.Generator().manual_seed(seed))
         a = fp32.predict_action(obs, torch.Generator().manual_seed(seed))["action_pred"]
@@ -321,7 +323,7 @@ def test_raw_binding_checks(tiny_engine):
     with pytest.raises(ValueError, match="step: must be in"):
         e.unet_forward(x, 99, torch.zeros(1, cfg.global_cond_dim).numpy(), x.copy())
     with pytest.raises(ValueError, match="weights: must be 'fp32'"):
-        CpuRuntime.planner(policy, weights="int8")
+        CpuRuntime.planner(policy, weights="int4")
 
 
 def test_bad_weights_are_named():

@@ -5,7 +5,8 @@ Goes through `_C.conv1d` (im2col + the kernel, one thread): a 1x1 conv is exactl
 out[b, r, t] = bias[r] + sum_i W[r, i] x[b, i, t], so rows = C_out, k = C_in and n_cols = B * T.
 Covers row counts that are not multiples of 16 (a partial last panel), every column count 1..17 at
 batch 1 (each AVX-512 block shape, and the split of 17 into two blocks), batch > 1 (column blocks
-that cross samples), reduction lengths from 1 up, fp32 / bf16 / fp16 weights; plus k > 1 and
+that cross samples), reduction lengths from 1 up, fp32 / bf16 / fp16 / int8 weights (int8 against its
+own per-channel dequantised values, so the kernel's error is separated from the quantisation's); plus k > 1 and
 transposed convs, whose im2col paths feed the same kernel. Each ISA runs in a subprocess with
 DPAG_CPU_ISA set (read once when the library loads).
 """
@@ -19,20 +20,9 @@ import numpy as np
 import pytest
 
 from dpag_engine import _C
+from factories import round_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def round_weights(w: np.ndarray, weights: str) -> np.ndarray:
-    """The values the engine multiplies with: fp32, or rounded to nearest-even bf16 / fp16."""
-    w = w.astype(np.float32)
-    if weights == "fp16":
-        return w.astype(np.float16).astype(np.float64)
-    if weights == "bf16":
-        bits = w.view(np.uint32).astype(np.uint64)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
-    return w.astype(np.float64)
 
 
 def reference(x, w, b, stride, pad, transposed):
@@ -65,7 +55,7 @@ def check_all(seed: int = 0) -> float:
     """Every combination on the ISA this process runs; returns the worst error relative to the scale."""
     rng = np.random.default_rng(seed)
     worst = 0.0
-    for weights in ("fp32", "bf16", "fp16"):
+    for weights in ("fp32", "bf16", "fp16", "int8"):
         for rows in ROWS:
             for k in K:
                 for batch, t in COLUMNS:
@@ -86,7 +76,7 @@ def check_all(seed: int = 0) -> float:
             w = (rng.standard_normal(shape) / np.sqrt(c_in * k)).astype(np.float32)
             b = rng.standard_normal(c_out).astype(np.float32)
             out = _C.conv1d(x, w, b, stride, pad, transposed, weights)
-            ref = reference(x, round_weights(w, weights), b, stride, pad, transposed)
+            ref = reference(x, round_weights(w, weights, 1 if transposed else 0), b, stride, pad, transposed)
             err = float(np.abs(out - ref).max())
             assert err < 2e-5, (weights, c_in, c_out, k, stride, pad, transposed, batch, t, err)
             worst = max(worst, err)

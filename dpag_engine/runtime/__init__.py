@@ -20,13 +20,22 @@ RUNTIMES = ("torch", "onnxruntime", "tensorrt")
 POLICY_RUNTIMES = ("cpp", "torch")
 
 
-def policy_planner(policy, runtime: str = "cpp", mode: str = "dp", threads: int | None = None):
+ENGINE_WEIGHTS = ("fp32", "fp16", "bf16", "int8")
+
+
+def policy_planner(policy, runtime: str = "cpp", mode: str = "dp", threads: int | None = None,
+                   weights: str = "fp32"):
     """The plan contract over a loaded policy: "cpp" the C++ engine (what serving runs; its weights,
-    latent-update settings and thread count are snapshot now), "torch" the PyTorch reference."""
+    latent-update settings and thread count are snapshot now), "torch" the PyTorch reference.
+    weights: how the engine stores the convolution weights (ENGINE_WEIGHTS; "cpp" only)."""
+    if weights not in ENGINE_WEIGHTS:
+        raise ValueError(f"weights: must be one of {ENGINE_WEIGHTS}, got {weights!r}")
     if runtime == "cpp":
         from .cpu import CpuRuntime
-        return CpuRuntime.planner(policy, threads=threads, guided=mode == "guided")
+        return CpuRuntime.planner(policy, threads=threads, guided=mode == "guided", weights=weights)
     if runtime == "torch":
+        if weights != "fp32":
+            raise ValueError(f"weights={weights!r}: only the C++ engine (runtime 'cpp') stores reduced-precision weights")
         return policy.planner()
     raise ValueError(f"runtime: must be one of {POLICY_RUNTIMES}, got {runtime!r}")
 

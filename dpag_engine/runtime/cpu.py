@@ -8,7 +8,7 @@ runs on a float32 torch snapshot of the policy's normaliser, encoder and posteri
 for low-dim policies that is a normalisation and one small Linear; for image policies the ResNet-18,
 compute-bound 2-D convolution that oneDNN already runs near peak.
 
-    planner = CpuRuntime.planner(policy)                       # fp32; weights="fp16"/"bf16" halve the bytes
+    planner = CpuRuntime.planner(policy)                       # fp32; weights="fp16"/"bf16"/"int8" shrink the bytes
     out = planner.predict_action(obs, generator)               # == policy.predict_action(obs, generator)
     out = planner.predict_action(obs, generator, mode="guided", prefix=committed)
 """
@@ -63,9 +63,10 @@ class CpuRuntime:
     @classmethod
     def from_policy(cls, policy: DPAGPolicy, weights: str = "fp32", threads: int | None = None,
                     max_batch: int = 8, guided: bool | None = None) -> "CpuRuntime":
-        """weights: storage of the convolution weights, "fp32", "bf16" or "fp16"; the 16-bit ones halve
-        the bytes a step streams (accumulation stays fp32). fp16 rounds 8x finer than bf16: see
-        tests/test_cpu_runtime.py for the measured action differences.
+        """weights: storage of the convolution weights, "fp32", "bf16", "fp16" or "int8"; the 16-bit
+        ones halve the bytes a step streams, int8 (one fp32 scale per output channel) quarters them;
+        accumulation stays fp32. fp16 rounds 8x finer than bf16 and is the only one within 1e-2 of
+        fp32: see tests/test_cpu_runtime.py and bench/RESULTS.md for the measured action differences.
         threads: worker threads (default: torch.get_num_threads()).
         max_batch: buffers are allocated once for up to this batch size.
         guided: build the backward for mode="guided" (a transposed copy of every conv weight, so

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import time
 
+from ..runtime import ENGINE_WEIGHTS
 from . import TASKS, get_task
 
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="--eval --mode guided: the latent update's settings (default: the checkpoint's policy.guidance)")
     p.add_argument("--runtime", default="cpp", choices=["cpp", "torch"],
                    help="--eval: plan on the C++ engine (as serving does) or the PyTorch reference")
+    p.add_argument("--weights", default="fp32", choices=ENGINE_WEIGHTS,
+                   help="--eval --runtime cpp: how the engine stores the U-Net's convolution weights")
     p.add_argument("--json", metavar="PATH", help="--eval: write the rates and per-episode results here")
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="generation seed (serving and evaluation draw from held-out seeds)")
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--episodes: at least 1")
     if bool(args.out) == bool(args.eval):
         p.error("give exactly one of --out (demonstrations) or --eval (a model.pt)")
+    if args.weights != "fp32" and args.runtime != "cpp":
+        p.error("--weights: only the C++ engine (--runtime cpp) stores reduced-precision weights")
     t0 = time.perf_counter()
     if args.eval:
         import json
@@ -47,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
             policy.set_guidance(latent_overrides(policy.cfg.guidance, args.guidance))
         except ConfigError as e:
             p.error(str(e))
-        r = evaluate_policy(get_task(args.task), policy, args.episodes, args.mode, runtime=args.runtime)
+        r = evaluate_policy(get_task(args.task), policy, args.episodes, args.mode, runtime=args.runtime,
+                            weights=args.weights)
         r.update(ckpt=args.eval, guidance=dataclasses.asdict(policy.cfg.guidance), seconds=round(time.perf_counter() - t0, 1))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(r, indent=1, default=float))
-        print(f"{args.task} {args.mode}: success {r['success_rate']:.0%}, collisions {r['collision_rate']:.0%}, "
+        print(f"{args.task} {args.mode} ({args.runtime}, {args.weights} weights): success {r['success_rate']:.0%}, collisions {r['collision_rate']:.0%}, "
               f"mean jerk {r['mean_jerk']:.1f} rad/s^3 over {args.episodes} held-out episodes "
               f"({time.perf_counter() - t0:.0f} s)")
         return 0

@@ -66,11 +66,12 @@ def rollout(task: Task, policy, episode: dict, generator: torch.Generator, mode:
 
 
 def evaluate_policy(task: Task, policy, episodes: int, mode: str = "dp", seed: int = EVAL_SEED,
-                    progress: bool = True, runtime: str = "cpp") -> dict:
+                    progress: bool = True, runtime: str = "cpp", weights: str = "fp32") -> dict:
     """`episodes` held-out episodes (episode i from np.random.default_rng([seed, i])); the rates.
-    runtime: "cpp" plans on the C++ engine as serving does, "torch" on the PyTorch reference."""
+    runtime: "cpp" plans on the C++ engine as serving does, "torch" on the PyTorch reference;
+    weights: the engine's weight storage (runtime.ENGINE_WEIGHTS)."""
     generator = torch.Generator().manual_seed(seed)
-    planner = policy_planner(policy, runtime, mode)
+    planner = policy_planner(policy, runtime, mode, weights=weights)
     results = []
     for i in progress_bar(range(episodes), desc=f"{task.name} rollout ({mode}, {runtime})", disable=not progress):
         episode = task.sample_episode(np.random.default_rng([seed, i]))
@@ -79,6 +80,7 @@ def evaluate_policy(task: Task, policy, episodes: int, mode: str = "dp", seed: i
     def rate(key):
         values = [r[key] for r in results if r.get(key) is not None]
         return float(np.mean(values)) if values else float("nan")
-    return {"task": task.name, "mode": mode, "runtime": runtime, "episodes": episodes, "success_rate": rate("success"),
+    return {"task": task.name, "mode": mode, "runtime": runtime, "weights": weights, "episodes": episodes,
+            "success_rate": rate("success"),
             "collision_rate": rate("collided"), "mean_jerk": rate("mean_jerk"),
             "gripper_closed_rate": rate("gripper_closed"), "per_episode": results}
