@@ -8,7 +8,7 @@ configs/pusht_image.yaml: one 3x96x96 camera, 84x84 centre crop, ResNet-18 encod
 as state); random weights, normaliser fitted on random data. Modes: `dp` and `guided` (the latent
 update before every denoising step). Variants per (recipe, mode): eager `DPAGPolicy.predict_action`
 at torch's default thread count and at one thread, the same with `torch.compile` on the U-Net, and
-`CpuRuntime` (runtime/cpu.py) with fp32, fp16 and bf16 weights, plus fp32 at one thread.
+`CpuRuntime` (runtime/cpu.py) with fp32, fp16, bf16 and int8 weights, plus fp32 at one thread.
 
 Every variant is timed in the same run, in interleaved rounds (each round runs one warm-up and
 --steps timed steps of every variant in turn), because the machine may be shared: a core taken by
@@ -17,10 +17,14 @@ spreads that over all variants. p50 and p99 are over every timed step of every r
 steps the p99 is close to the maximum). "vs eager" is the p50 of the faster of the two eager rows
 over the variant's p50, so contention cannot inflate it.
 
-Floor = (U-Net weight bytes per forward x weight passes per denoising step x K + image-encoder
-weight bytes, read once per step) / measured read bandwidth. dp: one pass (a forward). guided:
-1 + 2 S passes for S latent-update steps (each is a forward and an activation-only backward that
-streams the weights again), so 3 (2 forwards + 1 backward) at the default S = 1.
+Floor (bench/roofline.py, measured at the start with the row's thread count) = the larger of
+  * compute: U-Net convolution MACs per forward x passes x K / the fp32 FMA peak, and
+  * streaming: (U-Net weight bytes per forward x passes x K + image-encoder weight bytes, read once
+    per step) / the read bandwidth of the level the weights touched per step fit in (L2s, L3, DRAM).
+dp: one pass (a forward). guided: 1 + 2 S passes for S latent-update steps (each is a forward and
+an activation-only backward that streams the weights again and costs about a forward's MACs), so 3
+at the default S = 1, with twice the weights touched (the backward's transposed copies).
+"of floor" = floor / p50: how close the variant runs to its own floor.
 
 "(compile N s)" is the first torch.compile call in that mode (less on a warm inductor disk cache).
 "max abs err" is the largest |action_pred - the first eager row's| (raw action units) for the same
@@ -37,7 +41,6 @@ import argparse
 import copy
 import datetime
 import functools
-import platform
 import re
 import time
 from dataclasses import dataclass, field
@@ -53,9 +56,11 @@ from dpag_engine.policy import DPAGPolicy
 from dpag_engine.runtime.cpu import CpuRuntime
 
 try:
-    from timing import read_bandwidth_gbs, times_ms
+    import roofline
+    from timing import times_ms
 except ImportError:  # run as `python bench/bench_step.py` from the repo root
-    from bench.timing import read_bandwidth_gbs, times_ms
+    from bench import roofline
+    from bench.timing import times_ms
 
 RECIPES = {"tiny": dict(state_dim=20), "small": dict(state_dim=20), "lowdim": dict(state_dim=20),
            "image": dict(state_dim=2, image=ImageEncoderConfig())}  # ImageEncoderConfig's defaults = Push-T's
@@ -116,18 +121,18 @@ def engine_step(policy: DPAGPolicy, weights: str, threads: int | None = None):
 
 
 def variants(policy: DPAGPolicy, threads: int) -> dict:
-    """name -> (make() -> (step, U-Net weight bytes per forward), exceptions reported as n/a).
+    """name -> (make() -> (step, U-Net weight bytes per forward), exceptions reported as n/a, threads).
     The first is the reference of the error column."""
     unet = param_bytes(policy.unet)
     table = {
-        f"eager torch ({threads} threads)": (lambda: (eager_step(policy), unet), ()),
-        "eager torch (1 thread)": (lambda: (with_threads(eager_step(policy), 1), unet), ()),
-        "torch.compile(unet)": (lambda: (compiled_step(policy), unet), Exception),  # the row says why
+        f"eager torch ({threads} threads)": (lambda: (eager_step(policy), unet), (), threads),
+        "eager torch (1 thread)": (lambda: (with_threads(eager_step(policy), 1), unet), (), 1),
+        "torch.compile(unet)": (lambda: (compiled_step(policy), unet), Exception, threads),  # the row says why
     }
     for weights in ("fp32", "fp16", "bf16", "int8"):
         table[f"engine {weights} ({threads} threads)"] = (functools.partial(engine_step, policy, weights),
-                                                          NotImplementedError)
-    table["engine fp32 (1 thread)"] = (functools.partial(engine_step, policy, "fp32", 1), NotImplementedError)
+                                                          NotImplementedError, threads)
+    table["engine fp32 (1 thread)"] = (functools.partial(engine_step, policy, "fp32", 1), NotImplementedError, 1)
     return table
 
 
@@ -156,14 +161,23 @@ def why(err: Exception) -> str:
     return text if len(text) <= 100 else text[:97] + "..."
 
 
-def measure(recipe: str, modes: list[str], rounds: int, steps: int, threads: int, bandwidth: float) -> list[list[Row]]:
+def unet_macs(policy: DPAGPolicy) -> int:
+    """The U-Net's convolution MACs in one B=1 forward."""
+    cfg = policy.cfg
+    return roofline.conv_macs(policy.unet, torch.randn(1, cfg.horizon, cfg.action_dim), torch.tensor([1]),
+                              torch.randn(1, cfg.global_cond_dim))
+
+
+def measure(recipe: str, modes: list[str], rounds: int, steps: int, threads: int,
+            rooflines: dict[int, roofline.Roofline]) -> list[list[Row]]:
     """One list of rows per mode; every variant of the recipe is built once and shared by the modes."""
     policy = build(recipe)
     obs = observation(policy)
+    macs = unet_macs(policy)
     built = {}
-    for name, (make, missing) in variants(policy, threads).items():
+    for name, (make, missing, n_threads) in variants(policy, threads).items():
         try:
-            built[name] = (*make(), missing)
+            built[name] = (*make(), missing, rooflines[n_threads])
         except missing as err:
             built[name] = why(err)
     k = policy.schedule.num_steps
@@ -178,7 +192,7 @@ def measure(recipe: str, modes: list[str], rounds: int, steps: int, threads: int
             if isinstance(made, str):
                 row.missing = made
                 continue
-            step, row.weight_bytes, missing = made
+            step, row.weight_bytes, missing, roof = made
             try:
                 start = time.perf_counter()
                 out = step(obs, torch.Generator().manual_seed(3), mode)["action_pred"]
@@ -188,7 +202,8 @@ def measure(recipe: str, modes: list[str], rounds: int, steps: int, threads: int
                 continue
             reference = out if reference is None else reference
             row.error = (out - reference).abs().max().item()
-            row.floor_ms = (passes * k * row.weight_bytes + encoder_bytes) / (bandwidth * 1e9) * 1e3
+            row.floor_ms = roof.floor_ms(macs=passes * k * macs, streamed_bytes=passes * k * row.weight_bytes + encoder_bytes,
+                                         resident_bytes=row.weight_bytes * (1 if mode == "dp" else 2))
             row.run = functools.partial(step, obs, None, mode)
         for _ in range(rounds):
             for row in rows:
@@ -222,11 +237,12 @@ def table(cell: list[Row], threads: int) -> tuple[list[str], str]:
     for row in cell:
         head = f"| {row.recipe} | {row.mode} | {row.name}"
         if row.missing:
-            lines.append(f"{head} | | n/a ({row.missing}) | | | | |")
+            lines.append(f"{head} | | n/a ({row.missing}) | | | | | |")
             continue
         extra = f" (compile {row.first_s:.0f} s)" if row.name.startswith("torch.compile") else ""
         lines.append(f"{head}{extra} | {row.weight_bytes / 1e6:.1f} | {p50[row.name]:.1f} | {row.p(99):.1f} | "
-                     f"{eager / p50[row.name]:.2f}x | {row.floor_ms:.1f} | {row.error:.1e} |")
+                     f"{eager / p50[row.name]:.2f}x | {row.floor_ms:.1f} | {row.floor_ms / p50[row.name]:.0%} | "
+                     f"{row.error:.1e} |")
     fp32, comp = p50.get(f"engine fp32 ({threads} threads)"), p50.get("torch.compile(unet)")
     summary = f"- {cell[0].recipe}, {cell[0].mode}: "
     if fp32 is None:
@@ -240,16 +256,16 @@ def table(cell: list[Row], threads: int) -> tuple[list[str], str]:
 def report(recipes: list[str], modes: list[str], rounds: int, steps: int | None):
     """The markdown table, yielded line by line as each (recipe, mode) finishes, then the summary."""
     threads = torch.get_num_threads()
-    bandwidth = read_bandwidth_gbs()
-    yield (f"CPU: {platform.processor() or 'x86-64'}, {threads} torch threads, engine kernels "
-           f"{_C.cpu_kernel_isa()}; torch {torch.__version__}; {datetime.date.today()}; "
-           f"read bandwidth {bandwidth:.1f} GB/s (bench/timing.read_bandwidth_gbs); {rounds} rounds\n")
-    yield ("| recipe | mode | variant | weight MB/forward | p50 ms | p99 ms | vs eager (p50) | floor ms | "
-           "max abs err vs eager |\n|---|---|---|---|---|---|---|---|---|")
+    rooflines = {n: roofline.measure(n) for n in sorted({1, threads})}
+    yield (f"CPU: {roofline.cpu_facts().describe()}; {threads} torch threads; torch {torch.__version__}; "
+           f"{datetime.date.today()}; {rounds} rounds. Roofline (bench/roofline.py): "
+           + "; ".join(r.describe() for r in rooflines.values()) + "\n")
+    yield ("| recipe | mode | variant | weight MB/forward | p50 ms | p99 ms | vs eager (p50) | floor ms | of floor | "
+           "max abs err vs eager |\n|---|---|---|---|---|---|---|---|---|---|")
     summary = []
     for recipe in recipes:
         n = steps or (15 if recipe == "tiny" else 2)
-        for cell in measure(recipe, modes, rounds, n, threads, bandwidth):
+        for cell in measure(recipe, modes, rounds, n, threads, rooflines):
             rows, line = table(cell, threads)
             yield from rows
             summary.append(line)

@@ -21,6 +21,7 @@
 #include "array_checks.h"
 #include "bindings.h"
 #include "cpu_kernels.h"
+#include "roofline.h"
 #include "unet_runtime.h"
 
 namespace dpag_py {
@@ -231,6 +232,16 @@ void bind_engine(py::module_& m) {
           py::arg("padding") = 0, py::arg("transposed") = false, py::arg("weights") = "fp32",
           "One Conv1d / ConvTranspose1d through the engine's im2col + dense kernel (for layer tests).");
     m.def("cpu_kernel_isa", &dpag::cpu::kernel_isa, "Which engine kernels run on this CPU: 'avx512', 'avx2' or 'scalar'.");
+    m.def("cpu_read_bandwidth_gbs", [](std::size_t bytes_per_thread, int threads, double seconds) {
+              py::gil_scoped_release release;
+              return dpag::cpu::read_bandwidth_gbs(bytes_per_thread, threads, seconds);
+          }, py::arg("bytes_per_thread"), py::arg("threads"), py::arg("seconds") = 0.2,
+          "GB/s of `threads` threads each re-reading its own buffer of that size (the level it fits in).");
+    m.def("cpu_fma_peak_gmacs", [](int threads, double seconds) {
+              py::gil_scoped_release release;
+              return dpag::cpu::fma_peak_gmacs(threads, seconds);
+          }, py::arg("threads"), py::arg("seconds") = 0.2,
+          "fp32 multiply-accumulates per second (G) of `threads` threads on the dense kernel's ISA.");
 }
 
 }  // namespace dpag_py
