@@ -104,10 +104,13 @@ def action_jerk(actions: np.ndarray) -> float:
 
 
 def _init(ckpt: str, task: str, mode: str | None, max_steps: int, state_keys: list[str],
-          cameras: dict[str, str], latent: LatentUpdateConfig, runtime: str, weights: str) -> None:
+          cameras: dict[str, str], latent: LatentUpdateConfig, runtime: str, weights: str,
+          inference_steps: int | None) -> None:
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
     policy = load_policy(ckpt)
     policy.set_guidance(latent)
+    if inference_steps:
+        policy.set_inference_steps(inference_steps)
     _WORKER.update(policy=policy, planner=policy_planner(policy, runtime, mode, weights=weights),
                    task=make_task(task, render=bool(cameras)), mode=mode,
                    state_keys=state_keys, cameras=cameras, max_steps=max_steps)
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="plan on the C++ engine (as serving does) or the PyTorch reference")
     p.add_argument("--weights", default="fp32", choices=ENGINE_WEIGHTS,
                    help="--runtime cpp: how the engine stores the U-Net's convolution weights")
+    p.add_argument("--inference-steps", type=int, metavar="K",
+                   help="denoising steps per plan (default: the checkpoint's scheduler.num_inference_steps)")
     p.add_argument("--start-seed", type=int, default=TEST_START_SEED)
     p.add_argument("--max-steps", type=int, default=MAX_STEPS)
     p.add_argument("--videos", type=int, default=2, help="rollouts saved as GIFs")
@@ -176,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'; '.join(fits) if fits else 'none of the tasks here'}", file=sys.stderr)
         return 1
     mode = args.mode or cfg.inference_mode
+    if args.inference_steps is not None and not 1 <= args.inference_steps <= cfg.scheduler.num_train_timesteps:
+        print(f"error: --inference-steps: must be in [1, num_train_timesteps={cfg.scheduler.num_train_timesteps}], "
+              f"got {args.inference_steps}", file=sys.stderr)
+        return 1
     try:
         latent = latent_overrides(cfg.guidance, args.guidance)
     except ConfigError as e:
@@ -184,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir) if args.out_dir else (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval_{args.task}_{mode}"
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.start_seed + i, i < args.videos) for i in range(args.episodes)]
-    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras, latent, args.runtime, args.weights)
+    init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras, latent, args.runtime, args.weights,
+            args.inference_steps)
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=init) as pool:
@@ -198,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             save_gif(frames, out / f"rollout_{ep['seed']}.gif")
     cov = np.array([e["max_coverage"] for e in episodes])
     results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "runtime": args.runtime, "weights": args.weights,
+               "inference_steps": args.inference_steps or cfg.scheduler.num_inference_steps,
                "guidance": dataclasses.asdict(latent),
                "episodes": len(episodes),
                "start_seed": args.start_seed, "coverage_mean": float(cov.mean()), "coverage_std": float(cov.std()),

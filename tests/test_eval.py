@@ -41,3 +41,12 @@ def test_eval_cli_on_tiny_checkpoint(tmp_path):
     assert [e["seed"] for e in res["per_episode"]] == [100000, 100001]
     assert all(0.0 <= e["max_coverage"] <= 1.0 and e["steps"] == 16 for e in res["per_episode"])
     assert (out / "rollout_100000.gif").stat().st_size > 0
+    # The engine's options: fewer denoising steps and int8 weights run; bad values stop before any work.
+    again = tmp_path / "eval_k4"
+    assert eval_main(["--ckpt", str(run / "model.pt"), "--task", "pusht", "--episodes", "1", "--max-steps", "8",
+                      "--videos", "0", "--inference-steps", "4", "--weights", "int8", "--out-dir", str(again)]) == 0
+    res = json.loads((again / "results.json").read_text())
+    assert res["inference_steps"] == 4 and res["weights"] == "int8" and res["runtime"] == "cpp"
+    assert eval_main(["--ckpt", str(run / "model.pt"), "--inference-steps", "0", "--out-dir", str(again)]) == 1
+    with pytest.raises(SystemExit):
+        eval_main(["--ckpt", str(run / "model.pt"), "--weights", "int8", "--runtime", "torch", "--out-dir", str(again)])
