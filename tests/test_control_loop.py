@@ -84,7 +84,12 @@ def test_loop_500hz_with_planner_thread_then_hold():
     dt = np.diff(t)[:, None]
     assert np.all(np.abs(q) <= Q_LIM + EPS) and np.all(np.abs(v) <= V_MAX + EPS)
     np.testing.assert_allclose(np.diff(q, axis=0), v[1:] * dt, atol=1e-12)
-    assert np.all(np.abs(np.diff(v, axis=0)) <= A_MAX * dt * (1 + EPS))
+    # Acceleration over the time between the two velocities' midpoints, as the scheduler bounds it
+    # (action_scheduler.cpp): after a late cycle (a 2-period gap) the next change may be 1.5 x
+    # A_MAX x period. Bounding it by the current gap alone failed whenever the loaded CI host made a
+    # cycle late.
+    dt_accel = np.concatenate([dt[:1], 0.5 * (dt[:-1] + dt[1:])])
+    assert np.all(np.abs(np.diff(v, axis=0)) <= A_MAX * dt_accel * (1 + EPS))
 
     # It followed the plans: chunks adopted, none rejected, on the planned curve while planning.
     sst = sched.stats
