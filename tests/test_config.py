@@ -15,7 +15,7 @@ def test_defaults_are_the_released_code():
     assert (cfg.n_obs_steps, cfg.horizon, cfg.n_action_steps) == (2, 16, 8)
     assert cfg.scheduler.num_train_timesteps == 100 and cfg.scheduler.beta_schedule == "squaredcos_cap_v2"
     assert cfg.latent == LatentUpdateConfig(steps=1, dt=1.0, gamma=1.0, eta=0.0, normalize=True)   # training: released code
-    assert cfg.guidance == LatentUpdateConfig(steps=1, dt=1.0, gamma=0.1, eta=0.0, normalize=True)  # inference: measured
+    assert cfg.guidance == LatentUpdateConfig(steps=1, dt=1.0, gamma=0.01, eta=0.0, normalize=True)  # inference: measured
     assert cfg.loss.tau == 0.8 and cfg.loss.target_scale == 1.0
     assert cfg.global_cond_dim == 40
 
