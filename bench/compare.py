@@ -34,6 +34,7 @@ Variations (e.g. a DP-AG loss weight): `--methods dpag --seeds 0 --set policy.lo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -210,6 +211,28 @@ def guidance_slug(guidance: str) -> str:
     return "-".join(part.replace("=", "") for part in guidance.replace(" ", "").split(",") if part)
 
 
+def _guidance_fields(latent: dict) -> list[str]:
+    """gamma always, then each other field that differs from the project's default guidance."""
+    from dpag_engine.config import PolicyConfig
+    default = dataclasses.asdict(PolicyConfig.__dataclass_fields__["guidance"].default_factory())
+    return [f"gamma={latent['gamma']}"] + [f"{k}={latent[k]}" for k in default
+                                           if k != "gamma" and k in latent and latent[k] != default[k]]
+
+
+def default_guidance() -> str:
+    """The project's default guided setting as a --guidance string ("gamma=0.01"). The evaluators
+    would otherwise use each checkpoint's own policy.guidance, which is whatever the default was
+    when it was trained: seeds trained months apart would then be averaged over different settings."""
+    from dpag_engine.config import PolicyConfig
+    return ",".join(_guidance_fields(dataclasses.asdict(PolicyConfig.__dataclass_fields__["guidance"].default_factory())))
+
+
+def guidance_label(latent: dict) -> str:
+    """A guided row's name from the setting its evaluation recorded: "gamma0.01, default"."""
+    label = guidance_slug(",".join(_guidance_fields(latent)))
+    return label + (", default" if ",".join(_guidance_fields(latent)) == default_guidance() else "")
+
+
 def eval_dir(model: Path, task: str, mode: str, guidance: str, episodes: int) -> Path:
     slug = guidance_slug(guidance) if mode == "guided" else ""
     return model.parent / f"eval_{task}_{mode}{'-' + slug if slug else ''}_{episodes}"
@@ -331,11 +354,13 @@ def aggregate(args) -> dict:
                 if not (ep / "results.json").exists():
                     continue
                 mode_part = ep.name[len(f"eval_{task}_"):-len(f"_{args.eval_episodes}")]
-                mode, _, gslug = mode_part.partition("-")
-                # "DP-AG [tag] guided (gamma0.3)": the training variation, then the inference setting
-                name = {"dp": "DP"}.get(m["method"], "DP-AG") + (f" [{m['tag']}]" if m["tag"] else "")
-                name += f" guided ({gslug or 'default'})" if mode == "guided" else ""
+                mode = mode_part.partition("-")[0]
                 r = json.loads((ep / "results.json").read_text())
+                # "DP-AG [tag] guided (gamma0.3)": the training variation, then the inference setting
+                # the evaluation recorded (not the directory's name, which may say "the checkpoint's").
+                gslug = guidance_label(r["guidance"]) if mode == "guided" else ""
+                name = {"dp": "DP"}.get(m["method"], "DP-AG") + (f" [{m['tag']}]" if m["tag"] else "")
+                name += f" guided ({gslug})" if mode == "guided" else ""
                 row = rows.setdefault(name, {"method": m["method"], "mode": mode, "guidance": gslug,
                                              "tag": m["tag"] or "", "by_seed": {}})
                 row["by_seed"][int(m["seed"])] = {x.key: r[x.key] for x in tdef.metrics}
@@ -414,9 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                    help="extra training overrides for every run of this call (use with --tag)")
     p.add_argument("--tag", default="", help="run-name suffix for a variation (its own rows in the table)")
-    p.add_argument("--guidance", nargs="*", default=[""], metavar="gamma=G,steps=S,eta=E",
+    p.add_argument("--guidance", nargs="*", default=None, metavar="gamma=G,steps=S,eta=E",
                    help="guided-mode settings to evaluate DP-AG checkpoints with, one row each "
-                        "('' = the checkpoint's own)")
+                        "(default: the project's default policy.guidance; '' = each checkpoint's own)")
     p.add_argument("--episodes", type=int, default=200, help="expert demonstrations generated per task")
     p.add_argument("--eval-episodes", type=int, default=100, help="held-out episodes per checkpoint and mode")
     p.add_argument("--curve-every", type=int, default=0, help="save and evaluate a checkpoint every N steps")
@@ -431,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="bench/compare/results.json", help="aggregate JSON written here")
     p.add_argument("--aggregate-only", action="store_true", help="only rebuild the table from finished runs")
     args = p.parse_args(argv)
+    if args.guidance is None:
+        args.guidance = [default_guidance()]
     if args.aggregate_only:
         aggregate(args)
         return 0

@@ -26,24 +26,30 @@ def write_eval(run: Path, name: str, values: dict) -> None:
 def test_aggregate_means_stds_and_paired_differences(tmp_path):
     rng = np.random.default_rng()
     seeds = [0, 1, 2]
-    cov = {row: rng.uniform(0.2, 0.9, 3) for row in ("dp", "dpag", "guided")}
+    cov = {row: rng.uniform(0.2, 0.9, 3) for row in ("dp", "dpag", "guided", "own")}
     succ = {row: rng.uniform(0.0, 1.0, 3) for row in cov}
     jerk = {row: rng.uniform(10, 50, 3) for row in cov}
     runs = tmp_path / "out" / "runs"
     for i, seed in enumerate(seeds):
         for method in ("dp", "dpag"):
             run = runs / f"pusht_{method}_s{seed}_tau0.1"
+            # "own": evaluated at the checkpoint's guidance (no slug); its row is named by what it recorded.
             rows = {"dp": "eval_pusht_dp_7"} if method == "dp" else {"dpag": "eval_pusht_dp_7",
-                                                                        "guided": "eval_pusht_guided-gamma0.1_7"}
+                                                                        "guided": "eval_pusht_guided-gamma0.1_7",
+                                                                        "own": "eval_pusht_guided_7"}
             for row, name in rows.items():
+                guidance = {"steps": 1, "dt": 1.0, "gamma": {"guided": 0.1, "own": 0.03}.get(row, 0.5), "eta": 0.0,
+                            "normalize": True}
                 write_eval(run, name, {"coverage_mean": cov[row][i], "success_rate": succ[row][i],
-                                       "jerk_mean": jerk[row][i]})
+                                       "jerk_mean": jerk[row][i], "guidance": guidance})
     write_eval(runs / "pusht_dp_s0_tau0.1" / "eval_pusht_dp_99", "x", {})   # other episode counts: ignored
     args = argparse.Namespace(
         out=str(tmp_path / "out"), tasks=["pusht"], eval_episodes=7, curve_episodes=5,
         table=str(tmp_path / "t" / "table.md"), json=str(tmp_path / "t" / "r.json"))
     s = compare.aggregate(args)["tasks"]["pusht"]
-    assert set(s["rows"]) == {"DP [tau0.1]", "DP-AG [tau0.1]", "DP-AG [tau0.1] guided (gamma0.1)"}
+    assert set(s["rows"]) == {"DP [tau0.1]", "DP-AG [tau0.1]", "DP-AG [tau0.1] guided (gamma0.1)",
+                              "DP-AG [tau0.1] guided (gamma0.03)"}
+    assert s["rows"]["DP-AG [tau0.1] guided (gamma0.03)"]["coverage_mean"]["mean"] == pytest.approx(cov["own"].mean())
     got = s["rows"]["DP-AG [tau0.1] guided (gamma0.1)"]["coverage_mean"]
     assert got["mean"] == pytest.approx(cov["guided"].mean()) and got["std"] == pytest.approx(cov["guided"].std(ddof=1))
     # Rows with a tag pair only with the DP row of no tag; here there is none.
@@ -71,7 +77,10 @@ def test_a_tiny_reach_comparison_runs_end_to_end(tmp_path):
                          "--set", "train.eval_every=6"])
     assert code == 0
     s = json.loads((tmp_path / "t" / "r.json").read_text())["tasks"]["ur5_reach"]
-    assert set(s["rows"]) == {"DP", "DP-AG", "DP-AG guided (default)", "DP-AG guided (gamma0.1-steps2)"}
+    # '' evaluates at the checkpoint's own policy.guidance: a fresh checkpoint's is the project default.
+    default = compare.default_guidance()
+    assert set(s["rows"]) == {"DP", "DP-AG", f"DP-AG guided ({compare.guidance_slug(default)}, default)",
+                              "DP-AG guided (gamma0.1-steps2)"}
     sweep = json.loads((out / "runs" / "ur5_reach_dpag_s0" / "eval_ur5_reach_guided-gamma0.1-steps2_2"
                         / "results.json").read_text())
     assert sweep["mode"] == "guided" and sweep["guidance"]["gamma"] == 0.1 and sweep["guidance"]["steps"] == 2
