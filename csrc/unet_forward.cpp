@@ -85,12 +85,14 @@ int PolicyEngine::Impl::run_conv(const Conv& c, const Src& s, int batch, int t_i
         if (c.pad == 0) {
             dense(c.d, s.ptr, t_out, out, t_out, bstride, c.ksize, s.cs, norm, tape);
         } else {
+            // One memset for all the margins, then the rows: per-row zeroing of two floats at each
+            // end compiled to two memset calls per channel (a tenth of a small plan, serial).
             const int len = t_in + 2 * c.pad;
+            std::fill_n(col.data(), static_cast<std::size_t>(c.c_in) * len, 0.0f);
             for (int ci = 0; ci < c.c_in; ++ci) {
-                float* row = col.data() + static_cast<std::size_t>(ci) * len;
+                float* row = col.data() + static_cast<std::size_t>(ci) * len + c.pad;
                 const float* src = s.ptr + static_cast<std::size_t>(ci) * s.cs;
-                for (int t = 0; t < c.pad; ++t) row[t] = row[c.pad + t_in + t] = 0.0f;
-                for (int t = 0; t < t_in; ++t) row[c.pad + t] = src[t];
+                for (int t = 0; t < t_in; ++t) row[t] = src[t];
             }
             dense(c.d, col.data(), t_out, out, t_out, bstride, c.ksize, static_cast<std::size_t>(len), norm, tape);
         }
