@@ -21,7 +21,9 @@ continued by running the same command again):
    the run's minutes at each point are in the JSON);
 4. aggregate: per row, the mean and the sample std (ddof=1) over training seeds of each seed's
    metrics, plus the per-seed paired difference against DP; markdown (--table), JSON (--json) and
-   the learning-curve plot (curves_<task>.png beside the table).
+   the learning-curve plot (curves_<task>.png beside the table). The JSON is also the record:
+   --out is scratch, so the aggregate starts from the rows the JSON holds and lays the runs found
+   under --out over them (a seed on disk replaces its record); every recorded task stays in the table.
 
 Seed-major order (all tasks and methods of seed 0, then seed 1, ...): a run stopped early leaves
 complete rows over fewer seeds rather than a missing task.
@@ -331,39 +333,64 @@ def plot_curves(task: str, curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def _ledger(args) -> dict:
+    """The aggregate written last time (--json): the durable record of every finished evaluation.
+    Run directories are scratch (a fresh checkout has none); the JSON is committed, so rows whose
+    runs are gone stay in the table, and a run present on disk replaces its recorded seed."""
+    path = Path(args.json) if args.json else None
+    if not path or not path.exists():
+        return {}
+    prev = json.loads(path.read_text())
+    episodes = prev.get("eval_episodes", prev.get("settings", {}).get("eval_episodes"))
+    return prev if episodes == args.eval_episodes else {}
+
+
+def _disk_rows(task: str, runs: list, episodes: int) -> dict[str, dict]:
+    """Row name -> {method, mode, guidance, tag, by_seed: {seed: metrics}} from the run directories."""
+    rows: dict[str, dict] = {}
+    for m, rd in runs:
+        if m["task"] != task:
+            continue
+        for ep in sorted(rd.glob(f"eval_{task}_*_{episodes}")):
+            if not (ep / "results.json").exists():
+                continue
+            mode = ep.name[len(f"eval_{task}_"):-len(f"_{episodes}")].partition("-")[0]
+            r = json.loads((ep / "results.json").read_text())
+            # "DP-AG [tag] guided (gamma0.3)": the training variation, then the inference setting
+            # the evaluation recorded (not the directory's name, which may say "the checkpoint's").
+            gslug = guidance_label(r["guidance"]) if mode == "guided" else ""
+            name = {"dp": "DP"}.get(m["method"], "DP-AG") + (f" [{m['tag']}]" if m["tag"] else "")
+            name += f" guided ({gslug})" if mode == "guided" else ""
+            row = rows.setdefault(name, {"method": m["method"], "mode": mode, "guidance": gslug,
+                                         "tag": m["tag"] or "", "by_seed": {}})
+            row["by_seed"][int(m["seed"])] = {x.key: r[x.key] for x in TASKS[task].metrics}
+    return rows
+
+
 def aggregate(args) -> dict:
     runs_root = Path(args.out) / "runs"
-    summary: dict = {"settings": {k: v for k, v in vars(args).items() if k not in ("aggregate_only",)},
+    prev = _ledger(args)
+    summary: dict = {"eval_episodes": args.eval_episodes,
                      "std": "sample std (ddof=1) over training seeds of per-seed means", "tasks": {}}
     lines = [f"Each seed's value is the mean over {args.eval_episodes} held-out episodes; mean ± std over "
              f"training seeds. Paired differences are per training seed (same data, same test episodes).", ""]
     run_re = re.compile(r"^(?P<task>.+)_(?P<method>dp|dpag)_s(?P<seed>\d+)(?:_(?P<tag>.+))?$")
-    runs = [(m, rd) for rd in sorted(runs_root.iterdir()) if runs_root.exists() and (m := run_re.match(rd.name))] \
+    runs = [(m, rd) for rd in sorted(runs_root.iterdir()) if (m := run_re.match(rd.name))] \
         if runs_root.exists() else []
     table_dir = Path(args.table).parent
     table_dir.mkdir(parents=True, exist_ok=True)
-    for task in args.tasks:
+    # Every task recorded or asked for, so a call for one task keeps the others' tables.
+    tasks = [t for t in TASKS if t in args.tasks or t in prev.get("tasks", {})]
+    for task in tasks:
         tdef = TASKS[task]
+        before = prev.get("tasks", {}).get(task, {})
         expert_file = Path(args.out) / "expert" / f"{task}_{args.eval_episodes}.json"
-        expert = json.loads(expert_file.read_text()) if expert_file.exists() else None
-        rows: dict[str, dict] = {}
-        for m, rd in runs:
-            if m["task"] != task:
-                continue
-            for ep in sorted(rd.glob(f"eval_{task}_*_{args.eval_episodes}")):
-                if not (ep / "results.json").exists():
-                    continue
-                mode_part = ep.name[len(f"eval_{task}_"):-len(f"_{args.eval_episodes}")]
-                mode = mode_part.partition("-")[0]
-                r = json.loads((ep / "results.json").read_text())
-                # "DP-AG [tag] guided (gamma0.3)": the training variation, then the inference setting
-                # the evaluation recorded (not the directory's name, which may say "the checkpoint's").
-                gslug = guidance_label(r["guidance"]) if mode == "guided" else ""
-                name = {"dp": "DP"}.get(m["method"], "DP-AG") + (f" [{m['tag']}]" if m["tag"] else "")
-                name += f" guided ({gslug})" if mode == "guided" else ""
-                row = rows.setdefault(name, {"method": m["method"], "mode": mode, "guidance": gslug,
-                                             "tag": m["tag"] or "", "by_seed": {}})
-                row["by_seed"][int(m["seed"])] = {x.key: r[x.key] for x in tdef.metrics}
+        expert = json.loads(expert_file.read_text()) if expert_file.exists() else before.get("expert")
+        rows = {name: {k: row[k] for k in ("method", "mode", "guidance", "tag")}
+                | {"by_seed": {int(sd): v for sd, v in row["by_seed"].items()}}
+                for name, row in before.get("rows", {}).items()}
+        for name, row in _disk_rows(task, runs, args.eval_episodes).items():
+            rows.setdefault(name, row)["by_seed"].update(row["by_seed"])
         tsum: dict = {"rows": {}, "expert": None}
         lines += [f"### {tdef.title}", "",
                   "| row | training seeds | " + " | ".join(x.name for x in tdef.metrics) + f" | per-seed {tdef.metrics[0].name} |",
@@ -404,8 +431,8 @@ def aggregate(args) -> dict:
                 lines.append(f"- {name} − DP, seeds {d['seeds']}: " + "; ".join(
                     f"{x.name} {_fmt(d[x.key]['mean'], d[x.key]['std'], x.digits)} "
                     f"[{', '.join(f'{v:+.{x.digits}f}' for v in d[x.key]['values'])}]" for x in tdef.metrics))
-        curves = {rd.name: pts for m, rd in runs if m["task"] == task
-                  and (pts := curve_points(rd, task, args.curve_episodes))}
+        curves = before.get("curves", {}) | {rd.name: pts for m, rd in runs if m["task"] == task
+                                             and (pts := curve_points(rd, task, args.curve_episodes))}
         if curves:
             tsum["curves"] = curves
             plot_curves(task, curves, table_dir / f"curves_{task}.png")
@@ -413,9 +440,10 @@ def aggregate(args) -> dict:
                       f"held-out episodes at each saved checkpoint)."]
         lines.append("")
         summary["tasks"][task] = tsum
-    summary["runs"] = {rd.name: {"final_val": final_val(rd),
-                                 **(json.loads((rd / "timing.json").read_text()) if (rd / "timing.json").exists() else {})}
-                       for m, rd in runs if m["task"] in args.tasks}
+    summary["runs"] = prev.get("runs", {}) | {
+        rd.name: {"final_val": final_val(rd),
+                  **(json.loads((rd / "timing.json").read_text()) if (rd / "timing.json").exists() else {})}
+        for m, rd in runs if m["task"] in tasks}
     table = "\n".join(lines)
     if args.table:
         Path(args.table).write_text(table + "\n")

@@ -67,6 +67,39 @@ def test_aggregate_means_stds_and_paired_differences(tmp_path):
     assert d["jerk_mean"]["std"] == pytest.approx(np.std(jerk["dpag"] - jerk["dp"], ddof=1))
 
 
+def test_the_json_keeps_rows_whose_runs_are_gone(tmp_path):
+    """Run directories are scratch, the aggregate JSON is committed: a fresh checkout that trains
+    one more seed must keep every recorded seed, and a seed on disk replaces its record."""
+    rng = np.random.default_rng()
+    runs = tmp_path / "out" / "runs"
+    cov = rng.uniform(0.2, 0.9, 4)
+
+    def write(seed, task, value):
+        write_eval(runs / f"{task}_dp_s{seed}", f"eval_{task}_dp_7",
+                   {"coverage_mean": value, "success_rate": value / 2, "jerk_mean": 10 + value})
+
+    args = argparse.Namespace(out=str(tmp_path / "out"), tasks=["pusht"], eval_episodes=7, curve_episodes=5,
+                              table=str(tmp_path / "t" / "table.md"), json=str(tmp_path / "t" / "r.json"))
+    write(0, "pusht", cov[0])
+    write(1, "pusht", cov[1])
+    compare.aggregate(args)
+    (tmp_path / "out").rename(tmp_path / "gone")            # the next session's fresh checkout
+    write(1, "pusht", cov[2])                                 # seed 1 retrained: replaces its record
+    write(2, "pusht", cov[3])                                 # seed 2 new
+    s = compare.aggregate(args)["tasks"]["pusht"]["rows"]["DP"]
+    np.testing.assert_allclose(s["coverage_mean"]["values"], [cov[0], cov[2], cov[3]])
+    assert s["seeds"] == [0, 1, 2]
+    # A call for another task keeps this one's table.
+    args.tasks = ["dynamic_pusht"]
+    write(0, "dynamic_pusht", cov[1])
+    table = compare.aggregate(args)
+    assert set(table["tasks"]) == {"pusht", "dynamic_pusht"}
+    assert f"| DP | 3 | {np.mean([cov[0], cov[2], cov[3]]):.3f}" in (tmp_path / "t" / "table.md").read_text()
+    # A different test-set size is another experiment: the record is not mixed in.
+    args.eval_episodes = 9
+    assert compare.aggregate(args)["tasks"]["dynamic_pusht"]["rows"] == {}
+
+
 @pytest.mark.slow
 def test_a_tiny_reach_comparison_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
