@@ -91,3 +91,24 @@ def test_generate_writes_readable_zarr(tmp_path):
     cfg = DataConfig(path=str(out), state_keys=["keypoint", "state[:2]"], val_ratio=0.0)
     train, _ = load_datasets(cfg, n_obs_steps=2, horizon=16, n_action_steps=8)
     assert train.state_dim == 20 and train.action_dim == 2
+
+
+def test_a_killed_generate_leaves_no_dataset(tmp_path, monkeypatch):
+    """Half a dataset must not pass for a whole one (bench/compare.py reuses an existing --out)."""
+    import dpag_engine.envs.generate as generate
+    out, calls, real = tmp_path / "demo.zarr", [], generate._episode
+
+    def dies_on_the_second(job):
+        calls.append(job)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(job)
+    monkeypatch.setattr(generate, "_episode", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        generate_main(["--out", str(out), "--episodes", "3", "--seed", "2", "--keep-failed"])
+    assert not out.exists()
+    monkeypatch.setattr(generate, "_episode", real)
+    assert generate_main(["--out", str(out), "--episodes", "2", "--seed", "2", "--keep-failed"]) == 0
+    assert read_replay_buffer(out).n_episodes == 2 and not (tmp_path / ".partial-demo.zarr").exists()
+    with pytest.raises(SystemExit):   # checked before any episode runs
+        generate_main(["--out", str(out), "--episodes", "2"])

@@ -7,12 +7,18 @@ Keys: data/action (N, 2), data/state (N, 5), data/keypoint (N, 9, 2), data/img (
 --image, data/ball (N, 4) on dynamic_pusht; meta/episode_ends. Episode i uses reset seed
 seed + i (training seeds stay far below the test seeds 100000+). Failed episodes are dropped
 unless --keep-failed: like DP's human demonstrations, the data shows the task being done.
+
+The episodes go to a staging sibling (`.partial-<name>`) that is renamed to --out only when all of
+them are done: a killed run leaves no --out, so nothing mistakes a third of a dataset for all of it.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
+import shutil
 import time
+from pathlib import Path
 
 from ..data.replay_buffer import ReplayBufferWriter
 from .dynamic_pusht import make_task
@@ -38,11 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-failed", action="store_true", help="also write episodes below 0.95 coverage")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        p.error(f"--out {out}: exists (pass --overwrite to replace it)")
+    staging = out.with_name(f".partial-{out.name}")   # same suffix: the writer picks the format by it
     jobs = [(args.task, args.seed + i, args.image) for i in range(args.episodes)]
     t0, kept, succeeded, times = time.perf_counter(), 0, 0, []
     pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
     results = pool.imap(_episode, jobs) if pool else map(_episode, jobs)
-    with ReplayBufferWriter(args.out, overwrite=args.overwrite) as writer:
+    with ReplayBufferWriter(staging, overwrite=True) as writer:
         for seed, episode, success, cov, seconds in results:  # in seed order, so the file is reproducible
             succeeded += success
             times.append(seconds)
@@ -53,8 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     if pool:
         pool.close()
     if kept == 0:
+        shutil.rmtree(staging) if staging.is_dir() else staging.unlink()
         print("no episode was written")
         return 1
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(staging, out)
     n = args.episodes
     print(f"{args.out}: {kept} episodes written; expert success {succeeded}/{n} = {succeeded / n:.1%}, "
           f"{sum(times) / n:.2f} s per episode, {time.perf_counter() - t0:.0f} s wall")
