@@ -21,7 +21,7 @@ continued by running the same command again):
    the run's minutes at each point are in the JSON);
 4. aggregate: per row, the mean and the sample std (ddof=1) over training seeds of each seed's
    metrics, plus the per-seed paired difference against DP; markdown (--table), JSON (--json) and
-   the learning-curve plot (curves_<task>.png beside the table). The JSON is also the record:
+   the learning-curve plot (curves_<task>.png beside the table; vs steps and vs minutes). The JSON is also the record:
    --out is scratch, so the aggregate starts from the rows the JSON holds and lays the runs found
    under --out over them (a seed on disk replaces its record); every recorded task stays in the table.
 
@@ -311,26 +311,35 @@ def curve_points(rd: Path, task: str, episodes: int) -> list[dict]:
 
 
 def plot_curves(task: str, curves: dict[str, list[dict]], path: Path) -> None:
+    """The metric against optimiser steps and against each run's own training minutes (on a shared
+    machine a run's clock measures its neighbours too, so the steps panel is the comparable one)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), sharey=True)
     colours = {"dp": "tab:blue", "dpag": "tab:red"}
     for name, pts in sorted(curves.items()):
         method = name.split("_s")[0].rsplit("_", 1)[-1]
-        ax.plot([0] + [p["step"] for p in pts], [float("nan")] + [p["value"] for p in pts], "o-", ms=3,
-                color=colours.get(method), alpha=0.8, label=name.split(f"{task}_", 1)[-1])
-    # Steps, not minutes: on a shared machine a run's own clock measures its neighbours too (the
-    # minutes are in results.json, "curves").
-    ax.set_xlabel("optimiser steps")
-    ax.set_xlim(left=0)
-    ax.set_ylabel(TASKS[task].metrics[0].name)
-    ax.set_title(f"{TASKS[task].title}: learning curves (dp sampling)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        style = dict(ms=3, color=colours.get(method), alpha=0.8, label=name.split(f"{task}_", 1)[-1])
+        axes[0].plot([p["step"] for p in pts], [p["value"] for p in pts], "o-", **style)
+        timed = [p for p in pts if p["minutes"] is not None]
+        axes[1].plot([p["minutes"] for p in timed], [p["value"] for p in timed], "o-", **style)
+    for ax, xlabel in zip(axes, ("optimiser steps", "training minutes (the run's own clock)")):
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(TASKS[task].metrics[0].name)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{TASKS[task].title}: learning curves (dp sampling)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def curves_path(args, task: str) -> Path:
+    """curves_<task>.png beside the table; a second table (table_25k.md) gets curves_<task>_25k.png."""
+    table = Path(args.table)
+    return table.parent / f"curves_{task}{table.stem.removeprefix('table')}.png"
 
 
 def _ledger(args) -> dict:
@@ -435,9 +444,9 @@ def aggregate(args) -> dict:
                                              and (pts := curve_points(rd, task, args.curve_episodes))}
         if curves:
             tsum["curves"] = curves
-            plot_curves(task, curves, table_dir / f"curves_{task}.png")
-            lines += ["", f"Learning curves: `curves_{task}.png` ({tdef.metrics[0].name} over {args.curve_episodes} "
-                      f"held-out episodes at each saved checkpoint)."]
+            plot_curves(task, curves, curves_path(args, task))
+            lines += ["", f"Learning curves: `{curves_path(args, task).name}` ({tdef.metrics[0].name} over "
+                      f"{args.curve_episodes} held-out episodes at each saved checkpoint)."]
         lines.append("")
         summary["tasks"][task] = tsum
     summary["runs"] = prev.get("runs", {}) | {
