@@ -5,7 +5,7 @@
 
 Episode i resets with seed 100000 + i (DP's test seeds), runs up to 300 steps at 10 Hz and stops at
 0.95 coverage. The policy plans from its last To observations and executes n_action_steps actions
-per plan. Printed and saved (DIR/results.json): coverage mean/std (each episode's max coverage),
+per plan (--action-steps N: only the first N, replanning more often). Printed and saved (DIR/results.json): coverage mean/std (each episode's max coverage),
 success rate (max coverage > 0.95) and mean action jerk (the norm of the third difference of the
 executed action sequence, px per step^3: lower is smoother). The first --videos rollouts are saved
 as DIR/rollout_<seed>.gif.
@@ -105,7 +105,7 @@ def action_jerk(actions: np.ndarray) -> float:
 
 def _init(ckpt: str, task: str, mode: str | None, max_steps: int, state_keys: list[str],
           cameras: dict[str, str], latent: LatentUpdateConfig, runtime: str, weights: str,
-          inference_steps: int | None) -> None:
+          inference_steps: int | None, action_steps: int) -> None:
     torch.set_num_threads(1)  # one core per worker; the workers are the parallelism
     policy = load_policy(ckpt)
     policy.set_guidance(latent)
@@ -113,7 +113,7 @@ def _init(ckpt: str, task: str, mode: str | None, max_steps: int, state_keys: li
         policy.set_inference_steps(inference_steps)
     _WORKER.update(policy=policy, planner=policy_planner(policy, runtime, mode, weights=weights),
                    task=make_task(task, render=bool(cameras)), mode=mode,
-                   state_keys=state_keys, cameras=cameras, max_steps=max_steps)
+                   state_keys=state_keys, cameras=cameras, max_steps=max_steps, action_steps=action_steps)
 
 
 def run_episode(args: tuple[int, bool]) -> dict:
@@ -127,7 +127,7 @@ def run_episode(args: tuple[int, bool]) -> dict:
     while not task.done and task.steps < w["max_steps"]:
         plan = w["planner"].predict_action(policy_obs(history[-n_obs:], w["state_keys"], w["cameras"]), gen,
                                            mode=w["mode"])["action"][0].numpy()
-        for action in plan:
+        for action in plan[:w["action_steps"]]:
             history.append(task.step(action))
             actions.append(action)
             if record:
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="--runtime cpp: how the engine stores the U-Net's convolution weights")
     p.add_argument("--inference-steps", type=int, metavar="K",
                    help="denoising steps per plan (default: the checkpoint's scheduler.num_inference_steps)")
+    p.add_argument("--action-steps", type=int, metavar="N",
+                   help="actions executed per plan before the next (default: the checkpoint's n_action_steps)")
     p.add_argument("--start-seed", type=int, default=TEST_START_SEED)
     p.add_argument("--max-steps", type=int, default=MAX_STEPS)
     p.add_argument("--videos", type=int, default=2, help="rollouts saved as GIFs")
@@ -185,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --inference-steps: must be in [1, num_train_timesteps={cfg.scheduler.num_train_timesteps}], "
               f"got {args.inference_steps}", file=sys.stderr)
         return 1
+    action_steps = cfg.n_action_steps if args.action_steps is None else args.action_steps
+    if not 1 <= action_steps <= cfg.n_action_steps:
+        print(f"error: --action-steps: must be in [1, n_action_steps={cfg.n_action_steps}] (a plan holds "
+              f"{cfg.n_action_steps} actions), got {args.action_steps}", file=sys.stderr)
+        return 1
     try:
         latent = latent_overrides(cfg.guidance, args.guidance)
     except ConfigError as e:
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(args.start_seed + i, i < args.videos) for i in range(args.episodes)]
     init = (str(ckpt), args.task, mode, args.max_steps, state_keys, cameras, latent, args.runtime, args.weights,
-            args.inference_steps)
+            args.inference_steps, action_steps)
     t0 = time.perf_counter()
     if args.workers > 1:
         with mp.get_context("spawn").Pool(args.workers, initializer=_init, initargs=init) as pool:
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     cov = np.array([e["max_coverage"] for e in episodes])
     results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "runtime": args.runtime, "weights": args.weights,
                "inference_steps": args.inference_steps or cfg.scheduler.num_inference_steps,
-               "guidance": dataclasses.asdict(latent),
+               "action_steps": action_steps, "guidance": dataclasses.asdict(latent),
                "episodes": len(episodes),
                "start_seed": args.start_seed, "coverage_mean": float(cov.mean()), "coverage_std": float(cov.std()),
                "success_rate": float(np.mean([e["success"] for e in episodes])),

@@ -25,6 +25,33 @@ def test_policy_obs_follows_state_keys():
     assert obs["state"][0, 1, -2:].tolist() == [1.0, 2.0]
 
 
+def test_action_steps_sets_how_often_the_policy_replans(monkeypatch):
+    """run_episode executes the first --action-steps actions of each plan, then plans again."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dpag_engine import eval as ev
+    from dpag_engine.envs import make_task
+    rng = np.random.default_rng()
+    plans = []
+
+    class Planner:
+        def predict_action(self, obs, gen, mode):
+            plans.append(rng.uniform(100, 400, (8, 2)).astype(np.float32))
+            return {"action": torch.from_numpy(plans[-1])[None]}
+    for n, expected_plans in ((8, 3), (3, 7), (1, 20)):
+        plans.clear()
+        monkeypatch.setattr(ev, "_WORKER", dict(policy=SimpleNamespace(cfg=SimpleNamespace(n_obs_steps=2)),
+                                                planner=Planner(), task=make_task("pusht"), mode="dp",
+                                                state_keys=["keypoint", "state[:2]"], cameras={}, max_steps=20,
+                                                action_steps=n))
+        ep = ev.run_episode((100000, False))
+        assert ep["steps"] == 20 and len(plans) == expected_plans   # ceil(20 / n) plans
+        executed = np.concatenate([plan[:n] for plan in plans])[:20]
+        assert ep["jerk"] == pytest.approx(action_jerk(executed))
+
+
 def test_eval_cli_on_tiny_checkpoint(tmp_path):
     data = tmp_path / "demo.zarr"
     assert generate_main(["--out", str(data), "--episodes", "1", "--seed", "3", "--keep-failed"]) == 0
@@ -48,5 +75,13 @@ def test_eval_cli_on_tiny_checkpoint(tmp_path):
     res = json.loads((again / "results.json").read_text())
     assert res["inference_steps"] == 4 and res["weights"] == "int8" and res["runtime"] == "cpp"
     assert eval_main(["--ckpt", str(run / "model.pt"), "--inference-steps", "0", "--out-dir", str(again)]) == 1
+    # Fewer actions per plan (run_episode's replanning is checked below).
+    one = tmp_path / "eval_a1"
+    assert eval_main(["--ckpt", str(run / "model.pt"), "--task", "pusht", "--episodes", "1", "--max-steps", "5",
+                      "--videos", "0", "--action-steps", "1", "--out-dir", str(one)]) == 0
+    assert json.loads((one / "results.json").read_text())["action_steps"] == 1
+    assert res["action_steps"] == 8   # the checkpoint's n_action_steps (configs/pusht_lowdim.yaml)
+    for bad in ("0", "9"):
+        assert eval_main(["--ckpt", str(run / "model.pt"), "--action-steps", bad, "--out-dir", str(one)]) == 1
     with pytest.raises(SystemExit):
         eval_main(["--ckpt", str(run / "model.pt"), "--weights", "int8", "--runtime", "torch", "--out-dir", str(again)])
