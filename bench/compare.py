@@ -235,19 +235,20 @@ def guidance_label(latent: dict) -> str:
     return label + (", default" if ",".join(_guidance_fields(latent)) == default_guidance() else "")
 
 
-def eval_dir(model: Path, task: str, mode: str, guidance: str, episodes: int) -> Path:
-    slug = guidance_slug(guidance) if mode == "guided" else ""
+def eval_dir(model: Path, task: str, mode: str, guidance: str, episodes: int, action_steps: int | None = None) -> Path:
+    slug = guidance_slug(guidance) if mode == "guided" else f"a{action_steps}" if action_steps else ""
     return model.parent / f"eval_{task}_{mode}{'-' + slug if slug else ''}_{episodes}"
 
 
 def evaluate(args, task: str, model: Path, mode: str, env, guidance: str = "", episodes: int | None = None,
-             out: Path | None = None) -> dict:
+             out: Path | None = None, action_steps: int | None = None) -> dict:
     episodes = episodes or args.eval_episodes
-    out = out or eval_dir(model, task, mode, guidance, episodes)
+    out = out or eval_dir(model, task, mode, guidance, episodes, action_steps)
     res_path = out / "results.json"
     if res_path.exists():
         return json.loads(res_path.read_text())
-    log(f"eval: {model.parent.name}/{model.name} mode={mode} {guidance} on {episodes} held-out episodes")
+    what = f"mode={mode} {guidance}" + (f" {action_steps} actions per plan" if action_steps else "")
+    log(f"eval: {model.parent.name}/{model.name} {what} on {episodes} held-out episodes")
     if TASKS[task].pusht:
         cmd = [sys.executable, "-m", "dpag_engine.eval", "--ckpt", str(model), "--task", task,
                "--episodes", str(episodes), "--workers", str(args.workers), "--mode", mode,
@@ -257,9 +258,11 @@ def evaluate(args, task: str, model: Path, mode: str, env, guidance: str = "", e
                "--episodes", str(episodes), "--mode", mode, "--json", str(res_path)]
     if mode == "guided" and guidance:
         cmd.append(f"--guidance={guidance}")
+    if action_steps:
+        cmd.append(f"--action-steps={action_steps}")
     secs = run_logged(cmd, out / "eval.log", env)
     res = json.loads(res_path.read_text())
-    log(f"eval: {model.parent.name} {mode} {guidance}: "
+    log(f"eval: {model.parent.name} {what}: "
         + ", ".join(f"{m.name} {res[m.key]:.{m.digits}f}" for m in TASKS[task].metrics) + f" ({secs:.0f} s)")
     return res
 
@@ -363,13 +366,14 @@ def _disk_rows(task: str, runs: list, episodes: int) -> dict[str, dict]:
         for ep in sorted(rd.glob(f"eval_{task}_*_{episodes}")):
             if not (ep / "results.json").exists():
                 continue
-            mode = ep.name[len(f"eval_{task}_"):-len(f"_{episodes}")].partition("-")[0]
+            mode, _, variant = ep.name[len(f"eval_{task}_"):-len(f"_{episodes}")].partition("-")
             r = json.loads((ep / "results.json").read_text())
             # "DP-AG [tag] guided (gamma0.3)": the training variation, then the inference setting
             # the evaluation recorded (not the directory's name, which may say "the checkpoint's").
             gslug = guidance_label(r["guidance"]) if mode == "guided" else ""
+            steps = r["action_steps"] if mode == "dp" and variant else None   # dp-a3: --action-steps 3
             name = {"dp": "DP"}.get(m["method"], "DP-AG") + (f" [{m['tag']}]" if m["tag"] else "")
-            name += f" guided ({gslug})" if mode == "guided" else ""
+            name += f" guided ({gslug})" if mode == "guided" else f" ({steps} actions per plan)" if steps else ""
             row = rows.setdefault(name, {"method": m["method"], "mode": mode, "guidance": gslug,
                                          "tag": m["tag"] or "", "by_seed": {}})
             row["by_seed"][int(m["seed"])] = {x.key: r[x.key] for x in TASKS[task].metrics}
@@ -479,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", nargs="*", default=None, metavar="gamma=G,steps=S,eta=E",
                    help="guided-mode settings to evaluate DP-AG checkpoints with, one row each "
                         "(default: the project's default policy.guidance; '' = each checkpoint's own)")
+    p.add_argument("--action-steps", nargs="*", type=int, default=[], metavar="N",
+                   help="Push-T: also evaluate in dp mode executing only N actions per plan, one row each")
     p.add_argument("--episodes", type=int, default=200, help="expert demonstrations generated per task")
     p.add_argument("--eval-episodes", type=int, default=100, help="held-out episodes per checkpoint and mode")
     p.add_argument("--curve-every", type=int, default=0, help="save and evaluate a checkpoint every N steps")
@@ -495,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.guidance is None:
         args.guidance = [default_guidance()]
+    if args.action_steps and not all(TASKS[t].pusht for t in args.tasks):
+        p.error("--action-steps: the Push-T evaluator's option (the reach evaluator has none)")
     if args.aggregate_only:
         aggregate(args)
         return 0
@@ -510,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"job {i + 1}/{len(jobs)}: {task} {method} seed {seed} (elapsed {(time.perf_counter() - t0) / 60:.1f} min)")
         model = train(args, task, method, seed, data[task], env)
         evaluate(args, task, model, "dp", env)
+        for n in args.action_steps:
+            evaluate(args, task, model, "dp", env, action_steps=n)
         if method == "dpag" and not args.no_guided:
             for guidance in args.guidance:
                 evaluate(args, task, model, "guided", env, guidance)

@@ -26,7 +26,7 @@ def write_eval(run: Path, name: str, values: dict) -> None:
 def test_aggregate_means_stds_and_paired_differences(tmp_path):
     rng = np.random.default_rng()
     seeds = [0, 1, 2]
-    cov = {row: rng.uniform(0.2, 0.9, 3) for row in ("dp", "dpag", "guided", "own")}
+    cov = {row: rng.uniform(0.2, 0.9, 3) for row in ("dp", "dpag", "guided", "own", "a3")}
     succ = {row: rng.uniform(0.0, 1.0, 3) for row in cov}
     jerk = {row: rng.uniform(10, 50, 3) for row in cov}
     runs = tmp_path / "out" / "runs"
@@ -34,21 +34,22 @@ def test_aggregate_means_stds_and_paired_differences(tmp_path):
         for method in ("dp", "dpag"):
             run = runs / f"pusht_{method}_s{seed}_tau0.1"
             # "own": evaluated at the checkpoint's guidance (no slug); its row is named by what it recorded.
-            rows = {"dp": "eval_pusht_dp_7"} if method == "dp" else {"dpag": "eval_pusht_dp_7",
-                                                                        "guided": "eval_pusht_guided-gamma0.1_7",
-                                                                        "own": "eval_pusht_guided_7"}
+            rows = {"dp": "eval_pusht_dp_7", "a3": "eval_pusht_dp-a3_7"} if method == "dp" else {
+                "dpag": "eval_pusht_dp_7", "guided": "eval_pusht_guided-gamma0.1_7", "own": "eval_pusht_guided_7"}
             for row, name in rows.items():
                 guidance = {"steps": 1, "dt": 1.0, "gamma": {"guided": 0.1, "own": 0.03}.get(row, 0.5), "eta": 0.0,
                             "normalize": True}
                 write_eval(run, name, {"coverage_mean": cov[row][i], "success_rate": succ[row][i],
-                                       "jerk_mean": jerk[row][i], "guidance": guidance})
+                                       "jerk_mean": jerk[row][i], "guidance": guidance,
+                                       "action_steps": 3 if row == "a3" else 8})
     write_eval(runs / "pusht_dp_s0_tau0.1" / "eval_pusht_dp_99", "x", {})   # other episode counts: ignored
     args = argparse.Namespace(
         out=str(tmp_path / "out"), tasks=["pusht"], eval_episodes=7, curve_episodes=5,
         table=str(tmp_path / "t" / "table.md"), json=str(tmp_path / "t" / "r.json"))
     s = compare.aggregate(args)["tasks"]["pusht"]
     assert set(s["rows"]) == {"DP [tau0.1]", "DP-AG [tau0.1]", "DP-AG [tau0.1] guided (gamma0.1)",
-                              "DP-AG [tau0.1] guided (gamma0.03)"}
+                              "DP-AG [tau0.1] guided (gamma0.03)", "DP [tau0.1] (3 actions per plan)"}
+    assert s["rows"]["DP [tau0.1] (3 actions per plan)"]["coverage_mean"]["mean"] == pytest.approx(cov["a3"].mean())
     assert s["rows"]["DP-AG [tau0.1] guided (gamma0.03)"]["coverage_mean"]["mean"] == pytest.approx(cov["own"].mean())
     got = s["rows"]["DP-AG [tau0.1] guided (gamma0.1)"]["coverage_mean"]
     assert got["mean"] == pytest.approx(cov["guided"].mean()) and got["std"] == pytest.approx(cov["guided"].std(ddof=1))
