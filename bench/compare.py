@@ -380,6 +380,12 @@ def _disk_rows(task: str, runs: list, episodes: int) -> dict[str, dict]:
     return rows
 
 
+def portable(run: dict) -> dict:
+    """A run's record without this machine's interpreter path (the JSON is committed)."""
+    cmd = run.get("command")
+    return run | {"command": ["python", *cmd[1:]]} if cmd and Path(cmd[0]).is_absolute() else run
+
+
 def aggregate(args) -> dict:
     runs_root = Path(args.out) / "runs"
     prev = _ledger(args)
@@ -453,10 +459,10 @@ def aggregate(args) -> dict:
                       f"{args.curve_episodes} held-out episodes at each saved checkpoint)."]
         lines.append("")
         summary["tasks"][task] = tsum
-    summary["runs"] = prev.get("runs", {}) | {
+    summary["runs"] = {name: portable(run) for name, run in (prev.get("runs", {}) | {
         rd.name: {"final_val": final_val(rd),
                   **(json.loads((rd / "timing.json").read_text()) if (rd / "timing.json").exists() else {})}
-        for m, rd in runs if m["task"] in tasks}
+        for m, rd in runs if m["task"] in tasks}).items()}
     table = "\n".join(lines)
     if args.table:
         Path(args.table).write_text(table + "\n")

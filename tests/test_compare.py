@@ -83,7 +83,8 @@ def test_the_json_keeps_rows_whose_runs_are_gone(tmp_path):
                               table=str(tmp_path / "t" / "table.md"), json=str(tmp_path / "t" / "r.json"))
     write(0, "pusht", cov[0])
     write(1, "pusht", cov[1])
-    compare.aggregate(args)
+    (runs / "pusht_dp_s0" / "timing.json").write_text(json.dumps({"command": [sys.executable, "-m", "x"]}))
+    assert compare.aggregate(args)["runs"]["pusht_dp_s0"]["command"] == ["python", "-m", "x"]  # no machine path
     (tmp_path / "out").rename(tmp_path / "gone")            # the next session's fresh checkout
     write(1, "pusht", cov[2])                                 # seed 1 retrained: replaces its record
     write(2, "pusht", cov[3])                                 # seed 2 new
