@@ -433,12 +433,15 @@ def aggregate(args) -> dict:
             lines.append(f"| scripted expert (ceiling) | – | {expert['coverage_mean']:.3f} | "
                          f"{expert['success_rate']:.2f} | {expert['jerk_mean']:.2f} | – |")
         # Paired differences vs DP (same training seed, same data, same test episodes), every metric.
-        base = rows.get("DP", {}).get("by_seed", {})
+        # Against DP sampled the same way: a row that replans every N actions pairs with DP at N.
         diffs = {}
         for name, row in rows.items():
-            common = sorted(set(base) & set(row["by_seed"])) if name != "DP" else []
+            steps = re.search(r" \(\d+ actions per plan\)$", name)
+            base_name = "DP" + (steps.group(0) if steps else "")
+            base = rows.get(base_name, {}).get("by_seed", {})
+            common = sorted(set(base) & set(row["by_seed"])) if name != base_name else []
             if common:
-                diffs[name] = {"seeds": common}
+                diffs[name] = {"seeds": common, "baseline": base_name}
                 for x in tdef.metrics:
                     d = [row["by_seed"][sd][x.key] - base[sd][x.key] for sd in common]
                     mean, std = _ms(d)
@@ -447,7 +450,7 @@ def aggregate(args) -> dict:
         if diffs:
             lines += ["", "Paired differences vs DP (mean ± std over the common seeds; per seed in brackets):", ""]
             for name, d in diffs.items():
-                lines.append(f"- {name} − DP, seeds {d['seeds']}: " + "; ".join(
+                lines.append(f"- {name} − {d['baseline']}, seeds {d['seeds']}: " + "; ".join(
                     f"{x.name} {_fmt(d[x.key]['mean'], d[x.key]['std'], x.digits)} "
                     f"[{', '.join(f'{v:+.{x.digits}f}' for v in d[x.key]['values'])}]" for x in tdef.metrics))
         curves = before.get("curves", {}) | {rd.name: pts for m, rd in runs if m["task"] == task

@@ -26,7 +26,7 @@ def write_eval(run: Path, name: str, values: dict) -> None:
 def test_aggregate_means_stds_and_paired_differences(tmp_path):
     rng = np.random.default_rng()
     seeds = [0, 1, 2]
-    cov = {row: rng.uniform(0.2, 0.9, 3) for row in ("dp", "dpag", "guided", "own", "a3")}
+    cov = {row: rng.uniform(0.2, 0.9, 3) for row in ("dp", "dpag", "guided", "own", "a3", "ag3")}
     succ = {row: rng.uniform(0.0, 1.0, 3) for row in cov}
     jerk = {row: rng.uniform(10, 50, 3) for row in cov}
     runs = tmp_path / "out" / "runs"
@@ -35,20 +35,22 @@ def test_aggregate_means_stds_and_paired_differences(tmp_path):
             run = runs / f"pusht_{method}_s{seed}_tau0.1"
             # "own": evaluated at the checkpoint's guidance (no slug); its row is named by what it recorded.
             rows = {"dp": "eval_pusht_dp_7", "a3": "eval_pusht_dp-a3_7"} if method == "dp" else {
-                "dpag": "eval_pusht_dp_7", "guided": "eval_pusht_guided-gamma0.1_7", "own": "eval_pusht_guided_7"}
+                "dpag": "eval_pusht_dp_7", "guided": "eval_pusht_guided-gamma0.1_7", "own": "eval_pusht_guided_7",
+                "ag3": "eval_pusht_dp-a3_7"}
             for row, name in rows.items():
                 guidance = {"steps": 1, "dt": 1.0, "gamma": {"guided": 0.1, "own": 0.03}.get(row, 0.5), "eta": 0.0,
                             "normalize": True}
                 write_eval(run, name, {"coverage_mean": cov[row][i], "success_rate": succ[row][i],
                                        "jerk_mean": jerk[row][i], "guidance": guidance,
-                                       "action_steps": 3 if row == "a3" else 8})
+                                       "action_steps": 3 if row in ("a3", "ag3") else 8})
     write_eval(runs / "pusht_dp_s0_tau0.1" / "eval_pusht_dp_99", "x", {})   # other episode counts: ignored
     args = argparse.Namespace(
         out=str(tmp_path / "out"), tasks=["pusht"], eval_episodes=7, curve_episodes=5,
         table=str(tmp_path / "t" / "table.md"), json=str(tmp_path / "t" / "r.json"))
     s = compare.aggregate(args)["tasks"]["pusht"]
     assert set(s["rows"]) == {"DP [tau0.1]", "DP-AG [tau0.1]", "DP-AG [tau0.1] guided (gamma0.1)",
-                              "DP-AG [tau0.1] guided (gamma0.03)", "DP [tau0.1] (3 actions per plan)"}
+                              "DP-AG [tau0.1] guided (gamma0.03)", "DP [tau0.1] (3 actions per plan)",
+                              "DP-AG [tau0.1] (3 actions per plan)"}
     assert s["rows"]["DP [tau0.1] (3 actions per plan)"]["coverage_mean"]["mean"] == pytest.approx(cov["a3"].mean())
     assert s["rows"]["DP-AG [tau0.1] guided (gamma0.03)"]["coverage_mean"]["mean"] == pytest.approx(cov["own"].mean())
     got = s["rows"]["DP-AG [tau0.1] guided (gamma0.1)"]["coverage_mean"]
@@ -66,6 +68,10 @@ def test_aggregate_means_stds_and_paired_differences(tmp_path):
     assert d["seeds"] == seeds
     np.testing.assert_allclose(d["coverage_mean"]["values"], cov["dpag"] - cov["dp"])
     assert d["jerk_mean"]["std"] == pytest.approx(np.std(jerk["dpag"] - jerk["dp"], ddof=1))
+    # A row that replans every 3 actions pairs with DP replanning every 3, not with DP at 8.
+    d3 = s["paired_diff_vs_DP"]["DP-AG (3 actions per plan)"]
+    assert d3["baseline"] == "DP (3 actions per plan)" and "DP (3 actions per plan)" not in s["paired_diff_vs_DP"]
+    np.testing.assert_allclose(d3["coverage_mean"]["values"], cov["ag3"] - cov["a3"])
 
 
 def test_the_json_keeps_rows_whose_runs_are_gone(tmp_path):
