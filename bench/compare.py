@@ -322,11 +322,13 @@ def plot_curves(task: str, curves: dict[str, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), sharey=True)
     colours = {"dp": "tab:blue", "dpag": "tab:red"}
     for name, pts in sorted(curves.items()):
-        method = name.split("_s")[0].rsplit("_", 1)[-1]
-        style = dict(ms=3, color=colours.get(method), alpha=0.8, label=name.split(f"{task}_", 1)[-1])
-        axes[0].plot([p["step"] for p in pts], [p["value"] for p in pts], "o-", **style)
+        m = re.search(r"_(dp|dpag)_s(\d+)", name)
+        # colour = method, line style = training seed
+        style = dict(ms=3, color=colours.get(m[1]), alpha=0.8, ls=("-", "--", ":", "-.")[int(m[2]) % 4],
+                     marker="o", label=name.split(f"{task}_", 1)[-1])
+        axes[0].plot([p["step"] for p in pts], [p["value"] for p in pts], **style)
         timed = [p for p in pts if p["minutes"] is not None]
-        axes[1].plot([p["minutes"] for p in timed], [p["value"] for p in timed], "o-", **style)
+        axes[1].plot([p["minutes"] for p in timed], [p["value"] for p in timed], **style)
     for ax, xlabel in zip(axes, ("optimiser steps", "training minutes (the run's own clock)")):
         ax.set_xlabel(xlabel)
         ax.set_xlim(left=0)
