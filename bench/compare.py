@@ -21,9 +21,10 @@ continued by running the same command again):
    the run's minutes at each point are in the JSON);
 4. aggregate: per row, the mean and the sample std (ddof=1) over training seeds of each seed's
    metrics, plus the per-seed paired difference against DP; markdown (--table), JSON (--json) and
-   the learning-curve plot (curves_<task>.png beside the table; vs steps and vs minutes). The JSON is also the record:
-   --out is scratch, so the aggregate starts from the rows the JSON holds and lays the runs found
-   under --out over them (a seed on disk replaces its record); every recorded task stays in the table.
+   the learning-curve plot (curves_<task>.png beside the table; against steps and minutes).
+   The JSON is also the record: --out is scratch, so the aggregate starts from the rows the JSON
+   holds and lays the runs found under --out over them (a seed on disk replaces its record);
+   every recorded task stays in the table.
 
 Seed-major order (all tasks and methods of seed 0, then seed 1, ...): a run stopped early leaves
 complete rows over fewer seeds rather than a missing task.
