@@ -68,6 +68,8 @@ class TaskDef:
     state_keys: list[str] | None   # data.state_keys override (None: the config's)
     metrics: tuple[Metric, ...]    # the first is the one the curves and paired differences use
     pusht: bool                    # evaluated by dpag_engine.eval (else by dpag_engine.tasks --eval)
+    env: str = ""                  # the environment it runs in, if not the task's name
+    image: bool = False            # demonstrations rendered with their camera frames (data/img)
 
 
 PUSHT_METRICS = (Metric("coverage", "coverage_mean", 3), Metric("success rate", "success_rate", 2),
@@ -78,6 +80,9 @@ TASKS = {
     "pusht": TaskDef("Push-T keypoints", "configs/pusht_cpu_small.yaml", ["keypoint", "state[:2]"], PUSHT_METRICS, True),
     "dynamic_pusht": TaskDef("Dynamic Push-T keypoints", "configs/pusht_cpu_small.yaml",
                              ["keypoint", "state[:2]", "ball"], PUSHT_METRICS, True),
+    # Push-T seen through its 96x96 camera plus the agent position (the config's mapping).
+    "pusht_image": TaskDef("Push-T from images", "configs/pusht_image_cpu_small.yaml", None, PUSHT_METRICS, True,
+                           env="pusht", image=True),
     "ur5_reach": TaskDef("UR5 reach (kinematic cell)", "configs/ur5_reach.toml", None,
                          (Metric("success rate", "success_rate", 2), Metric("collision rate", "collision_rate", 2),
                           Metric("joint jerk (rad/s³)", "mean_jerk", 1)), False),
@@ -114,6 +119,10 @@ def run_logged(cmd: list[str], logfile: Path, env: dict[str, str]) -> float:
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
+def env_name(task: str) -> str:
+    return TASKS[task].env or task
+
+
 def data_path(args, task: str) -> Path:
     return Path(args.out) / "data" / f"{task}_{args.episodes}.zarr"
 
@@ -126,8 +135,8 @@ def ensure_data(args, task: str, env) -> Path:
     if path.exists():
         shutil.rmtree(path)  # a partial write from a killed run
     if TASKS[task].pusht:
-        cmd = [sys.executable, "-m", "dpag_engine.envs.generate", "--out", str(path), "--task", task,
-               "--episodes", str(args.episodes), "--workers", str(args.workers)]
+        cmd = [sys.executable, "-m", "dpag_engine.envs.generate", "--out", str(path), "--task", env_name(task),
+               "--episodes", str(args.episodes), "--workers", str(args.workers)] + (["--image"] * TASKS[task].image)
     else:
         cmd = [sys.executable, "-m", "dpag_engine.tasks", "--task", task, "--out", str(path),
                "--episodes", str(args.episodes), "--seed", "0"]
@@ -150,7 +159,7 @@ def expert_ceiling(args, task: str) -> dict | None:
     t0 = time.perf_counter()
     eps = []
     for i in range(args.eval_episodes):
-        t = make_task(task)
+        t = make_task(env_name(task))
         seed = TEST_START_SEED + i
         ep = run_expert_episode(t, seed)
         eps.append({"seed": seed, "max_coverage": t.max_coverage, "success": t.success, "steps": t.steps,
@@ -251,7 +260,7 @@ def evaluate(args, task: str, model: Path, mode: str, env, guidance: str = "", e
     what = f"mode={mode} {guidance}" + (f" {action_steps} actions per plan" if action_steps else "")
     log(f"eval: {model.parent.name}/{model.name} {what} on {episodes} held-out episodes")
     if TASKS[task].pusht:
-        cmd = [sys.executable, "-m", "dpag_engine.eval", "--ckpt", str(model), "--task", task,
+        cmd = [sys.executable, "-m", "dpag_engine.eval", "--ckpt", str(model), "--task", env_name(task),
                "--episodes", str(episodes), "--workers", str(args.workers), "--mode", mode,
                "--videos", str(args.videos), "--out-dir", str(out)]
     else:

@@ -127,3 +127,22 @@ def test_a_tiny_reach_comparison_runs_end_to_end(tmp_path):
     assert sweep["mode"] == "guided" and sweep["guidance"]["gamma"] == 0.1 and sweep["guidance"]["steps"] == 2
     assert [p["step"] for p in s["curves"]["ur5_reach_dp_s0"]] == [6, 12]
     assert (tmp_path / "t" / "curves_ur5_reach.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_tiny_image_comparison_renders_its_camera_end_to_end(tmp_path):
+    """pusht_image: demonstrations rendered with frames, a camera policy trained on them, and the
+    evaluation rendering the same camera (a mapping slip anywhere fails here, not after a long run)."""
+    out = tmp_path / "out"
+    code = compare.main(["--tasks", "pusht_image", "--methods", "dp", "--seeds", "0", "--steps", "4",
+                         "--recipe", "tiny", "--episodes", "2", "--eval-episodes", "1", "--no-expert",
+                         "--out", str(out), "--table", str(tmp_path / "t" / "table.md"),
+                         "--json", str(tmp_path / "t" / "r.json"), "--set", "train.eval_every=2"])
+    assert code == 0
+    import zarr
+    frames = zarr.open_group(str(out / "data" / "pusht_image_2.zarr"), mode="r")["data"]["img"]
+    assert frames.shape[1:] == (96, 96, 3) and float(np.asarray(frames[:4]).std()) > 0
+    res = json.loads((out / "runs" / "pusht_image_dp_s0" / "eval_pusht_image_dp_1" / "results.json").read_text())
+    assert res["episodes"] == 1 and 0.0 <= res["coverage_mean"] <= 1.0
+    row = json.loads((tmp_path / "t" / "r.json").read_text())["tasks"]["pusht_image"]["rows"]["DP"]
+    assert row["by_seed"]["0"]["coverage_mean"] == pytest.approx(res["coverage_mean"])

