@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/rtc_delay.py --ckpt outputs/ur5_6k.pt --task ur5_reach \
         --delays 0 100 200 300 --episodes 20 [--mode dp] [--soft-steps 4] [--replan 4] [--seed 0] \
-        [--chunk-rows action|horizon] [--out DIR]
+        [--chunk-rows action|horizon] [--candidates K] [--repeats R] [--served-goals SEED] [--out DIR]
 
 A discrete-time simulation of asynchronous chunk execution at the task's 10 Hz (dt = 0.1 s):
 
@@ -21,6 +21,11 @@ A discrete-time simulation of asynchronous chunk execution at the task's 10 Hz (
   The executing chunk is the plan's n_action_steps rows, as serve submits them (--chunk-rows action);
   --chunk-rows horizon keeps every predicted row from the current step on (H - To + 1 = 15), which
   only matters for how many soft rows RTC gets (with replan 4 and 8 rows, 4 - d_steps at most).
+
+With --candidates K > 1 every plan after the first samples K chunks in one batch and keeps the one
+closest to the executing chunk where they overlap (`rtc.most_coherent`, exactly as `serve
+--candidates`). --repeats R runs every episode R times with different sampler seeds: a mode switch
+that clips the obstacle is a ~1 % event, which 100 episodes cannot resolve.
 
 The replan interval is fixed (default 4 steps, the same for every delay and for RTC on/off): with
 n_action_steps = 8 and d_steps <= 3 the executed rows d .. d + 3 always lie inside the 8-action
@@ -48,6 +53,7 @@ Output: a markdown table on stdout and in DIR/table.md, everything in DIR/result
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -71,20 +77,25 @@ DT = 0.1
 class ChunkPlanner:
     """session.TimedPlanner (what serve plans with), keeping `chunk_rows` of each plan as the chunk."""
 
-    def __init__(self, policy, mode: str = "dp", runtime: str = "cpp", chunk_rows: str = "action"):
+    def __init__(self, policy, mode: str = "dp", runtime: str = "cpp", chunk_rows: str = "action",
+                 candidates: int = 1):
         if chunk_rows not in ("action", "horizon"):
             raise ValueError(f"chunk_rows: 'action' or 'horizon', got {chunk_rows!r}")
-        self.timed = TimedPlanner(policy, mode, runtime, threads=1)
+        self.timed = TimedPlanner(policy, mode, runtime, threads=1, candidates=candidates)
         self.cfg, self.chunk_rows, self.runtime = policy.cfg, chunk_rows, runtime
 
     @property
     def calls(self) -> int:
         return self.timed.calls
 
-    def __call__(self, obs: dict, generator: torch.Generator, prefix=None) -> np.ndarray:
+    @property
+    def candidates(self) -> int:
+        return self.timed.candidates
+
+    def __call__(self, obs: dict, generator: torch.Generator, prefix=None, reference=None) -> np.ndarray:
         # "action": the n_action_steps rows serve submits; "horizon": every predicted row from the
         # current step on (H - To + 1), so RTC has more of the executing chunk for its soft rows.
-        rows = self.timed(obs, prefix, generator)
+        rows = self.timed(obs, prefix, generator, reference)
         return rows[:self.cfg.n_action_steps] if self.chunk_rows == "action" else rows
 
 
@@ -205,7 +216,11 @@ def simulate(env, planner, generator: torch.Generator, delay_steps: int, replan:
                 prefix = committed_prefix(torch.from_numpy(current[0]), float(current[1]), 1.0, float(k),
                                           float(delay_steps), soft_steps=soft_steps, max_len=n_action)
             committed.append(prefix.n_committed if prefix is not None else 0)
-            pending = (planner(env.obs(), generator, prefix), k)
+            reference = None
+            if planner.candidates > 1 and current is not None:   # as serve: the executing chunk on the new grid
+                reference = committed_prefix(torch.from_numpy(current[0]), float(current[1]), 1.0, float(k), 0.0,
+                                             soft_steps=len(current[0])).actions.numpy()
+            pending = (planner(env.obs(), generator, prefix, reference), k)
             plans += 1
         if pending is not None and k == pending[1] + delay_steps:   # the plan arrives: switch now
             if current is not None:
@@ -223,14 +238,17 @@ def simulate(env, planner, generator: torch.Generator, delay_steps: int, replan:
 # ----------------------------------------------------------------------------------------------
 # The benchmark
 # ----------------------------------------------------------------------------------------------
-def make_envs(task: str, policy, ckpt: str, episodes: int, seed: int, max_steps: int | None):
-    """(label, factory) per episode; every factory builds a fresh env for the same episode."""
+def make_envs(task: str, policy, ckpt: str, episodes: int, seed: int, max_steps: int | None,
+              served_goals: int | None = None):
+    """(label, factory) per episode; every factory builds a fresh env for the same episode.
+    served_goals: draw the reach goals as `serve --seed served_goals` does (one stream, in order)."""
     n_obs = policy.cfg.n_obs_steps
     if task == "ur5_reach":
         reach = ReachTask()
+        served = None if served_goals is None else np.random.default_rng(served_goals)
         out = []
         for i in range(episodes):
-            goal = reach.sample_goal(np.random.default_rng([EVAL_SEED + seed, i]))
+            goal = reach.sample_goal(served if served is not None else np.random.default_rng([EVAL_SEED + seed, i]))
             out.append((f"goal{i}", lambda goal=goal: UR5Env(reach, goal, n_obs, steps=max_steps)))
         return out
     from dpag_engine.envs.pusht import MAX_STEPS, TEST_START_SEED
@@ -249,19 +267,21 @@ def run(args) -> dict:
     from dpag_engine.checkpoint import load_policy
     torch.set_num_threads(1)
     policy = load_policy(args.ckpt).eval()
-    planner = ChunkPlanner(policy, args.mode, args.runtime, args.chunk_rows)
-    envs = make_envs(args.task, policy, args.ckpt, args.episodes, args.seed, args.max_steps)
+    planner = ChunkPlanner(policy, args.mode, args.runtime, args.chunk_rows, args.candidates)
+    envs = make_envs(args.task, policy, args.ckpt, args.episodes, args.seed, args.max_steps, args.served_goals)
     rows = []
     for delay_ms in args.delays:
         d = int(round(delay_ms / 1000.0 / DT))
         for rtc in (False, True):
             t0, calls0 = time.perf_counter(), planner.calls
             episodes = []
-            for i, (label, factory) in enumerate(envs):
+            for (i, (label, factory)), r in itertools.product(enumerate(envs), range(args.repeats)):
                 env = factory()
-                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i)  # same per episode for every row
+                # The same per episode and repeat for every row; repeat 0 is the seed the tables before
+                # --repeats used.
+                gen = torch.Generator().manual_seed(args.seed * 1_000_003 + i + r * 2**32)
                 sim = simulate(env, planner, gen, d, args.replan, rtc, args.soft_steps)
-                ep = {"episode": label, **env.score(), "jerk": mean_jerk(sim.executed, DT),
+                ep = {"episode": label, "repeat": r, **env.score(), "jerk": mean_jerk(sim.executed, DT),
                       "pos_jumps": sim.pos_jumps, "vel_jumps": sim.vel_jumps, "plans": sim.plans,
                       "committed_max": max(sim.committed)}
                 episodes.append(ep)
@@ -283,7 +303,9 @@ def run(args) -> dict:
             rows.append(row)
             print(format_row(row), flush=True)
     return {"ckpt": args.ckpt, "task": args.task, "mode": args.mode, "runtime": planner.runtime,
-            "replan": args.replan, "soft_steps": args.soft_steps, "chunk_rows": args.chunk_rows, "seed": args.seed, "dt": DT,
+            "replan": args.replan, "soft_steps": args.soft_steps, "candidates": args.candidates,
+            "repeats": args.repeats, "chunk_rows": args.chunk_rows, "seed": args.seed,
+            "served_goals": args.served_goals, "dt": DT,
             "n_action_steps": policy.cfg.n_action_steps, "rows": rows, "command": " ".join(sys.argv)}
 
 
@@ -294,7 +316,7 @@ HEADER = ("| task | delay ms | RTC | success | collisions / coverage | jerk | po
 def format_row(r: dict) -> str:
     ur5 = r["task"] == "ur5_reach"
     unit, vunit, junit = ("rad", "rad/s", "rad/s^3") if ur5 else ("px", "px/s", "px/s^3")
-    other = f"coll. {r['collision_rate']:.0%}" if ur5 else f"cov. {r['coverage_mean']:.3f}"
+    other = f"coll. {r['collision_rate']:.1%}" if ur5 else f"cov. {r['coverage_mean']:.3f}"
     return (f"| {r['task']} | {r['delay_ms']} | {'on' if r['rtc'] else 'off'} | {r['success_rate']:.0%} | {other} "
             f"| {r['jerk_mean']:.1f} {junit} | {r['pos_jump_mean']:.3f} / {r['pos_jump_p95']:.3f} {unit} "
             f"| {r['vel_jump_mean']:.2f} / {r['vel_jump_p95']:.2f} {vunit} | {r['episodes']} |")
@@ -311,13 +333,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="cpp: the C++ engine (as serve), torch: the PyTorch reference")
     p.add_argument("--soft-steps", type=int, default=4, help="RTC soft rows (serve --rtc-soft-steps default)")
     p.add_argument("--replan", type=int, default=4, help="plan every this many steps (fixed for all delays)")
+    p.add_argument("--candidates", type=int, default=1,
+                   help="chunks sampled per plan, the one closest to the executing chunk kept (serve --candidates)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run every episode this many times with different sampler seeds (rare events need many)")
     p.add_argument("--chunk-rows", default="action", choices=["action", "horizon"],
                    help="rows of a plan kept as the executing chunk: the n_action_steps ones (as serve) or all "
                         "H - To + 1 from the current step (more rows for RTC's soft prefix)")
     p.add_argument("--seed", type=int, default=0, help="offset of the held-out goals / test seeds, and sampler seeds")
+    p.add_argument("--served-goals", type=int, metavar="SEED",
+                   help="ur5_reach: the goals `serve --seed SEED` meets, in its order (the demo's: 100000)")
     p.add_argument("--max-steps", type=int, help="episode length cap (default: the task's)")
     p.add_argument("--out", help="output directory (default outputs/rtc_delay/<task>)")
     args = p.parse_args(argv)
+    if args.repeats < 1 or args.episodes < 1:
+        p.error("--episodes and --repeats: at least 1")
+    if args.served_goals is not None and args.task != "ur5_reach":
+        p.error("--served-goals: ur5_reach only (Push-T episodes are test seeds)")
     out = Path(args.out or f"outputs/rtc_delay/{args.task}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -284,6 +284,10 @@ class UR5Robot:
         # The RTDE watchdog stops the program if commands stop arriving (this process hangs or dies).
         self.control.setWatchdog(self.watchdog_hz)
         self._stop.clear()
+        # The state clock starts from a reading taken now, not when the sink was built: the calls
+        # above can take a second on a loaded host, and the loop's first cycle must not see that
+        # as a frozen stream (the pump posts every state after this one).
+        self.sink.post_state(self.joint_positions())
         self._pump_thread = threading.Thread(target=self._pump, name="ur5-pump", daemon=True)
         self._pump_thread.start()
         self.loop.start()

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rtc-soft-steps", type=int, default=4,
                     help="--rtc: also pull this many following actions towards the executing chunk, decaying "
                          "(0 .. the policy's horizon)")
+    ap.add_argument("--candidates", type=int, default=4,
+                    help=f"sample this many chunks per plan in one batch and keep the one closest to the executing "
+                         f"chunk (dpag_engine/rtc.py most_coherent; 1 .. {MAX_CANDIDATES}): holds the mode where the "
+                         f"demonstrations split; at 5 Hz it cut the demo's jerk by a third, ~3.3x the plan time (bench/RTC.md)")
     ap.add_argument("--simulate-delay", type=finite, default=0.0,
                     help=f"add this many ms to every plan (testing), 0 .. {MAX_SIMULATED_DELAY_MS:g}")
     ap.add_argument("--no-rt", action="store_true", help="do not ask for SCHED_FIFO for the servo loop")
@@ -151,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 MAX_EPISODES, MAX_DURATION_S, MAX_ABORT_AFTER_S, MAX_SIMULATED_DELAY_MS = 10_000, 3600.0, 60.0, 10_000.0
+MAX_CANDIDATES = 8   # the C++ engine allocates its buffers for batches up to 8 (runtime/cpu.py)
 
 
 def check_options(args, cfg, dt: float, cell: Cell, from_config: bool) -> SafetyLimits:
@@ -191,6 +196,8 @@ def check_options(args, cfg, dt: float, cell: Cell, from_config: bool) -> Safety
     need(0 < args.abort_after <= MAX_ABORT_AFTER_S, "--abort-after", f"must be in (0, {MAX_ABORT_AFTER_S:g}] s")
     need(0 < args.watchdog_hz <= (args.frequency or max(rates)), "--watchdog-hz",
          f"must be in (0, {args.frequency or max(rates):g}] Hz (commands are sent at the servo rate)")
+    need(1 <= args.candidates <= MAX_CANDIDATES, "--candidates",
+         f"must be in [1, {MAX_CANDIDATES}] (one batch of the C++ engine's buffers)")
     need(0 <= args.rtc_soft_steps <= cfg.horizon, "--rtc-soft-steps", f"must be in [0, {cfg.horizon}] (the horizon)")
     need(0 <= args.simulate_delay <= MAX_SIMULATED_DELAY_MS, "--simulate-delay",
          f"must be in [0, {MAX_SIMULATED_DELAY_MS:g}] ms")
@@ -277,9 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve: --rtc applies to absolute joint actions without a gripper; this policy's are "
               f"{spec.action.kind}{' + gripper' if spec.action.gripper else ''}: planning without it", file=sys.stderr)
         args.rtc = False
+    if args.candidates > 1 and not rtc_applies(spec):
+        print(f"serve: --candidates compares chunks in absolute joint actions without a gripper; this policy's are "
+              f"{spec.action.kind}{' + gripper' if spec.action.gripper else ''}: one sample per plan", file=sys.stderr)
+        args.candidates = 1
     out = Path(args.log_dir)
     stream_dir = out / "stream"
-    planner = TimedPlanner(policy, args.mode, args.runtime, args.seed, args.simulate_delay / 1e3, args.threads)
+    planner = TimedPlanner(policy, args.mode, args.runtime, args.seed, args.simulate_delay / 1e3, args.threads,
+                           args.candidates)
     builder, decoder = ObservationBuilder(spec, bindings, cell.tcp_offset), ActionDecoder(spec, cell.tcp_offset)
 
     host = args.host or ("127.0.0.1" if args.robot == "sim" or cell.sim else cell.host)

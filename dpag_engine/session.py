@@ -20,7 +20,7 @@ from .cameras import CameraFault
 from .kinematics import frame_origins
 from .rig import Rig, SensorFault
 from .runlog import StreamLog
-from .rtc import CommittedPrefix, DelayEstimator, committed_prefix
+from .rtc import CommittedPrefix, DelayEstimator, committed_prefix, most_coherent
 from .runtime import policy_planner
 from .spec_io import ActionDecoder, ObservationBuilder, Snapshot
 from .tasks import Task, Trace
@@ -48,31 +48,43 @@ class TimedPlanner:
     """
 
     def __init__(self, policy, mode: str, runtime: str = "cpp", seed: int = 0, delay_s: float = 0.0,
-                 threads: int | None = None):
+                 threads: int | None = None, candidates: int = 1):
         self.mode, self.runtime, self.delay_s, self.cfg = mode, runtime, delay_s, policy.cfg
         self.generator = torch.Generator().manual_seed(seed)
         self.planner = policy_planner(policy, runtime, mode, threads)
+        max_batch = getattr(self.planner, "max_batch", None)
+        if candidates < 1 or (max_batch is not None and candidates > max_batch):
+            raise ValueError(f"candidates: must be in [1, {max_batch or 'any'}] (one batch of the {runtime} runtime), "
+                             f"got {candidates}")
+        self.candidates = candidates
         # The recent latencies for the live status line; every plan's is in the session's plan log.
         self.latencies_ms: deque[float] = deque(maxlen=500)
         self.calls, self.seconds = 0, 0.0
 
     def __call__(self, obs: dict, prefix: CommittedPrefix | None = None,
-                 generator: torch.Generator | None = None) -> np.ndarray:
+                 generator: torch.Generator | None = None, reference: np.ndarray | None = None) -> np.ndarray:
         """prefix: the committed actions of the executing chunk (real-time chunking), or None.
-        generator: this plan's random numbers (default: the planner's own stream)."""
+        generator: this plan's random numbers (default: the planner's own stream).
+        reference: the executing chunk on the new chunk's grid (M, Da); with candidates K > 1 the plan
+        samples K chunks in one batch and returns the one closest to it (rtc.most_coherent)."""
+        k = self.candidates if reference is not None and len(reference) else 1
+        if k > 1:
+            obs = {key: v.repeat(k, *[1] * (v.dim() - 1)) for key, v in obs.items()}   # (1, ...) -> (K, ...)
         inpaint = {}
         if prefix is not None and prefix.weights.numel():
-            inpaint = {"prefix": prefix.actions.to(torch.float32)[None], "prefix_weight": prefix.weights}
+            inpaint = {"prefix": prefix.actions.to(torch.float32)[None].repeat(k, 1, 1), "prefix_weight": prefix.weights}
         t0 = time.perf_counter()
         out = self.planner.predict_action(obs, generator or self.generator, mode=self.mode, **inpaint)
+        # Every future row of the prediction (from n_obs_steps - 1 on), not only the n_action_steps
+        # executed: the rows past them are the soft guidance of the next real-time-chunking plan.
+        rows = out["action_pred"][:, self.cfg.n_obs_steps - 1:].detach().cpu().to(torch.float64)
+        chosen = rows[most_coherent(rows, reference) if k > 1 else 0].numpy()
         if self.delay_s > 0:   # --simulate-delay: a slower planner, for testing the runtime
             time.sleep(self.delay_s)
         seconds = time.perf_counter() - t0
         self.latencies_ms.append(seconds * 1e3)
         self.calls, self.seconds = self.calls + 1, self.seconds + seconds
-        # Every future row of the prediction (from n_obs_steps - 1 on), not only the n_action_steps
-        # executed: the rows past them are the soft guidance of the next real-time-chunking plan.
-        return out["action_pred"][0, self.cfg.n_obs_steps - 1:].detach().cpu().numpy().astype(np.float64)
+        return chosen
 
 
 class Session:
@@ -131,6 +143,18 @@ class Session:
         cfg = self.planner.cfg
         return committed_prefix(torch.from_numpy(prev), prev_first, self.dt, t_first, self.delay.estimate(),
                                 soft_steps=self.args.rtc_soft_steps, max_len=cfg.horizon - cfg.n_obs_steps + 1)
+
+    def _executing_on_grid(self, t_first: float) -> np.ndarray | None:
+        """--candidates > 1: the executing chunk's rows on the new chunk's grid (row 0 due at t_first),
+        all that overlap, for the planner to keep the candidate that continues it. Compared in the
+        policy's action space, so only for the actions real-time chunking continues (rtc_applies)."""
+        if self.planner.candidates == 1 or self.executing is None or not rtc_applies(self.builder.spec):
+            return None
+        prev, prev_first, _ = self.executing
+        if t_first < prev_first:
+            return None
+        return committed_prefix(torch.from_numpy(prev), prev_first, self.dt, t_first, 0.0,
+                                soft_steps=len(prev)).actions.numpy()
 
     def _disagreement(self, actions: np.ndarray, t_first: float, t_switch: float) -> float:
         """max |new chunk - executing chunk| (rad) at the time the new one takes over: the jump the
@@ -222,7 +246,8 @@ class Session:
                 t_first = t_obs + dt
                 prefix = self._committed(t_first)
                 try:
-                    actions = self.planner(self.builder.policy_obs(window), prefix)
+                    actions = self.planner(self.builder.policy_obs(window), prefix,
+                                           reference=self._executing_on_grid(t_first))
                     if not np.all(np.isfinite(actions)):
                         raise ValueError("the policy returned non-finite actions")
                     joints, grip = self.decoder(actions, snap)
@@ -423,7 +448,7 @@ def summarize(session: Session, code: int, message: str) -> dict:
         "camera_to_command_ms_p50": pct(cam_cmd, 50), "camera_to_command_ms_p99": pct(cam_cmd, 99),
         "gripper": session.gripper.stats if session.gripper is not None else None,
         "plans": len(plans), "runtime": session.planner.runtime, "mode": session.planner.mode,
-        "rtc": bool(session.args.rtc),
+        "rtc": bool(session.args.rtc), "candidates": session.planner.candidates,
         # How far each new chunk was from the executing one where it took over (the blend's job).
         "chunk_disagreement_rad_mean": float(np.nanmean(jumps)) if np.isfinite(jumps).any() else math.nan,
         "frequency_hz": session.robot.frequency or math.nan,
@@ -453,7 +478,8 @@ def print_summary(s: dict, out: Path, plots: list[str]) -> None:
               f"p99 {num(s['camera_to_command_ms_p99'], '.0f')} ms")
     if s["plans"]:
         print(f"plan latency p50 {num(s['plan_ms_p50'], '.1f')} ms, p99 {num(s['plan_ms_p99'], '.1f')} ms over "
-              f"{s['plans']} plans ({s['mode']} on {s['runtime']}{', RTC' if s['rtc'] else ''}); chunk disagreement "
+              f"{s['plans']} plans ({s['mode']} on {s['runtime']}{', RTC' if s['rtc'] else ''}"
+              f"{', best of %d candidates' % s['candidates'] if s['candidates'] > 1 else ''}); chunk disagreement "
               f"at takeover {num(s['chunk_disagreement_rad_mean'], '.1f', 1e3)} mrad")
     if loop.get("cycles"):
         print(f"servo loop {s['frequency_hz']:.0f} Hz: {loop['cycles']} cycles, period error p50 "

@@ -17,7 +17,8 @@ from torch import nn
 from dpag_engine import ops
 from dpag_engine.config import SchedulerConfig
 from dpag_engine.ops import torch_ref as R
-from dpag_engine.rtc import DelayEstimator, committed_prefix, prefix_weights
+from dpag_engine.rtc import DelayEstimator, committed_prefix, most_coherent, prefix_weights
+from dpag_engine.session import TimedPlanner
 from factories import make_obs, make_policy, normalised_error
 
 try:
@@ -178,6 +179,16 @@ class ModeDenoiser(nn.Module):
         return (sample - a * x0) / s + 0 * global_cond.sum()
 
 
+def mode_policy(seed: int):
+    """A tiny policy whose noise predictor is ModeDenoiser: 8 equally likely constant-chunk modes."""
+    policy = make_policy(seed=seed, scheduler=SCHEDULERS["ddim8"]).eval()
+    cfg, sched = policy.cfg, policy.schedule
+    signs = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * cfg.action_dim)
+    templates = 0.6 * signs[:, None, :].expand(-1, cfg.horizon, -1).contiguous()
+    policy.unet = ModeDenoiser(templates, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
+    return policy
+
+
 @pytest.mark.parametrize("p,soft,max_ratio", [
     (3, 0, 0.9),    # hard inpainting of a short prefix only: replacement does not harmonise the rest
     (8, 0, 0.1),    # a longer committed prefix pins the mode
@@ -185,13 +196,9 @@ class ModeDenoiser(nn.Module):
 ], ids=["hard3", "hard8", "hard3-soft8"])
 @pytest.mark.parametrize("backend", [pytest.param("torch"), pytest.param("triton", marks=needs_triton)])
 def test_rtc_removes_the_boundary_jump_of_a_multimodal_policy(backend, p, soft, max_ratio):
-    policy = make_policy(seed=14, scheduler=SCHEDULERS["ddim8"]).eval()
+    policy = mode_policy(seed=14)
     cfg = policy.cfg
     start, batch = cfg.n_obs_steps - 1, 64
-    signs = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * cfg.action_dim)          # 8 modes
-    templates = 0.6 * signs[:, None, :].expand(-1, cfg.horizon, -1).contiguous()
-    sched = policy.schedule
-    policy.unet = ModeDenoiser(templates, sched.sqrt_alphas_cumprod, sched.sqrt_one_minus_alphas_cumprod)
     obs = make_obs(cfg, batch, torch.Generator().manual_seed(6))
     scale = policy.normalizer.affine("action", torch.float32).scale
     with ops.use_backend(backend):
@@ -208,6 +215,68 @@ def test_rtc_removes_the_boundary_jump_of_a_multimodal_policy(backend, p, soft, 
     print(f"{backend} P={p} soft={soft}: mean boundary jump without RTC {j_plain:.3f}, with RTC {j_rtc:.3f}")
     assert j_plain > 1.0                  # the fixture does jump: plans pick different modes
     assert j_rtc < max_ratio * j_plain    # RTC continues the committed mode
+
+
+# ---- (4b) Holding the mode: K candidates, the one closest to the executing chunk ----
+def test_most_coherent_picks_the_closest_overlap():
+    g = torch.Generator().manual_seed(3)
+    cands = torch.randn(5, 6, 2, generator=g, dtype=torch.float64)
+    ref = cands[3, :4] + 0.01 * torch.randn(4, 2, generator=g, dtype=torch.float64)
+    cands[3, 4:] += 100.0                       # past the overlap: does not count
+    assert most_coherent(cands, ref) == 3
+    longer = torch.cat([cands[1], 50 * torch.randn(3, 2, generator=g, dtype=torch.float64)])
+    assert most_coherent(cands.numpy(), longer.numpy()) == 1   # only the candidates' 6 rows overlap
+    assert most_coherent(cands, torch.empty(0, 2)) == 0         # nothing to continue
+    with pytest.raises(ValueError, match="expected candidates"):
+        most_coherent(cands[0], ref)
+    with pytest.raises(ValueError, match="expected candidates"):
+        most_coherent(cands, ref[:, :1])
+    bad = ref.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        most_coherent(cands, bad)
+
+
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_candidates_return_the_batch_member_closest_to_the_reference(runtime):
+    policy = make_policy(seed=21).eval()
+    cfg, k = policy.cfg, 4
+    obs = make_obs(cfg, 1, torch.Generator().manual_seed(22))
+    reference = 2 + 3 * torch.randn(7, cfg.action_dim, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    timed = TimedPlanner(policy, "dp", runtime, threads=1, candidates=k)
+    chosen = timed(obs, generator=torch.Generator().manual_seed(24), reference=reference.numpy())
+    # Independently: the same K draws as one batch of the plain planner, the closest picked by hand.
+    planner = TimedPlanner(policy, "dp", runtime, threads=1).planner
+    batch = {key: v.expand(k, *v.shape[1:]).contiguous() for key, v in obs.items()}
+    rows = planner.predict_action(batch, torch.Generator().manual_seed(24))["action_pred"][:, cfg.n_obs_steps - 1:].double()
+    distances = [float((rows[i, :7] - reference).square().sum()) for i in range(k)]
+    assert len(set(round(d, 6) for d in distances)) == k          # the candidates differ
+    torch.testing.assert_close(torch.from_numpy(chosen), rows[distances.index(min(distances))])
+    # No reference (the first plan of an episode): one sample, not K.
+    assert timed(obs, generator=torch.Generator().manual_seed(24)).shape == rows.shape[1:]
+    with pytest.raises(ValueError, match="candidates"):
+        TimedPlanner(policy, "dp", runtime, threads=1, candidates=0)
+
+
+def test_candidates_keep_the_mode_of_a_multimodal_policy():
+    policy = mode_policy(seed=14)
+    cfg = policy.cfg
+    obs = make_obs(cfg, 1, torch.Generator().manual_seed(6))
+    scale = policy.normalizer.affine("action", torch.float32).scale.double()
+
+    def kept(candidates):   # plans that continue the executing chunk's mode (normalised distance < 0.3)
+        timed = TimedPlanner(policy, "dp", "torch", candidates=candidates)
+        n = 0
+        for trial in range(48):
+            old = timed(obs, generator=torch.Generator().manual_seed(1000 + trial))
+            new = timed(obs, generator=torch.Generator().manual_seed(5000 + trial), reference=old)
+            n += float(((torch.from_numpy(new - old) * scale).norm(dim=-1)).mean()) < 0.3
+        return n / 48
+
+    one, eight = kept(1), kept(8)
+    print(f"mode kept: 1 sample {one:.2f}, best of 8 {eight:.2f}")
+    assert one < 0.3              # 1/8 by chance
+    assert eight > 0.4            # 1 - (7/8)^8 = 0.66 if one of the 8 is in the mode (0.54 measured)
 
 
 # ---- (5) committed_prefix and the delay estimator on a hand-made timeline ----

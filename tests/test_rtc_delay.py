@@ -74,12 +74,14 @@ class StubPlanner:
 
     class cfg:
         n_action_steps = 8
+    candidates = 1
 
     def __init__(self):
-        self.n, self.prefixes = 0, []
+        self.n, self.prefixes, self.references = 0, [], []
 
-    def __call__(self, obs, generator, prefix=None):
+    def __call__(self, obs, generator, prefix=None, reference=None):
         self.prefixes.append(prefix)
+        self.references.append(reference)
         chunk = 100.0 * self.n + np.arange(8, dtype=float)[:, None] * np.ones((1, 2))
         self.n += 1
         return chunk
@@ -147,17 +149,41 @@ def test_replan_must_exceed_delay():
         rtc_delay.simulate(StubEnv(4), StubPlanner(), None, delay_steps=4, replan=4, rtc=False)
 
 
+def test_candidates_are_given_the_executing_chunk_on_the_new_grid():
+    """--candidates: every plan after the first gets the executing chunk's rows from its own step on."""
+    planner = StubPlanner()
+    planner.candidates = 4
+    rtc_delay.simulate(StubEnv(12), planner, None, delay_steps=1, replan=4, rtc=False)
+    assert planner.references[0] is None                      # nothing executes before the first plan
+    # Plan 1 at step 4: chunk 0 (row 0 at step 0) executes, rows 4..7; plan 2 at step 8: chunk 1
+    # (row 0 at step 4), rows 4..7.
+    np.testing.assert_array_equal(planner.references[1][:, 0], [4, 5, 6, 7])
+    np.testing.assert_array_equal(planner.references[2][:, 0], [104, 105, 106, 107])
+
+
+def test_served_goals_are_the_goals_serve_meets():
+    """--served-goals S: the bench's episodes are serve --seed S's (its task plug-in's draw), in order."""
+    from dpag_engine.tasks import get_task
+    served = get_task("ur5_reach")
+    rng = np.random.default_rng(123)
+    expected = [served.sample_episode(rng)["goal"] for _ in range(5)]
+    envs = rtc_delay.make_envs("ur5_reach", make_ur5_policy(), "unused.pt", 5, 0, None, served_goals=123)
+    np.testing.assert_allclose([factory().goal for _, factory in envs], expected, rtol=0, atol=0)
+    held_out = rtc_delay.make_envs("ur5_reach", make_ur5_policy(), "unused.pt", 5, 0, None)
+    assert not np.allclose(held_out[0][1]().goal, expected[0])
+
+
 def test_rtc_new_chunk_starts_with_the_committed_actions():
     """With RTC and d > 0 the policy's new chunk reproduces the old chunk's committed rows (aligned)."""
     policy = make_ur5_policy()
     inner = rtc_delay.ChunkPlanner(policy, "dp", "torch")
     chunks = []
 
-    def planner(obs, generator, prefix=None):
-        chunk = inner(obs, generator, prefix)
+    def planner(obs, generator, prefix=None, reference=None):
+        chunk = inner(obs, generator, prefix, reference)
         chunks.append(chunk)
         return chunk
-    planner.cfg = policy.cfg
+    planner.cfg, planner.candidates = policy.cfg, 1
     d, replan = 2, 4
     env = rtc_delay.UR5Env(ReachTask(), GOAL, 2, steps=12)
     sim = rtc_delay.simulate(env, planner, torch.Generator().manual_seed(3), d, replan, True, soft_steps=0)

@@ -237,9 +237,9 @@ def test_non_finite_actions_hold_then_stop(cb3, ckpt, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = session.TimedPlanner.__call__
 
-    def poisoned(self, obs, prefix=None, generator=None):
+    def poisoned(self, *args, **kwargs):
         calls["n"] += 1
-        out = real(self, obs, prefix, generator)
+        out = real(self, *args, **kwargs)
         return out * np.nan if calls["n"] == 4 else out
     monkeypatch.setattr(session.TimedPlanner, "__call__", poisoned)
     run = ServeRun(cb3, ckpt, tmp_path)
@@ -290,7 +290,7 @@ def strict_json(path):
     ["--rtc-soft-steps", "-3"], ["--rtc-soft-steps", "1000"], ["--state-timeout", "0"],
     ["--state-timeout", "100"], ["--duration", "0"], ["--duration", "-1"], ["--duration", "1e9"],
     ["--plan-hz", "1000"], ["--plan-hz", "0"], ["--abort-after", "0"], ["--threads", "0"], ["--seed", "-1"],
-    ["--gain", "5"], ["--lookahead-time", "1"], ["--simulate-delay", "-5"],
+    ["--gain", "5"], ["--lookahead-time", "1"], ["--simulate-delay", "-5"], ["--candidates", "0"], ["--candidates", "9"],
     ["--workspace", "0.5", "0", "0", "0", "1", "1"],
 ])
 def test_every_option_outside_what_the_arm_allows_is_refused_before_connecting(ckpt, tmp_path, capsys, option):
@@ -329,11 +329,11 @@ def test_a_crash_while_the_arm_moves_is_recorded_as_a_crash_after_bringing_it_to
     calls = {"n": 0}
     real = session.TimedPlanner.__call__
 
-    def buggy(self, obs, prefix=None, generator=None):
+    def buggy(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 5:
             raise bug("injected bug")
-        return real(self, obs, prefix, generator)
+        return real(self, *args, **kwargs)
     monkeypatch.setattr(session.TimedPlanner, "__call__", buggy)
     run = ServeRun(cb3, ckpt, tmp_path)
     assert run.join() == session.EXIT_INTERNAL
