@@ -1,4 +1,4 @@
-"""The main job, end to end: demonstrations -> a small DP-AG -> served on the emulated UR5.
+"""The main job, end to end: demonstrations -> a small policy -> served on the emulated UR5.
 
     python -m dpag_engine.demo [--out-dir outputs/demo] [--steps 6000] [--goals 5] [--retrain]
     python -m dpag_engine.demo --task ur5_reach_image    # the image example: cameras + gripper
