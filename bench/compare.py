@@ -72,8 +72,10 @@ class TaskDef:
     image: bool = False            # demonstrations rendered with their camera frames (data/img)
 
 
-PUSHT_METRICS = (Metric("coverage", "coverage_mean", 3), Metric("success rate", "success_rate", 2),
-                 Metric("action jerk (px/step³)", "jerk_mean", 2))
+# DP's score is what DP reports (the mean of each episode's max clip(coverage / 0.95, 0, 1));
+# coverage is the raw max coverage, which a score of 1 does not distinguish past 0.95.
+PUSHT_METRICS = (Metric("coverage", "coverage_mean", 3), Metric("DP score", "score_mean", 3),
+                 Metric("success rate", "success_rate", 2), Metric("action jerk (px/step³)", "jerk_mean", 2))
 # What the policy sees, per task: DP's keypoint observation (9 keypoints + agent xy); the dynamic
 # variant adds the ball (x, y, vx, vy) so the disturbance is observable.
 TASKS = {
@@ -154,24 +156,19 @@ def expert_ceiling(args, task: str) -> dict | None:
         return json.loads(path.read_text())
     from dpag_engine.envs.dynamic_pusht import make_task
     from dpag_engine.envs.expert import run_expert_episode
-    from dpag_engine.eval import action_jerk
+    from dpag_engine.eval import episode_record, summarize
     log(f"expert: {task} on {args.eval_episodes} test seeds")
     t0 = time.perf_counter()
     eps = []
     for i in range(args.eval_episodes):
         t = make_task(env_name(task))
         seed = TEST_START_SEED + i
-        ep = run_expert_episode(t, seed)
-        eps.append({"seed": seed, "max_coverage": t.max_coverage, "success": t.success, "steps": t.steps,
-                    "jerk": action_jerk(ep["action"])})
-    cov = np.array([e["max_coverage"] for e in eps])
-    res = {"task": task, "episodes": len(eps), "start_seed": TEST_START_SEED, "coverage_mean": float(cov.mean()),
-           "coverage_std": float(cov.std()), "success_rate": float(np.mean([e["success"] for e in eps])),
-           "jerk_mean": float(np.mean([e["jerk"] for e in eps])), "seconds": round(time.perf_counter() - t0, 1),
+        eps.append(episode_record(t, seed, run_expert_episode(t, seed)["action"]))
+    res = {"task": task, "start_seed": TEST_START_SEED, **summarize(eps), "seconds": round(time.perf_counter() - t0, 1),
            "per_episode": eps}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
-    log(f"expert: {task} coverage {res['coverage_mean']:.3f}, success {res['success_rate']:.0%} ({res['seconds']} s)")
+    log(f"expert: {task} DP score {res['score_mean']:.3f}, coverage {res['coverage_mean']:.3f}, success {res['success_rate']:.0%} ({res['seconds']} s)")
     return res
 
 
@@ -388,7 +385,8 @@ def _disk_rows(task: str, runs: list, episodes: int) -> dict[str, dict]:
             name += f" guided ({gslug})" if mode == "guided" else f" ({steps} actions per plan)" if steps else ""
             row = rows.setdefault(name, {"method": m["method"], "mode": mode, "guidance": gslug,
                                          "tag": m["tag"] or "", "by_seed": {}})
-            row["by_seed"][int(m["seed"])] = {x.key: r[x.key] for x in TASKS[task].metrics}
+            # (an evaluation written before a metric existed lacks it: that seed's cell skips it)
+            row["by_seed"][int(m["seed"])] = {x.key: r[x.key] for x in TASKS[task].metrics if x.key in r}
     return rows
 
 
@@ -431,19 +429,24 @@ def aggregate(args) -> dict:
             seeds = sorted(row["by_seed"])
             cells = []
             for x in tdef.metrics:
-                vals = [row["by_seed"][sd][x.key] for sd in seeds]
+                have = [sd for sd in seeds if x.key in row["by_seed"][sd]]
+                if not have:
+                    cells.append("–")
+                    continue
+                vals = [row["by_seed"][sd][x.key] for sd in have]
                 mean, std = _ms(vals)
-                row[x.key] = {"mean": mean, "std": std, "values": vals}
-                cells.append(_fmt(mean, std, x.digits))
+                row[x.key] = {"mean": mean, "std": std, "values": vals, "seeds": have}
+                cells.append(_fmt(mean, std, x.digits) + (f" ({len(have)} of {len(seeds)} seeds)"
+                                                         if len(have) < len(seeds) else ""))
             row["seeds"] = seeds
             tsum["rows"][name] = row
             first = tdef.metrics[0]
             lines.append(f"| {name} | {len(seeds)} | " + " | ".join(cells) + " | "
                          + ", ".join(f"{row['by_seed'][sd][first.key]:.{first.digits}f}" for sd in seeds) + " |")
         if expert:
-            tsum["expert"] = {k: expert[k] for k in ("episodes", "coverage_mean", "success_rate", "jerk_mean")}
-            lines.append(f"| scripted expert (ceiling) | – | {expert['coverage_mean']:.3f} | "
-                         f"{expert['success_rate']:.2f} | {expert['jerk_mean']:.2f} | – |")
+            tsum["expert"] = {k: expert[k] for k in ("episodes", *(x.key for x in tdef.metrics)) if k in expert}
+            lines.append("| scripted expert (ceiling) | – | " + " | ".join(
+                f"{expert[x.key]:.{x.digits}f}" if x.key in expert else "–" for x in tdef.metrics) + " | – |")
         # Paired differences vs DP (same training seed, same data, same test episodes), every metric.
         # Against DP sampled the same way: a row that replans every N actions pairs with DP at N.
         diffs = {}
@@ -455,16 +458,20 @@ def aggregate(args) -> dict:
             if common:
                 diffs[name] = {"seeds": common, "baseline": base_name}
                 for x in tdef.metrics:
-                    d = [row["by_seed"][sd][x.key] - base[sd][x.key] for sd in common]
-                    mean, std = _ms(d)
-                    diffs[name][x.key] = {"mean": mean, "std": std, "values": d}
+                    both = [sd for sd in common if x.key in row["by_seed"][sd] and x.key in base[sd]]
+                    if both:
+                        d = [row["by_seed"][sd][x.key] - base[sd][x.key] for sd in both]
+                        mean, std = _ms(d)
+                        diffs[name][x.key] = {"mean": mean, "std": std, "values": d, "seeds": both}
         tsum["paired_diff_vs_DP"] = diffs
         if diffs:
             lines += ["", "Paired differences vs DP (mean ± std over the common seeds; per seed in brackets):", ""]
             for name, d in diffs.items():
                 lines.append(f"- {name} − {d['baseline']}, seeds {d['seeds']}: " + "; ".join(
                     f"{x.name} {_fmt(d[x.key]['mean'], d[x.key]['std'], x.digits)} "
-                    f"[{', '.join(f'{v:+.{x.digits}f}' for v in d[x.key]['values'])}]" for x in tdef.metrics))
+                    f"[{', '.join(f'{v:+.{x.digits}f}' for v in d[x.key]['values'])}]"
+                    + (f" (seeds {d[x.key]['seeds']})" if d[x.key]["seeds"] != d["seeds"] else "")
+                    for x in tdef.metrics if x.key in d))
         curves = before.get("curves", {}) | {rd.name: pts for m, rd in runs if m["task"] == task
                                              and (pts := curve_points(rd, task, args.curve_episodes))}
         if curves:

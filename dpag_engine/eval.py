@@ -5,10 +5,11 @@
 
 Episode i resets with seed 100000 + i (DP's test seeds), runs up to 300 steps at 10 Hz and stops at
 0.95 coverage. The policy plans from its last To observations and executes n_action_steps actions
-per plan (--action-steps N: only the first N, replanning more often). Printed and saved (DIR/results.json): coverage mean/std (each episode's max coverage),
-success rate (max coverage > 0.95) and mean action jerk (the norm of the third difference of the
-executed action sequence, px per step^3: lower is smoother). The first --videos rollouts are saved
-as DIR/rollout_<seed>.gif.
+per plan (--action-steps N: only the first N, replanning more often). Printed and saved
+(DIR/results.json): DP's score (the mean of each episode's max clip(coverage / 0.95, 0, 1): the
+number DP reports), coverage mean/std (each episode's max coverage), success rate (max coverage >
+0.95) and mean action jerk (the norm of the third difference of the executed action sequence, px
+per step^3: lower is smoother). The first --videos rollouts are saved as DIR/rollout_<seed>.gif.
 
 Observations are built with the checkpoint's own data mapping (data.state_keys, data.cameras from
 its run config, e.g. ["keypoint", "state[:2]"]), so the policy sees what it was trained on. A
@@ -134,8 +135,22 @@ def run_episode(args: tuple[int, bool]) -> dict:
                 frames.append(task.render())
             if task.done or task.steps >= w["max_steps"]:
                 break
-    return {"seed": seed, "max_coverage": task.max_coverage, "success": task.success, "steps": task.steps,
-            "jerk": action_jerk(np.asarray(actions)), "frames": frames}
+    return {**episode_record(task, seed, np.asarray(actions)), "frames": frames}
+
+
+def episode_record(task, seed: int, actions: np.ndarray) -> dict:
+    """One finished episode's scores (the policy's here, the scripted expert's in bench/compare.py)."""
+    return {"seed": seed, "score": task.score, "max_coverage": task.max_coverage, "success": task.success,
+            "steps": task.steps, "jerk": action_jerk(actions)}
+
+
+def summarize(episodes: list[dict]) -> dict:
+    """Means over episodes: DP's score, coverage (and its per-episode std), success rate, jerk."""
+    cov = np.array([e["max_coverage"] for e in episodes])
+    return {"episodes": len(episodes), "score_mean": float(np.mean([e["score"] for e in episodes])),
+            "coverage_mean": float(cov.mean()), "coverage_std": float(cov.std()),
+            "success_rate": float(np.mean([e["success"] for e in episodes])),
+            "jerk_mean": float(np.mean([e["jerk"] for e in episodes]))}
 
 
 def save_gif(frames: list[np.ndarray], path: Path) -> None:
@@ -213,18 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         frames = ep.pop("frames")
         if frames:
             save_gif(frames, out / f"rollout_{ep['seed']}.gif")
-    cov = np.array([e["max_coverage"] for e in episodes])
     results = {"ckpt": str(ckpt), "task": args.task, "mode": mode, "runtime": args.runtime, "weights": args.weights,
                "inference_steps": args.inference_steps or cfg.scheduler.num_inference_steps,
-               "action_steps": action_steps, "guidance": dataclasses.asdict(latent),
-               "episodes": len(episodes),
-               "start_seed": args.start_seed, "coverage_mean": float(cov.mean()), "coverage_std": float(cov.std()),
-               "success_rate": float(np.mean([e["success"] for e in episodes])),
-               "jerk_mean": float(np.mean([e["jerk"] for e in episodes])),
-               "seconds": round(time.perf_counter() - t0, 1), "per_episode": episodes}
+               "action_steps": action_steps, "guidance": dataclasses.asdict(latent), "start_seed": args.start_seed,
+               **summarize(episodes), "seconds": round(time.perf_counter() - t0, 1), "per_episode": episodes}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"{args.task} {mode}: coverage {results['coverage_mean']:.3f} +- {results['coverage_std']:.3f}, "
-          f"success {results['success_rate']:.0%}, jerk {results['jerk_mean']:.2f} px/step^3 "
+    print(f"{args.task} {mode}: DP score {results['score_mean']:.3f}, coverage {results['coverage_mean']:.3f} "
+          f"+- {results['coverage_std']:.3f}, success {results['success_rate']:.0%}, "
+          f"jerk {results['jerk_mean']:.2f} px/step^3 "
           f"over {len(episodes)} episodes ({results['seconds']} s) -> {out / 'results.json'}")
     return 0
 

@@ -103,6 +103,12 @@ def test_the_json_keeps_rows_whose_runs_are_gone(tmp_path):
     table = compare.aggregate(args)
     assert set(table["tasks"]) == {"pusht", "dynamic_pusht"}
     assert f"| DP | 3 | {np.mean([cov[0], cov[2], cov[3]]):.3f}" in (tmp_path / "t" / "table.md").read_text()
+    # A metric added later (DP's score): seeds evaluated before it lack it, and its cell says over which.
+    (runs / "pusht_dp_s2" / "eval_pusht_dp_7" / "results.json").write_text(json.dumps(
+        {"coverage_mean": cov[3], "score_mean": cov[3] + 0.01, "success_rate": 0.5, "jerk_mean": 11.0}))
+    s = compare.aggregate(args)["tasks"]["pusht"]["rows"]["DP"]
+    assert s["score_mean"]["values"] == [pytest.approx(cov[3] + 0.01)] and s["score_mean"]["seeds"] == [2]
+    assert f"{cov[3] + 0.01:.3f} (1 of 3 seeds)" in (tmp_path / "t" / "table.md").read_text()
     # A different test-set size is another experiment: the record is not mixed in.
     args.eval_episodes = 9
     assert compare.aggregate(args)["tasks"]["dynamic_pusht"]["rows"] == {}

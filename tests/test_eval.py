@@ -63,7 +63,8 @@ def test_eval_cli_on_tiny_checkpoint(tmp_path):
     assert eval_main(["--ckpt", str(run / "model.pt"), "--task", "dynamic_pusht", "--episodes", "2",
                       "--max-steps", "16", "--videos", "1", "--mode", "dp", "--out-dir", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert {"coverage_mean", "coverage_std", "success_rate", "jerk_mean", "per_episode"} <= set(res)
+    assert {"score_mean", "coverage_mean", "coverage_std", "success_rate", "jerk_mean", "per_episode"} <= set(res)
+    assert res["score_mean"] == pytest.approx(np.mean([min(1, e["max_coverage"] / 0.95) for e in res["per_episode"]]))
     assert res["episodes"] == 2 and res["task"] == "dynamic_pusht" and res["mode"] == "dp"
     assert [e["seed"] for e in res["per_episode"]] == [100000, 100001]
     assert all(0.0 <= e["max_coverage"] <= 1.0 and e["steps"] == 16 for e in res["per_episode"])

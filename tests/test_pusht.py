@@ -20,6 +20,23 @@ def test_coverage_known_poses():
     assert coverage(shifted) == pytest.approx((90 * 30) / (120 * 30 + 30 * 90), abs=1e-9)
 
 
+def test_score_is_gym_pushts_max_reward():
+    """DP's score, checked against the reward gym-pusht's own step returns (clip(coverage / 0.95, 0, 1)):
+    an expert episode that succeeds (score 1, raw coverage above 0.95) and a random one that does not."""
+    seed = int(np.random.default_rng().integers(0, 10_000))
+    for policy in ("expert", "random"):
+        task, rewards = PushT(), []
+        step = task.env.step
+        task.env.step = lambda a: (out := step(a), rewards.append(out[1]))[0]
+        task.reset(seed)
+        expert, rng = PushTExpert(seed), np.random.default_rng(seed)
+        while not task.done and task.steps < (300 if policy == "expert" else 40):
+            task.step(expert.act(task) if policy == "expert" else rng.uniform(50, 450, size=2))
+        assert task.score == pytest.approx(max(rewards), abs=1e-6)
+        assert task.score == pytest.approx(min(1.0, task.max_coverage / 0.95))
+    assert task.score < 1.0 and not task.success   # 40 random steps do not solve Push-T
+
+
 def test_keypoints_match_gym_pusht_vertices():
     task = PushT()
     task.reset(5)

@@ -10,9 +10,12 @@ Observations per step, keyed like DP's replay buffer (`pusht_cchi_v7_replay.zarr
 DP's 9 keypoints were sampled from a mask by its keypoint manager; ours are fixed outline points of
 the same T, so the layout (and the lowdim config's 9 x 2 + 2 = 20 dims) matches, not the values.
 
-Score as DP reports it: an episode runs up to 300 steps at 10 Hz and stops once coverage exceeds
-0.95; `coverage` below is intersection(block, goal) / area(goal), the episode's score is its max
-coverage, and success is max coverage > 0.95. Test seeds are DP's: 100000, 100001, ...
+Scored as DP scores it: an episode runs up to 300 steps at 10 Hz and stops once coverage exceeds
+0.95; `coverage` below is intersection(block, goal) / area(goal). DP's reward is not the coverage
+but clip(coverage / 0.95, 0, 1), and the number its papers report (Push-T keypoints 0.95) is the
+mean over episodes of each episode's max reward: `score` below. We also keep the raw `max_coverage`
+(what a score of 1 hides: how far past 0.95 an episode got). Success is max coverage > 0.95. Test
+seeds are DP's: 100000, 100001, ...
 """
 from __future__ import annotations
 
@@ -120,6 +123,11 @@ class PushT:
     @property
     def success(self) -> bool:
         return self.max_coverage > SUCCESS_COVERAGE
+
+    @property
+    def score(self) -> float:
+        """DP's episode score: its max reward, reward = clip(coverage / 0.95, 0, 1) (DP's pusht_env.py)."""
+        return min(1.0, self.max_coverage / SUCCESS_COVERAGE)
 
     @property
     def done(self) -> bool:
