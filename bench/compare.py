@@ -435,7 +435,9 @@ def aggregate(args) -> dict:
                     continue
                 vals = [row["by_seed"][sd][x.key] for sd in have]
                 mean, std = _ms(vals)
-                row[x.key] = {"mean": mean, "std": std, "values": vals, "seeds": have}
+                row[x.key] = {"mean": mean, "std": std, "values": vals}
+                if len(have) < len(seeds):   # the seeds it is over, where not all of the row's
+                    row[x.key]["seeds"] = have
                 cells.append(_fmt(mean, std, x.digits) + (f" ({len(have)} of {len(seeds)} seeds)"
                                                          if len(have) < len(seeds) else ""))
             row["seeds"] = seeds
@@ -462,7 +464,9 @@ def aggregate(args) -> dict:
                     if both:
                         d = [row["by_seed"][sd][x.key] - base[sd][x.key] for sd in both]
                         mean, std = _ms(d)
-                        diffs[name][x.key] = {"mean": mean, "std": std, "values": d, "seeds": both}
+                        diffs[name][x.key] = {"mean": mean, "std": std, "values": d}
+                        if both != common:
+                            diffs[name][x.key]["seeds"] = both
         tsum["paired_diff_vs_DP"] = diffs
         if diffs:
             lines += ["", "Paired differences vs DP (mean ± std over the common seeds; per seed in brackets):", ""]
@@ -470,7 +474,7 @@ def aggregate(args) -> dict:
                 lines.append(f"- {name} − {d['baseline']}, seeds {d['seeds']}: " + "; ".join(
                     f"{x.name} {_fmt(d[x.key]['mean'], d[x.key]['std'], x.digits)} "
                     f"[{', '.join(f'{v:+.{x.digits}f}' for v in d[x.key]['values'])}]"
-                    + (f" (seeds {d[x.key]['seeds']})" if d[x.key]["seeds"] != d["seeds"] else "")
+                    + (f" (seeds {d[x.key]['seeds']})" if "seeds" in d[x.key] else "")
                     for x in tdef.metrics if x.key in d))
         curves = before.get("curves", {}) | {rd.name: pts for m, rd in runs if m["task"] == task
                                              and (pts := curve_points(rd, task, args.curve_episodes))}
