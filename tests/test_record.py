@@ -426,13 +426,16 @@ def test_spacemouse_episodes_are_recorded_as_driven(emu, spacemouse_run):
     spec, why = spec_from(buf, ["q", "gripper_width"])
     assert spec is not None, why
     assert [f.kind for f in spec.obs] == ["joint_pos", "gripper_width"] and spec.action.gripper and spec.dt == 0.1
-    v = 0.1 * (0.7 - 0.1) / 0.9                                  # deadband rescaled, at --max-linear
     for i, angle in enumerate(angles):
         ep = buf.get_episode(i if i == 0 else 1)
         tcp = ep["tcp_pose"].astype(float)
         assert np.allclose(tcp[0], HOME_TCP, atol=2e-3)          # each episode starts at home
+        # The deadband acts per axis (rescaled): an axis reading near 0.1 all but vanishes.
+        axes = 0.7 * unit_xy(angle)
+        twist = np.sign(axes) * np.maximum(np.abs(axes) - 0.1, 0.0) / 0.9 * 0.1     # at --max-linear
+        v = np.linalg.norm(twist)
         moved = tcp[-1, :3] - tcp[0, :3]
-        assert np.dot(moved / np.linalg.norm(moved), unit_xy(angle)) > 0.99
+        assert np.dot(moved / np.linalg.norm(moved), twist / v) > 0.99, (moved, twist)
         steady = np.linalg.norm(np.diff(tcp[4:, :3], axis=0), axis=1)   # past the 0.3 s ramp
         assert abs(np.median(steady) - v * 0.1) < 0.25 * v * 0.1, np.median(steady)
         # The orientation is held while translating.
@@ -457,7 +460,9 @@ def test_spacemouse_episodes_are_recorded_as_driven(emu, spacemouse_run):
 
 def replay_random_episode(emu, out, tmp_path) -> tuple[dict, int]:
     """Replay one of the 3 recorded episodes at random on the emulator; (its summary, its index),
-    after checking it ended well within 5 mrad of the recorded path and within every limit."""
+    after checking it followed the recorded path within 2 mrad up to a tracking lag of at most
+    5 servo periods, and within every limit. (Without the lag the error is lag x joint speed:
+    1.5-5.5 mrad in our runs, larger on a loaded host, where the lag is.)"""
     fresh(emu)
     log_dir = tmp_path / "replay"
     episode = int(rng.integers(0, 3))
@@ -465,7 +470,7 @@ def replay_random_episode(emu, out, tmp_path) -> tuple[dict, int]:
                         str(episode), "--no-rt", "--log-dir", str(log_dir)])
     s = summary_of(log_dir)
     assert code == EXIT_OK, s["message"]
-    assert s["max_deviation_mrad"] < 5.0, s
+    assert s["max_deviation_at_best_lag_mrad"] < 2.0 and s["best_lag_ms"] <= 40.0, s
     check_commands(emu, log_dir)
     return s, episode
 
