@@ -379,6 +379,7 @@ class Recorder:
         self.held = ""                  # why the TCP target last did not move as asked
         self.held_steps = 0
         self.late_steps, self.max_late_s = 0, 0.0
+        self.retimed_steps = 0          # teleop targets submitted later than the grid (see drive)
         self.ages: dict[str, list[float]] = {c: [] for c in self.cameras}
         self._last_status = 0.0
         self._status_open = False
@@ -458,7 +459,13 @@ class Recorder:
         self.held_steps += bool(step.held)
         rows = self.target.chunk(self._q_prev_target, step.q)
         self._q_prev_target = step.q
-        result = self.robot.scheduler.submit(rows, now + self.dt, self.dt)
+        # Due one period after the observation, on the time grid; a step that ran past that (a
+        # loaded host stalled this process) is re-timed from now, as rows in the past are refused.
+        due = now + self.dt
+        if due <= time.monotonic():
+            due = time.monotonic() + self.dt
+            self.retimed_steps += 1
+        result = self.robot.scheduler.submit(rows, due, self.dt)
         if not result.accepted:
             raise SafetyStop(EXIT_BAD_VALUES, f"teleop target refused by the scheduler: {result.reason}")
         return step.q
@@ -967,6 +974,7 @@ def main(argv: list[str] | None = None) -> int:
         if recorder is not None:
             summary.update(episodes_kept=len(recorder.kept), episodes_discarded=recorder.discarded,
                            per_episode=recorder.kept, late_steps=recorder.late_steps,
+                           retimed_steps=recorder.retimed_steps,
                            max_late_ms=recorder.max_late_s * 1e3, teleop_held_steps=recorder.held_steps,
                            cameras={c: {"frame_age_ms": percentiles(v), **rig.cameras[c].stats}
                                     for c, v in recorder.ages.items()})
