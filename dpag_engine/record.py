@@ -920,6 +920,14 @@ def main(argv: list[str] | None = None) -> int:
             if home is None:
                 home = robot.joint_positions()   # where the arm was at the start
             terminal = Terminal(stdin_fd).open()
+            if main_thread:
+                # Ctrl-C seen in the run's own key stream as well: a KeyboardInterrupt raised inside
+                # code that swallows it (we saw a recorder go on for 60 s after one) still ends the
+                # run at its next step.
+                def interrupted(*_):
+                    terminal.note_interrupt()
+                    raise KeyboardInterrupt
+                previous[signal.SIGINT] = signal.signal(signal.SIGINT, interrupted)
             scene = (lambda s: SimScene((host, SIM_CAMERA_PORT)).set(**s)) if emulated(args, cell) else None
             recorder = Recorder(rig, teleop, terminal, out, task, args, fps, limits, cell, scene, np.asarray(home))
             if args.teleop == "freedrive":

@@ -276,6 +276,10 @@ def test_the_terminal_reads_raw_keys_and_restores_its_settings():
             os.write(master, b"w\r\n\x7f \x1b[Aq")      # (Ctrl-C stays a signal: ISIG is kept)
             time.sleep(0.05)
             assert term.keys() == ["w", "\n", "\x7f", " ", "up", "q"]
+            os.write(master, b"d")
+            time.sleep(0.05)
+            term.note_interrupt()                       # a SIGINT's handler: reported first, once
+            assert term.keys() == ["ctrl-c"] and term.keys() == ["d"] and term.keys() == []
             assert termios.tcgetattr(slave)[3] & termios.ISIG
             assert not termios.tcgetattr(slave)[3] & termios.ECHO
         assert termios.tcgetattr(slave) == before

@@ -44,6 +44,7 @@ class Terminal:
         self.fd = fd
         self._saved: list | None = None
         self._pending = b""
+        self._interrupted = False
 
     @staticmethod
     def available(fd: int) -> bool:
@@ -78,8 +79,16 @@ class Terminal:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def note_interrupt(self) -> None:
+        """A SIGINT arrived (from a signal handler): the next keys() reports "ctrl-c", so an
+        interrupt whose KeyboardInterrupt something swallowed still stops the caller."""
+        self._interrupted = True
+
     def keys(self) -> list[str]:
         """Every key typed since the last call (never blocks)."""
+        if self._interrupted:
+            self._interrupted = False
+            return [CTRL_C]
         data = self._pending
         while True:
             ready, _, _ = select.select([self.fd], [], [], 0)
