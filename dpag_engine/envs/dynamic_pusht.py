@@ -28,7 +28,7 @@ class DynamicPushT(PushT):
         self.env.reset(seed=int(seed))
         self._add_ball(np.random.default_rng([int(seed), 7]))
         self.steps = 0
-        self.max_coverage = self.coverage()
+        self.max_coverage = 0.0   # over the states after each step, as PushT's
         return self.observe()
 
     def _add_ball(self, rng: np.random.Generator) -> None:
