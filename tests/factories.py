@@ -1,5 +1,11 @@
-"""Small builders shared by the tests: random-but-valid policies, batches and observations."""
+"""Small builders shared by the tests: random-but-valid policies, batches and observations, an
+emulator fixture and a serve run against it."""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import torch
@@ -54,6 +60,39 @@ def running_emulator(host: str, version: str, control_port: int):
     emu = EmulatorProcess(host, version, control_port=control_port).start()
     yield emu
     assert emu.stop() == 0, emu.output()
+
+
+class ServeThread:
+    """`python -m dpag_engine.serve argv` on a thread (or as a child process), against an emulator;
+    then its summary and the emulator's command log. The process form is for faults that leave
+    ur_rtde wedged (a frozen stream): its client keeps reconnecting in the background, which must
+    not outlive the run inside pytest."""
+
+    def __init__(self, emu, argv: list[str], out, process: bool = False):
+        from dpag_engine import serve
+        self.emu, self.argv, self.out, self.code = emu, argv, out, None
+        run = (lambda: subprocess.run([sys.executable, "-m", "dpag_engine.serve", *argv], capture_output=True,
+                                      timeout=60).returncode) if process else (lambda: serve.main(argv))
+        self.thread = threading.Thread(target=lambda: setattr(self, "code", run()), daemon=True)
+        self.thread.start()
+
+    def wait_servoing(self, n: int = 50, timeout: float = 60.0):
+        """Until the emulator has received n servo commands (the arm is moving under the loop). The
+        timeout only binds on a failure (start-up is seconds, longer on a loaded machine); a run that
+        ends before it servoes fails at once, with its own account of why."""
+        from dpag_engine.ursim import wait_until
+        servoing = lambda: sum(e["name"] in ("servoJ", "servoL") for e in self.emu.control.command_log()) >= n
+        wait_until(lambda: servoing() or not self.thread.is_alive(), timeout)
+        if not servoing():
+            said = (self.out / "summary.json").read_text() if (self.out / "summary.json").exists() else "no summary"
+            raise AssertionError(f"serve is not servoing after {timeout:g} s (exit {self.code}): {said[:2000]}")
+
+    def join(self, timeout: float = 60.0):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "serve did not return"
+        self.summary = json.loads((self.out / "summary.json").read_text())
+        self.log = self.emu.control.command_log()
+        return self.code
 
 
 def round_weights(w: np.ndarray, weights: str, out_axis: int = 0) -> np.ndarray:

@@ -11,7 +11,6 @@ import json
 import math
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ from dpag_engine.robot import SafetyLimits
 from dpag_engine.spec import reach_spec
 from dpag_engine.spec_io import ObservationBuilder
 from dpag_engine.ursim import wait_until
-from factories import running_emulator
+from factories import ServeThread, running_emulator
 
 pytest.importorskip("rtde_control")
 
@@ -70,43 +69,23 @@ def _fresh(emu):
     emu.control.clear_command_log()
 
 
-class ServeRun:
-    """serve.main on a thread (or the CLI as a child process); then its summary and the emulator's
-    command log. The process form is for faults that leave ur_rtde wedged (a frozen stream): its
-    client keeps reconnecting in the background, which must not outlive the run inside pytest."""
+class ServeRun(ServeThread):
+    """serve.main with this module's limits against `emu`, the servoJ commands kept apart."""
 
     def __init__(self, emu, ckpt, tmp_path, *extra, process=False):
         _fresh(emu)
-        self.emu, self.out = emu, tmp_path / "serve"
-        self.argv = ["--ckpt", str(ckpt), "--robot", "ur5", "--host", emu.host, "--episodes", "1",
-                     "--duration", "2.0", "--v-max", str(V_MAX), "--a-max", str(A_MAX), "--no-rt",
-                     "--log-dir", str(self.out), *extra]
-        self.code = None
-        self.process = process
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        out = tmp_path / "serve"
+        argv = ["--ckpt", str(ckpt), "--robot", "ur5", "--host", emu.host, "--episodes", "1",
+                "--duration", "2.0", "--v-max", str(V_MAX), "--a-max", str(A_MAX), "--no-rt",
+                "--log-dir", str(out), *extra]
         # Maps the emulator's controller clock to this process's monotonic clock (one clock per machine).
         self.offset = time.monotonic() - emu.control.now()
-        self.thread.start()
-
-    def _run(self):
-        if self.process:
-            self.code = subprocess.run([sys.executable, "-m", "dpag_engine.serve", *self.argv],
-                                       capture_output=True, timeout=60).returncode
-        else:
-            self.code = serve.main(self.argv)
-
-    def wait_servoing(self, n=50):
-        """Until the emulator has received n servoJ commands (the arm is moving under the loop)."""
-        assert wait_until(lambda: sum(e["name"] == "servoJ" for e in self.emu.control.command_log()) >= n, 15.0)
+        super().__init__(emu, argv, out, process)
 
     def join(self, timeout=40.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "serve did not return"
-        self.summary = json.loads((self.out / "summary.json").read_text())
-        self.log = self.emu.control.command_log()
+        code = super().join(timeout)
         self.servoj = [e for e in self.log if e["name"] == "servoJ"]
-        return self.code
-
+        return code
 
     def ended_with_stop_commands(self):
         """The last commands the controller got were servoStop then stopScript (it logs each one at

@@ -8,9 +8,7 @@ of their task plug-ins: their chunks move the arm around inside the demonstratio
 is what a test of the serving path wants; policies that work are the job of the slow test at the
 end and of the README's second example.
 """
-import json
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -24,8 +22,7 @@ from dpag_engine.kinematics import forward_kinematics, tcp_pose
 from dpag_engine.policy import DPAGPolicy
 from dpag_engine.spec import build_spec, merge_hints
 from dpag_engine.tasks import get_task
-from dpag_engine.ursim import wait_until
-from factories import running_emulator
+from factories import ServeThread, running_emulator
 
 pytest.importorskip("rtde_control")
 
@@ -85,8 +82,8 @@ def sim_config(tmp_path, **drop) -> str:
     return str(path)
 
 
-class Run:
-    """serve.main on a thread, against the emulated cell; then its summary and the command log."""
+class Run(ServeThread):
+    """serve.main against the emulated cell, from a robot config."""
 
     def __init__(self, emu, ckpt, tmp_path, *extra, config=None):
         emu.control.reset_faults()
@@ -97,22 +94,9 @@ class Run:
             emu.control.camera_freeze(camera=cam, seconds=0)
             emu.control.camera_delay(camera=cam, seconds=0.0)
         emu.control.gripper_freeze(seconds=0)
-        self.emu, self.out = emu, tmp_path / "serve"
-        self.argv = ["--ckpt", str(ckpt), "--robot", "ur5", "--config", config or sim_config(tmp_path),
-                     "--episodes", "1", "--duration", "2.0", "--no-rt", "--log-dir", str(self.out), *extra]
-        self.code = None
-        self.thread = threading.Thread(target=lambda: setattr(self, "code", serve.main(self.argv)), daemon=True)
-        self.thread.start()
-
-    def wait_servoing(self, n=50):
-        assert wait_until(lambda: sum(e["name"] in ("servoJ", "servoL") for e in self.emu.control.command_log()) >= n, 20.0)
-
-    def join(self, timeout=60.0):
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "serve did not return"
-        self.summary = json.loads((self.out / "summary.json").read_text())
-        self.log = self.emu.control.command_log()
-        return self.code
+        out = tmp_path / "serve"
+        super().__init__(emu, ["--ckpt", str(ckpt), "--robot", "ur5", "--config", config or sim_config(tmp_path),
+                               "--episodes", "1", "--duration", "2.0", "--no-rt", "--log-dir", str(out), *extra], out)
 
 
 def test_a_tcp_pose_policy_is_served_through_servol(emu, tcp_ckpt, tmp_path):
